@@ -1,0 +1,111 @@
+"""Array backends: ``xp`` is NumPy or CuPy; everything else in dualnet is written against it.
+
+``namespace(*arrays)`` returns the module that owns the arrays (CuPy if any is a CuPy array),
+so primitive rules never hold a stale module.  ``use('cupy')`` switches the default used for
+*creating* arrays (parameters, RNG, batches).  GPU use is gated on ``cupy.is_available()``,
+never on import success.
+"""
+import os
+
+import numpy
+
+xp = numpy
+DEFAULT_DTYPE = numpy.float32
+_BACKENDS = ("numpy", "cupy")
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError:
+        return None
+    return cupy
+
+
+def cuda_available():
+    """True when CuPy is installed *and* a CUDA device can be used."""
+    cupy = _cupy()
+    if cupy is None:
+        return False
+    try:
+        return bool(cupy.is_available())
+    except Exception:  # a broken driver counts as "no GPU", not a crash
+        return False
+
+
+def use(name):
+    """Select the array backend: ``'numpy'`` (CPU) or ``'cupy'`` (CUDA GPU).
+
+    Raises ``RuntimeError`` with a clear message when CUDA is requested but unavailable.
+    """
+    global xp
+    if name not in _BACKENDS:
+        raise ValueError(f"backend.use: unknown backend {name!r}; choose one of {_BACKENDS}")
+    if name == "cupy":
+        if not cuda_available():
+            raise RuntimeError(
+                "backend.use('cupy'): no usable CUDA device (cupy missing or cupy.is_available() is "
+                "False). Install the extra `pip install -e .[cuda]` on a machine with an NVIDIA GPU, "
+                "or use the default 'numpy' backend.")
+        xp = _cupy()
+    else:
+        xp = numpy
+    return xp
+
+
+def current():
+    """Name of the active backend."""
+    return "numpy" if xp is numpy else "cupy"
+
+
+def namespace(*arrays):
+    """The array module owning ``arrays``: CuPy if any of them lives on the GPU, else NumPy."""
+    for a in arrays:
+        if type(a).__module__.startswith("cupy"):
+            return _cupy()
+    return numpy
+
+
+def is_array(x):
+    return isinstance(x, numpy.ndarray) or type(x).__module__.startswith("cupy")
+
+
+def to_numpy(x):
+    """Copy an array to host memory (identity for NumPy arrays)."""
+    return x.get() if hasattr(x, "get") and not isinstance(x, numpy.ndarray) else numpy.asarray(x)
+
+
+def to_device(x):
+    """Move a host array to the active backend."""
+    return xp.asarray(x)
+
+
+def rng(seed=None):
+    """A Generator on the active backend (``numpy.random.default_rng`` or CuPy's)."""
+    return xp.random.default_rng(seed)
+
+
+def scatter_add(target, index, values):
+    """``target[index] += values`` with repeated indices accumulated (NumPy ``add.at``)."""
+    module = namespace(target)
+    if module is numpy:
+        numpy.add.at(target, index, values)
+    else:
+        import cupyx
+        cupyx.scatter_add(target, index, values)
+    return target
+
+
+def kernels_mode():
+    """``'auto'`` (use fused kernels when available) or ``'reference'`` (force NumPy paths).
+
+    Set with the environment variable ``DUALNET_KERNELS``.
+    """
+    mode = os.environ.get("DUALNET_KERNELS", "auto").lower()
+    if mode not in ("auto", "reference"):
+        raise ValueError(f"DUALNET_KERNELS={mode!r}: expected 'auto' or 'reference'")
+    return mode
+
+
+if os.environ.get("DUALNET_BACKEND"):
+    use(os.environ["DUALNET_BACKEND"].lower())
