@@ -56,6 +56,12 @@ def tree_map(fn, tree, *rest):
 # ---------------------------------------------------------------------------------------
 # forward mode
 # ---------------------------------------------------------------------------------------
+def _writeable(array):
+    """``array``, or a copy of it when it is a read-only view (rules may return broadcast views)."""
+    flags = getattr(array, "flags", None)
+    return array.copy() if flags is not None and not getattr(flags, "writeable", True) else array
+
+
 def _tangent_of(out, directions):
     """Materialise a Dual's tangent (symbolic zero -> zeros) for returning to the user."""
     if not isinstance(out, Dual):
@@ -63,7 +69,7 @@ def _tangent_of(out, directions):
     if out.tangent is not None:
         if directions and out.tangent.ndim == out.value.ndim:
             return backend.namespace(out.value).broadcast_to(out.tangent, (directions,) + out.shape).copy()
-        return out.tangent
+        return _writeable(out.tangent)
     shape = ((directions,) if directions else ()) + out.shape
     return backend.namespace(out.value).zeros(shape, out.dtype)
 
@@ -184,7 +190,7 @@ def vjp(f, *primals):
         for leaf in leaves:
             g = grads.get(id(leaf.node))
             result.append(backend.namespace(leaf.value).zeros_like(leaf.value) if g is None
-                          else backend.namespace(g).asarray(g, dtype=leaf.dtype).reshape(leaf.shape))
+                          else _writeable(backend.namespace(g).asarray(g, dtype=leaf.dtype).reshape(leaf.shape)))
         return rebuild(result)
     return values, pullback
 

@@ -125,10 +125,11 @@ def _as_float_array(value):
     if isinstance(value, Dual):
         raise TypeError("Dual: the value of a Dual cannot itself be a Dual")
     given_array = backend.is_array(value)
+    typed = given_array or isinstance(value, numpy.generic)  # a NumPy scalar keeps its dtype
     array = value if given_array else numpy.asarray(value)
     kind = array.dtype.kind
-    if kind in "biu" or (kind == "f" and not given_array):
-        array = array.astype(backend.DEFAULT_DTYPE)  # Python numbers and integers: float32
+    if kind in "biu" or (kind == "f" and not typed):
+        array = array.astype(backend.DEFAULT_DTYPE)  # Python numbers, lists and integers: float32
     elif kind != "f":
         raise TypeError(f"Dual: value must be real floating point, got dtype {array.dtype}")
     return array if given_array else backend.xp.asarray(array)
@@ -175,6 +176,8 @@ def bind(primitive, args, params):
                 raise ValueError(
                     f"{primitive.name}: jvp produced tangent shape {out_tangent.shape} for value shape "
                     f"{out.shape}; expected (K,) + {out.shape}")
+            if out_tangent.dtype != out.dtype and out.dtype.kind == "f":  # e.g. float32 tangent, float64 value
+                out_tangent = out_tangent.astype(out.dtype)
             if not directions:
                 out_tangent = out_tangent[0]
     node = Node(primitive, parents, values, params, out) if any_node else None

@@ -77,7 +77,15 @@ class Primitive:
 
 
 def _broadcast_duals(name, args):
-    """Elementwise ops: broadcast Dual operands explicitly so rules see equal shapes."""
+    """Elementwise ops: broadcast Dual operands explicitly so rules see equal shapes.
+
+    When a Dual takes part, NumPy scalars among the other operands become Python scalars, so
+    they follow the Dual's dtype (``float32_dual * numpy.float64(0.5)`` stays float32) as
+    Python numbers do.
+    """
+    if not builtins.any(isinstance(a, Dual) for a in args):
+        return args
+    args = tuple(a.item() if isinstance(a, numpy.generic) else a for a in args)
     shapes = [numpy.shape(a.value if isinstance(a, Dual) else a) for a in args]
     try:
         shape = numpy.broadcast_shapes(*shapes)
@@ -95,9 +103,9 @@ def normalize_axes(axis, ndim):
         return tuple(range(ndim))
     axes = (axis,) if isinstance(axis, (int, numpy.integer)) else tuple(axis)
     for a in axes:
-        if not -ndim <= a < max(ndim, 1):
+        if not -ndim <= a < builtins.max(ndim, 1):
             raise ValueError(f"axis {a} is out of range for an array of {ndim} dimensions")
-    return tuple(sorted(int(a) % max(ndim, 1) for a in axes))
+    return tuple(sorted(int(a) % builtins.max(ndim, 1) for a in axes))
 
 
 def _k(axes):
@@ -159,9 +167,24 @@ div = Primitive("div", lambda x, y: x / y,
                 broadcasting=True)
 neg = Primitive("neg", lambda x: -x,
                 jvp=(lambda t, out, x: -t,), vjp=(lambda g, out, x: -g,))
-power = Primitive("power", lambda x, p: x ** p,
-                  jvp=(lambda t, out, x, p: t * (p * x ** (p - 1)), None),
-                  vjp=(lambda g, out, x, p: g * (p * x ** (p - 1)), None))
+def _power_value(x, p):
+    return x ** _weak(p)
+
+
+def _power_slope(x, p):
+    """d(x**p)/dx = p x**(p-1) for a constant exponent p."""
+    p = _weak(p)
+    return p * x ** (p - 1)
+
+
+def _weak(p):
+    """A NumPy scalar exponent as a Python number, so float32 bases stay float32."""
+    return p.item() if isinstance(p, numpy.generic) else p
+
+
+power = Primitive("power", _power_value,  # the exponent is a constant (not differentiated)
+                  jvp=(lambda t, out, x, p: t * _power_slope(x, p), None),
+                  vjp=(lambda g, out, x, p: g * _power_slope(x, p), None))
 exp = Primitive("exp", lambda x: ns(x).exp(x),
                 jvp=(lambda t, out, x: t * out,), vjp=(lambda g, out, x: g * out,))
 log = Primitive("log", lambda x: ns(x).log(x),
@@ -197,10 +220,20 @@ where = Primitive("where", lambda c, x, y: ns(x, y).where(c, x, y),
                   jvp=(None, lambda t, out, c, x, y: ns(t).where(c, t, 0), lambda t, out, c, x, y: ns(t).where(c, 0, t)),
                   vjp=(None, lambda g, out, c, x, y: ns(g).where(c, g, 0), lambda g, out, c, x, y: ns(g).where(c, 0, g)),
                 broadcasting=True)
-clip = Primitive("clip", lambda x, lo, hi: ns(x).clip(x, lo, hi),
-                 jvp=(lambda t, out, x, lo, hi: t * ((x >= lo) & (x <= hi)), None, None),
-                 vjp=(lambda g, out, x, lo, hi: g * ((x >= lo) & (x <= hi)), None, None),
-                broadcasting=True)
+def _inside(x, lo, hi):
+    """1 where ``lo <= x <= hi`` (a bound of ``None`` is absent), else 0."""
+    inside = ns(x).ones(x.shape, bool)
+    if lo is not None:
+        inside &= x >= lo
+    if hi is not None:
+        inside &= x <= hi
+    return inside
+
+
+clip = Primitive("clip", lambda x, lo, hi: ns(x).clip(x, lo, hi),  # bounds are constants (or None)
+                 jvp=(lambda t, out, x, lo, hi: t * _inside(x, lo, hi), None, None),
+                 vjp=(lambda g, out, x, lo, hi: g * _inside(x, lo, hi), None, None),
+                 broadcasting=True)
 
 # ---------------------------------------------------------------------------------------
 # reductions (params: axis, keepdims)
@@ -420,17 +453,29 @@ _stack = Primitive("stack", lambda *xs, axis=0: ns(*xs).stack(xs, axis=axis),
                    vjp=_stack_vjp)
 
 
+def _pad_pairs(pad_width, ndim):
+    """NumPy's pad_width forms (n, (lo, hi), ((lo, hi),) or one pair per axis) -> pairs per axis."""
+    widths = numpy.asarray(pad_width, dtype=int)
+    widths = numpy.full((1, 2), widths.item()) if widths.size == 1 else widths.reshape(-1, 2)
+    if len(widths) not in (1, ndim):
+        raise ValueError(f"pad: pad_width {pad_width!r} does not fit an array of {ndim} dimensions")
+    return tuple((int(lo), int(hi)) for lo, hi in numpy.broadcast_to(widths, (ndim, 2)))
+
+
 def _pad_value(x, pad_width, constant=0.0):
-    return ns(x).pad(x, pad_width, constant_values=constant)
+    return ns(x).pad(x, _pad_pairs(pad_width, x.ndim), constant_values=constant)
+
+
+def _pad_jvp(t, out, x, pad_width, constant=0.0):
+    return ns(t).pad(t, ((0, 0),) + _pad_pairs(pad_width, x.ndim))
 
 
 def _unpad(g, out, x, pad_width, constant=0.0):
-    return g[tuple(slice(lo, lo + n) for (lo, _), n in zip(pad_width, x.shape))]
+    return g[tuple(slice(lo, lo + n) for (lo, _), n in zip(_pad_pairs(pad_width, x.ndim), x.shape))]
 
 
-pad = Primitive("pad", _pad_value,  # constant padding; pad_width is ((lo, hi),) per axis
-                jvp=(lambda t, out, x, pad_width, constant=0.0: ns(t).pad(t, ((0, 0),) + tuple(pad_width)), None),
-                vjp=(_unpad, None))
+pad = Primitive("pad", _pad_value,  # constant padding: pad(x, pad_width, constant=0.0)
+                jvp=(_pad_jvp, None), vjp=(_unpad, None))
 stop_gradient = Primitive("stop_gradient", lambda x: x,
                           jvp=lambda tangents, out, x: None,
                           vjp=lambda g, out, x: (None,))
