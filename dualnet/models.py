@@ -1,0 +1,31 @@
+"""Model registry: ``dualnet.models.create(name, **options)``."""
+import difflib
+
+from .nn.localmixer import CONFIGS as LOCALMIXER_CONFIGS
+from .nn.localmixer import LocalMixer
+from .nn.mlp import MLP
+
+MODELS = {"mlp": MLP, "localmixer": LocalMixer}
+
+
+def register(name, cls):
+    MODELS[name] = cls
+
+
+def create(name, **options):
+    """Build a model by name; options are the model class's keyword arguments.
+
+    ``input_shape`` (C, H, W) and ``num_classes`` normally come from the dataset.
+    """
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, MODELS, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"models.create: unknown model {name!r}; available: {sorted(MODELS)}.{hint}")
+    try:
+        return MODELS[name](**options)
+    except TypeError as error:
+        raise ValueError(f"models.create({name!r}): {error}") from None
+
+
+def names():
+    return sorted(MODELS)

@@ -1,0 +1,89 @@
+"""Functional layers on Duals or arrays.  Parameters are plain arrays passed in by name.
+
+Every function here is composed from primitives (so forward mode, K directions and reverse
+mode come for free) except the fused ops it calls (``grouped_linear``, ``layer_norm``).
+"""
+from .. import autodiff
+from .. import primitives as P
+from ..dual import Dual
+from ..primitives import Primitive
+
+
+def value_of(x):
+    return x.value if isinstance(x, Dual) else x
+
+
+def linear(x, weight, bias=None):
+    """``x @ W + b``: x [..., p], W [p, q], b [q] -> [..., q]."""
+    z = P.matmul(x, weight)
+    return z if bias is None else z + bias
+
+
+def grouped(x, weight, bias=None):
+    """Grouped linear: x [..., G, c_in], W [G, c_in, c_out], b [G, c_out] -> [..., G, c_out]."""
+    from ..fused import grouped_linear
+    return grouped_linear(x, weight, bias)
+
+
+def token_mixing(x, weight, bias=None):
+    """Linear over the token axis: x [N, P, C], W [P_out, P_in], b [P_out] -> [N, P_out, C]."""
+    z = P.matmul(weight, x)
+    return z if bias is None else z + P.reshape(bias, (-1, 1))
+
+
+def layer_norm(x, eps=1e-5):
+    """LayerNorm over the last axis without affine parameters (Ren's local LN)."""
+    from ..fused import layer_norm as fused_layer_norm
+    return fused_layer_norm(x, eps=eps)
+
+
+def batch_norm(x, gamma, beta, running, train, momentum=0.1, eps=1e-5):
+    """BatchNorm over every axis but the channel axis 1: x [N, C, ...] (or [N, C]).
+
+    Training: batch statistics (biased variance to normalise; tangents and cotangents flow
+    through the statistics) and returns the updated running averages (unbiased variance, as
+    PyTorch).  Evaluation: the running averages.  Returns ``(y, new_running)``.
+    """
+    axes = (0,) + tuple(range(2, value_of(x).ndim))
+    shape = (1, -1) + (1,) * (value_of(x).ndim - 2)
+    if train:
+        mean = P.mean(x, axis=axes, keepdims=True)
+        centred = x - mean
+        var = P.mean(centred * centred, axis=axes, keepdims=True)
+        count = value_of(x).size // value_of(x).shape[1]
+        batch_mean = value_of(mean).reshape(-1)
+        batch_var = value_of(var).reshape(-1) * (count / max(count - 1, 1))
+        new_running = (running[0] * (1 - momentum) + momentum * batch_mean,
+                       running[1] * (1 - momentum) + momentum * batch_var)
+        y = centred / P.sqrt(var + eps)
+    else:
+        new_running = running
+        y = (x - running[0].reshape(shape)) / (running[1].reshape(shape) + eps) ** 0.5
+    return y * P.reshape(gamma, shape) + P.reshape(beta, shape), new_running
+
+
+def feedback_alignment(fn):
+    """Feedback alignment for a map ``fn(x, W)`` linear in ``x``: returns ``fa(x, W, B)``.
+
+    Value and forward mode are those of ``fn(x, W)``; in reverse mode the cotangent of ``x``
+    is sent back through the fixed random ``B`` in place of ``W`` (Lillicrap et al.), while
+    ``W`` gets its usual cotangent.  ``B`` has ``W``'s shape and never gets a gradient.
+    """
+    def value(x, weight, feedback):
+        return fn(x, weight)
+
+    def jvp(tangents, out, x, weight, feedback):
+        result = fn(Dual._make(x, tangents[0]), Dual._make(weight, tangents[1]))
+        return result.tangent
+
+    def vjp(g, out, x, weight, feedback):
+        _, through_feedback = autodiff.vjp(fn, x, feedback)
+        _, through_weight = autodiff.vjp(lambda w: fn(x, w), weight)
+        return through_feedback(g)[0], through_weight(g)[0], None
+
+    return Primitive(f"feedback_alignment[{getattr(fn, '__name__', 'linear')}]", value, jvp=jvp, vjp=vjp)
+
+
+feedback_linear = feedback_alignment(lambda x, w: P.matmul(x, w))
+feedback_grouped = feedback_alignment(lambda x, w: grouped(x, w))
+feedback_token_mixing = feedback_alignment(lambda x, w: P.matmul(w, x))

@@ -1,0 +1,195 @@
+"""The structure every model exposes to the learning rules.
+
+A model is an ordered list of blocks, local heads (one per block, optional), and a final
+read-out.  ``Model.forward(params, x, labels, plan)`` runs them in one pass and returns a
+``Trace``: logits, per-example losses, local losses, the perturbation points of every hidden
+layer and the block outputs.  Parameters are a flat dict ``{name: array}``; names start with
+``blocks.{k}.`` (block k, its local head under ``blocks.{k}.head.``) or ``head.`` (read-out).
+"""
+from dataclasses import dataclass, field
+
+import numpy
+
+from .. import autodiff, backend, losses
+from .. import primitives as P
+from . import init as initialisers
+from .layers import feedback_alignment, value_of
+from .plan import Context, Plan, Point
+
+
+@dataclass
+class ParamSpec:
+    shape: tuple
+    fan_in: int
+    init: str
+
+
+@dataclass
+class Trace:
+    """What one forward pass produced (values may be Duals when tangents or a tape are live).
+
+    ``logits`` [N, classes]; ``loss`` per-example cross-entropy [N] (None without labels);
+    ``local_losses``: one entry per block — [N, P, G] replicas when the plan asks for
+    replicated losses, else the pooled per-example loss [N]; ``points``: the hidden layers
+    (see ``Point``); ``outputs``: block outputs; ``readout_input``: the read-out's input
+    feature value; ``state``: updated running statistics.
+    """
+    logits: object
+    loss: object
+    local_losses: list
+    points: list
+    outputs: list
+    output_tangents: list
+    readout_input: object
+    state: dict = field(default_factory=dict)
+
+
+class Model:
+    """Base class.  Subclasses fill ``self.specs`` and implement ``embed``, ``block``,
+    ``pooled_features`` and say how many blocks they have."""
+    name = "model"
+    num_blocks = 0
+    has_local_heads = False
+
+    def __init__(self):
+        self.specs = {}
+
+    # --- parameters --------------------------------------------------------------------
+    def add_param(self, name, shape, fan_in, init):
+        self.specs[name] = ParamSpec(tuple(shape), int(fan_in), init)
+
+    def init(self, seed=0, dtype=backend.DEFAULT_DTYPE):
+        """Fresh parameters ``{name: array}`` drawn from ``seed`` (deterministic)."""
+        rng = numpy.random.default_rng(seed)
+        return {name: backend.to_device(initialisers.get(spec.init)(rng, spec.shape, spec.fan_in, dtype))
+                for name, spec in self.specs.items()}
+
+    def init_state(self):
+        """Running statistics (BatchNorm) — empty for models without them."""
+        return {}
+
+    def num_params(self):
+        return int(sum(numpy.prod(s.shape) for s in self.specs.values()))
+
+    def block_of(self, name):
+        """Block index of a parameter, ``'head'`` for the read-out."""
+        return int(name.split(".")[1]) if name.startswith("blocks.") else "head"
+
+    def is_local_head(self, name):
+        return ".head." in name
+
+    def param_counts(self):
+        """Parameter count per block (local heads included) and for the read-out."""
+        counts = {}
+        for name, spec in self.specs.items():
+            key = self.block_of(name)
+            counts[key] = counts.get(key, 0) + int(numpy.prod(spec.shape))
+        return counts
+
+    # --- one pass ----------------------------------------------------------------------
+    def forward(self, params, x, labels=None, plan=None, state=None):
+        """Run the whole model once under ``plan``; returns a ``Trace``."""
+        plan = plan or Plan()
+        ctx = Context(plan, state if state is not None else self.init_state())
+        h = self.embed(x)
+        outputs, output_tangents, local = [], [], []
+        for k in range(self.num_blocks):
+            if plan.greedy and k > 0:
+                h = ctx.stop(h)
+            h = self.block(k, params, h, ctx)
+            h, u = ctx.inject(k, "block", "output", h)
+            outputs.append(h)
+            output_tangents.append(u)
+            if plan.local_losses:
+                local.append(self.local_loss(k, params, h, labels, plan.replicated))
+        features = self.pooled_features(ctx.stop(h) if plan.readout_stop_gradient else h)
+        logits = self.readout(params, features, ctx)
+        loss = None if labels is None else losses.cross_entropy(logits, labels, reduction="none")
+        state = {**ctx.state, **ctx.new_state}
+        return Trace(logits, loss, local, ctx.points, outputs, output_tangents, value_of(features), state)
+
+    def readout(self, params, features, ctx):
+        weight = params["head.weight"]
+        if "head.weight" in ctx.plan.feedback:
+            return feedback_alignment(lambda f, w: P.matmul(f, w))(features, weight, ctx.plan.feedback["head.weight"]) \
+                + params["head.bias"]
+        return P.matmul(features, weight) + params["head.bias"]
+
+    def readout_grads(self, trace, error):
+        """Exact read-out gradients from the logits' cotangent ``error`` [N, classes]."""
+        features = trace.readout_input
+        return {"head.weight": features.T @ error, "head.bias": error.sum(axis=0)}
+
+    def local_loss(self, k, params, h, labels, replicated):
+        """Block k's local loss: replicas [N, P, G] or the pooled per-example loss [N]."""
+        if not self.has_local_heads:
+            raise ValueError(f"{self.name}: local losses need local heads; build the model with local_heads=True")
+        weight, bias = params[f"blocks.{k}.head.weight"], params[f"blocks.{k}.head.bias"]
+        grid = self.replica_grid(h)
+        if replicated:
+            return losses.replicated_cross_entropy(grid, weight, bias, labels)
+        pooled = P.reshape(P.mean(grid, axis=1), (value_of(grid).shape[0], -1))
+        return losses.cross_entropy(P.matmul(pooled, weight) + bias, labels, reduction="none")
+
+    # --- hidden layers -----------------------------------------------------------------
+    def hidden(self, ctx, k, name, fn, x, params, param_names, normalize=None, norm_param_names=(),
+               replica="example", residual=None, activation=P.relu):
+        """One hidden layer: z = fn(x, *θ) → normalize(z, *θ_norm) → ['pre' site] → (+ residual)
+        → activation → ['post' site].
+
+        Records a ``Point`` so rules can read the layer; applies the plan's feedback weights to
+        ``fn`` when the plan names this layer's weight (feedback alignment).
+        """
+        weights = [params[p] for p in param_names]
+        norm_weights = [params[p] for p in norm_param_names]
+        feedback = ctx.plan.feedback.get(param_names[0])
+        if feedback is not None:
+            fa = feedback_alignment(lambda inp, w, fn=fn, rest=weights[1:]: fn(inp, w, *rest))
+            z = fa(x, weights[0], feedback)
+        else:
+            z = fn(x, *weights)
+        h = normalize(z, *norm_weights) if normalize is not None else z
+        h, u_pre = ctx.inject(k, name, "pre", h)
+        pre_activation = h if residual is None else h + residual
+        a = activation(pre_activation)
+        a, u_post = ctx.inject(k, name, "post", a)
+        ctx.points.append(Point(
+            block=k, name=name, h=value_of(h), mask=value_of(pre_activation) > 0,
+            weight_grads=_weight_grads(fn, normalize, value_of(x), [value_of(w) for w in weights],
+                                       [value_of(w) for w in norm_weights], list(param_names),
+                                       list(norm_param_names)),
+            replica=replica, post=value_of(a), u_pre=u_pre, u_post=u_post))
+        return a
+
+    # --- to be provided by subclasses --------------------------------------------------
+    def embed(self, x):
+        raise NotImplementedError
+
+    def block(self, k, params, h, ctx):
+        raise NotImplementedError
+
+    def pooled_features(self, h):
+        raise NotImplementedError
+
+    def replica_grid(self, h):
+        """Block output as [N, P, G, c] for the replicated local losses."""
+        raise NotImplementedError
+
+
+def _weight_grads(fn, normalize, x, weights, norm_weights, names, norm_names):
+    """``weight_grads(delta, through_norm=True)``: parameter cotangents of this layer alone.
+
+    ``delta`` is a cotangent at the normalised pre-activation h [N, ...].  Through the norm,
+    it is pulled back by the norm's exact Jacobian transpose to z and gives the linear map's
+    ``xᵀδ`` (and the norm's own parameters their share); with ``through_norm=False`` (FG-A's
+    "NG" option) ``delta`` is used at z directly.  One reverse pass through this layer only.
+    """
+    count = len(weights)
+
+    def weight_grads(delta, through_norm=True):
+        if normalize is None or not through_norm:
+            _, back = autodiff.vjp(lambda *w: fn(x, *w), *weights)
+            return dict(zip(names, back(delta)))
+        _, back = autodiff.vjp(lambda *w: normalize(fn(x, *w[:count]), *w[count:]), *weights, *norm_weights)
+        return dict(zip(names + norm_names, back(delta)))
+    return weight_grads

@@ -1,0 +1,105 @@
+"""What one forward pass should do, and what it saw: ``Plan``, ``Site``, ``Point``, ``Context``.
+
+A model's forward function takes a ``Plan`` — which tangents to inject where, where to stop
+gradients, which losses to return, which linear maps use feedback weights — and fills a
+``Context`` with the perturbation points it passed.  Rules never re-implement a forward pass:
+they choose a plan and read the points.
+
+Sites (where a tangent may be injected):
+  ``'pre'``    the normalised pre-activation of a hidden layer (after the post-linear norm,
+               before the activation; in a residual block's last layer, before the residual add)
+               — FG-A's site;
+  ``'post'``   the post-activation of a hidden layer — FDFA's site;
+  ``'output'`` a block's output — the site of Fournier's activity-space guesses.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from .. import primitives as P
+from ..dual import Dual
+
+SITE_KINDS = ("pre", "post", "output")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place a tangent can be injected: ``block`` index, layer ``name``, ``kind`` and value shape."""
+    block: int
+    name: str
+    kind: str
+    shape: tuple
+    dtype: object
+
+
+@dataclass
+class Point:
+    """A hidden layer as FG-A, DFA and FDFA see it.
+
+    ``h``: the value at the 'pre' site (normalised pre-activation) [N, ...]; ``mask``: the
+    activation's derivative there (after the residual add, if any), same shape; ``post``: the
+    post-activation; ``u_pre``/``u_post``: tangents injected at the 'pre'/'post' sites (or None);
+    ``weight_grads(delta, through_norm=True)``: {param name: cotangent} of this layer's
+    parameters for a cotangent ``delta`` at h — a reverse pass through this one layer only
+    (the norm's exact Jacobian transpose, then xᵀδ); ``replica``: how per-replica loss
+    derivatives d[N, P, G] map onto this layer's units — 'example' (Σ over P, G), 'token'
+    (Σ over G, per patch) or 'own' (units of group g in patch p use d[n, p, g]).
+    """
+    block: int
+    name: str
+    h: object
+    mask: object
+    weight_grads: Callable
+    replica: str
+    post: object = None
+    u_pre: object = None
+    u_post: object = None
+
+
+@dataclass
+class Plan:
+    """The instructions for one forward pass.
+
+    ``perturb(site) -> tangent | None``: tangent to add at a site (None: nothing injected).
+    ``greedy``: stop-gradient at every block input (local greedy training).
+    ``local_losses``: compute each block's local loss (needs local heads).
+    ``replicated``: local losses as replicas [N, P, G] (Ren's replicated aggregator) instead of
+    the pooled per-example loss [N].
+    ``readout_stop_gradient``: the final classifier sees stop-gradient features.
+    ``feedback``: {weight name: B} — those linear maps send cotangents back through B (FA).
+    ``train``: batch statistics in BatchNorm (and running-average updates).
+    """
+    perturb: Optional[Callable] = None
+    greedy: bool = False
+    local_losses: bool = False
+    replicated: bool = False
+    readout_stop_gradient: bool = False
+    feedback: dict = field(default_factory=dict)
+    train: bool = True
+
+
+class Context:
+    """Collects the points of one forward pass and applies the plan's injections."""
+
+    def __init__(self, plan, state=None):
+        self.plan, self.points, self.state = plan, [], {} if state is None else state
+        self.new_state = {}
+
+    def inject(self, block, name, kind, value):
+        """Add the plan's tangent for this site to ``value``'s tangent; returns (value, tangent)."""
+        if self.plan.perturb is None:
+            return value, None
+        val = value.value if isinstance(value, Dual) else value
+        u = self.plan.perturb(Site(block, name, kind, tuple(val.shape), val.dtype))
+        if u is None:
+            return value, None
+        old = value.tangent if isinstance(value, Dual) else None
+        if old is None:
+            tangent = u
+        elif old.ndim == u.ndim:
+            tangent = old + u
+        else:  # one of them carries K directions
+            tangent = (old[None] if old.ndim < u.ndim else old) + (u[None] if u.ndim < old.ndim else u)
+        return Dual._make(val, tangent, value.node if isinstance(value, Dual) else None), u
+
+    def stop(self, x):
+        return P.stop_gradient(x) if isinstance(x, Dual) else x
