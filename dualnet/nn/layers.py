@@ -63,27 +63,27 @@ def batch_norm(x, gamma, beta, running, train, momentum=0.1, eps=1e-5):
 
 
 def feedback_alignment(fn):
-    """Feedback alignment for a map ``fn(x, W)`` linear in ``x``: returns ``fa(x, W, B)``.
+    """Feedback alignment for a layer ``fn(x, W, *rest)`` linear in ``x``: returns
+    ``fa(x, W, B, *rest)``.
 
-    Value and forward mode are those of ``fn(x, W)``; in reverse mode the cotangent of ``x``
-    is sent back through the fixed random ``B`` in place of ``W`` (Lillicrap et al.), while
-    ``W`` gets its usual cotangent.  ``B`` has ``W``'s shape and never gets a gradient.
+    Value and forward mode are those of ``fn(x, W, *rest)``; in reverse mode the cotangent of
+    ``x`` is sent back through the fixed random ``B`` in place of ``W`` (Lillicrap et al.), while
+    ``W`` and ``rest`` (e.g. the bias) get their usual cotangents.  ``B`` has ``W``'s shape and
+    never gets a gradient.
     """
-    def value(x, weight, feedback):
-        return fn(x, weight)
+    def value(x, weight, feedback, *rest):
+        return fn(x, weight, *rest)
 
-    def jvp(tangents, out, x, weight, feedback):
-        result = fn(Dual._make(x, tangents[0]), Dual._make(weight, tangents[1]))
-        return result.tangent
+    def jvp(tangents, out, x, weight, feedback, *rest):
+        duals = [Dual._make(a, t) for a, t in zip((x, weight) + rest, tangents[:2] + tangents[3:])]
+        return fn(*duals).tangent
 
-    def vjp(g, out, x, weight, feedback):
-        _, through_feedback = autodiff.vjp(fn, x, feedback)
-        _, through_weight = autodiff.vjp(lambda w: fn(x, w), weight)
-        return through_feedback(g)[0], through_weight(g)[0], None
+    def vjp(g, out, x, weight, feedback, *rest):
+        _, through_feedback = autodiff.vjp(lambda inp: fn(inp, feedback, *rest), x)
+        _, through_params = autodiff.vjp(lambda *w: fn(x, *w), weight, *rest)
+        weight_grad, *rest_grads = through_params(g)
+        return [through_feedback(g)[0], weight_grad, None, *rest_grads]
 
     return Primitive(f"feedback_alignment[{getattr(fn, '__name__', 'linear')}]", value, jvp=jvp, vjp=vjp)
 
 
-feedback_linear = feedback_alignment(lambda x, w: P.matmul(x, w))
-feedback_grouped = feedback_alignment(lambda x, w: grouped(x, w))
-feedback_token_mixing = feedback_alignment(lambda x, w: P.matmul(w, x))

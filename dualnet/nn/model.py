@@ -13,7 +13,7 @@ import numpy
 from .. import autodiff, backend, losses
 from .. import primitives as P
 from . import init as initialisers
-from .layers import feedback_alignment, value_of
+from .layers import feedback_alignment, linear, value_of
 from .plan import Context, Plan, Point
 
 
@@ -111,9 +111,8 @@ class Model:
     def readout(self, params, features, ctx):
         weight = params["head.weight"]
         if "head.weight" in ctx.plan.feedback:
-            return feedback_alignment(lambda f, w: P.matmul(f, w))(features, weight, ctx.plan.feedback["head.weight"]) \
-                + params["head.bias"]
-        return P.matmul(features, weight) + params["head.bias"]
+            return feedback_alignment(linear)(features, weight, ctx.plan.feedback["head.weight"], params["head.bias"])
+        return linear(features, weight, params["head.bias"])
 
     def readout_grads(self, trace, error):
         """Exact read-out gradients from the logits' cotangent ``error`` [N, classes]."""
@@ -144,8 +143,7 @@ class Model:
         norm_weights = [params[p] for p in norm_param_names]
         feedback = ctx.plan.feedback.get(param_names[0])
         if feedback is not None:
-            fa = feedback_alignment(lambda inp, w, fn=fn, rest=weights[1:]: fn(inp, w, *rest))
-            z = fa(x, weights[0], feedback)
+            z = feedback_alignment(fn)(x, weights[0], feedback, *weights[1:])
         else:
             z = fn(x, *weights)
         h = normalize(z, *norm_weights) if normalize is not None else z

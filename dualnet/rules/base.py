@@ -1,0 +1,159 @@
+"""What every learning rule shares: the ``Rule`` interface, the ``Estimate`` it returns, the
+objectives of the backprop family, and the diagnostics.
+
+A rule turns ``(model, params, x, labels, rng, state)`` into a gradient estimate for every
+parameter; an optimiser applies it.  Rules with their own persistent tensors (feedback
+matrices, auxiliary nets) keep them in ``rule.state`` and round-trip them through
+``state_dict`` / ``load_state_dict`` for exact resume.
+"""
+from dataclasses import dataclass, field
+
+import numpy
+
+from .. import autodiff, backend
+from .. import primitives as P
+from ..nn.layers import value_of
+from ..nn.plan import Plan
+
+
+@dataclass
+class Estimate:
+    """``grads``: {param name: array}; ``loss``: mean final loss (float); ``state``: model running
+    statistics after the step; ``diagnostics``: per-layer cosine/norm when requested."""
+    grads: dict
+    loss: float
+    state: dict
+    diagnostics: dict = field(default_factory=dict)
+
+
+# The plan each member of the backprop family trains with, and the rule whose gradient
+# another rule estimates ("its own target").
+PLANS = {
+    "global": dict(),
+    "local": dict(local_losses=True, readout_stop_gradient=True),
+    "local-greedy": dict(local_losses=True, greedy=True, readout_stop_gradient=True),
+}
+
+
+class Rule:
+    """Base class.  ``name``; ``applies_to(model)`` raises a clear error where a rule cannot run."""
+    name = "rule"
+    target = "global"  # the objective whose gradient this rule follows (see ``PLANS``)
+
+    def __init__(self, diagnostics=False):
+        self.diagnostics = diagnostics
+        self.state = {}
+
+    def setup(self, model, params, seed=0):
+        """Create rule-owned tensors (feedback matrices...).  Called once before training."""
+
+    def state_dict(self):
+        return {k: backend.to_numpy(v) for k, v in self.state.items()}
+
+    def load_state_dict(self, state):
+        self.state = {k: backend.to_device(v) for k, v in state.items()}
+
+    def __call__(self, model, params, x, labels, rng, state=None):
+        estimate = self.estimate(model, params, x, labels, rng, state)
+        if self.diagnostics:
+            exact = exact_gradients(model, params, x, labels, self.target, state)[0]
+            estimate.diagnostics = alignment(estimate.grads, exact)
+        return estimate
+
+    def estimate(self, model, params, x, labels, rng, state):
+        raise NotImplementedError
+
+
+def objective(trace):
+    """Mean final loss plus the mean of every local loss (pooled per example)."""
+    total = P.mean(trace.loss)
+    for local in trace.local_losses:
+        total = total + P.mean(local)
+    return total
+
+
+def exact_gradients(model, params, x, labels, target="global", state=None, feedback=None):
+    """Reverse-mode gradient of the ``target`` objective (``PLANS``); returns (grads, trace).
+
+    ``feedback`` ({weight name: B}) turns the reverse pass into feedback alignment.
+    """
+    plan = Plan(feedback=feedback or {}, **PLANS[target])
+    traces = []
+
+    def loss_of(p):
+        trace = model.forward(p, x, labels, plan, state)
+        traces.append(trace)
+        return objective(trace)
+
+    _, pullback = autodiff.vjp(loss_of, params)
+    grads = pullback(numpy.ones((), dtype=value_of(traces[0].loss).dtype))[0]
+    return grads, traces[0]
+
+
+def mean_value(x):
+    return float(value_of(x).mean())
+
+
+def output_error(logits, labels):
+    """∂(mean cross-entropy)/∂logits = (softmax − onehot) / N, from values only."""
+    logits = value_of(logits)
+    xp = backend.namespace(logits)
+    error = P.softmax(logits, axis=-1)
+    error[xp.arange(len(labels)), labels] -= 1
+    return error / len(labels)
+
+
+def local_head_grads(model, params, trace, labels):
+    """Exact gradients of every local head from its pooled local loss (heads always backprop)."""
+    grads = {}
+    for k, block_output in enumerate(trace.outputs):
+        names = [f"blocks.{k}.head.weight", f"blocks.{k}.head.bias"]
+        if names[0] not in params:
+            continue
+        h = value_of(block_output)
+
+        def loss_of(weight, bias, k=k, h=h):
+            heads = {names[0]: weight, names[1]: bias}
+            return P.mean(model.local_loss(k, heads, h, labels, replicated=False))
+        _, pullback = autodiff.vjp(loss_of, value_of(params[names[0]]), value_of(params[names[1]]))
+        weight_grad, bias_grad = pullback(numpy.ones((), dtype=h.dtype))
+        grads[names[0]], grads[names[1]] = weight_grad, bias_grad
+    return grads
+
+
+def alignment(estimate, exact):
+    """Per-tensor cosine similarity between an estimate and the exact gradient, and norms."""
+    report = {}
+    for name, g in estimate.items():
+        if name not in exact:
+            continue
+        a, b = backend.to_numpy(g).ravel().astype(numpy.float64), backend.to_numpy(exact[name]).ravel()
+        denominator = numpy.linalg.norm(a) * numpy.linalg.norm(b)
+        report[name] = {"cosine": float(a @ b / denominator) if denominator > 0 else 0.0,
+                        "norm": float(numpy.linalg.norm(a)), "exact_norm": float(numpy.linalg.norm(b))}
+    return report
+
+
+def expand_replicas(d, shape, replica):
+    """Map loss derivatives onto a layer's units, keeping the leading direction axis K.
+
+    ``d`` is [K, N] (one loss per example) or [K, N, P, G] (replicated losses); ``shape`` is the
+    layer's [N, ...] shape.  'example': Σ over P and G; 'token' (layer [N, P, C]): Σ over G,
+    shared by the patch's channels; 'own' (layer [N, P, C] or [N, P, G, c]): the units of group
+    g in patch p take d[n, p, g].  Returns an array that broadcasts against [K] + shape.
+    """
+    k, n = d.shape[:2]
+    if d.ndim == 2:
+        return d.reshape((k, n) + (1,) * (len(shape) - 1))
+    patches, groups = d.shape[2:]
+    if replica == "example" or (patches == 1 and groups == 1):
+        return d.sum(axis=(2, 3)).reshape((k, n) + (1,) * (len(shape) - 1))
+    if replica == "token":
+        return d.sum(axis=3).reshape((k, n, patches) + (1,) * (len(shape) - 2))
+    if replica == "own":
+        if len(shape) == 4:  # [N, P, G, c]
+            return d[..., None]
+        per_group = shape[-1] // groups
+        xp = backend.namespace(d)
+        return xp.broadcast_to(d[..., None], (k, n, patches, groups, per_group)).reshape((k, n, patches, shape[-1]))
+    raise ValueError(f"expand_replicas: unknown replica mapping {replica!r}")

@@ -1,0 +1,115 @@
+"""Forward-gradient rules: weight perturbation (FG-W, Baydin et al.) and activity perturbation
+(FG-A, Ren et al.), global or with local greedy losses (LG-FG-W, LG-FG-A).
+
+Every directional derivative here comes from one genuine forward-mode pass (Dual tangents);
+no reverse pass of the loss through the network is ever taken.  Heads (local and final) get
+exact gradients from their own layer alone ("always backprop" for the last layer).
+
+* FG-W: v ~ N(0, I) per weight tensor, shared by the batch; ĝ_θ = (∇_θL·v) v, with ∇_θL·v the
+  JVP of the batch-mean loss.  ``directions=K`` averages K directions from one K-batched pass.
+  With local losses, a grouped weight's group g uses only the replicas of group g.
+* FG-A: u ~ N(0, I) per example (and patch and unit) at every normalised pre-activation, all
+  layers in one pass; d_n = JVP of example n's loss (or of replica (n, p, g)); the estimate
+  at the site is d·u ⊙ relu_mask, pulled back through the exact norm Jacobian (``norm_grad``;
+  False is the paper's "NG") and turned into ΔW = xᵀδ / N by the layer alone.
+"""
+from .. import backend
+from ..dual import Dual
+from ..nn.layers import value_of
+from ..nn.plan import Plan
+from .base import PLANS, Estimate, Rule, expand_replicas, local_head_grads, mean_value, output_error
+
+
+def _tangent(x, k):
+    """A Dual's tangent with a leading direction axis (zeros for a symbolic zero)."""
+    xp = backend.namespace(x.value)
+    if x.tangent is None:
+        return xp.zeros((k,) + x.shape, x.dtype)
+    return x.tangent if x.tangent.ndim == x.value.ndim + 1 else x.tangent[None]
+
+
+def _gaussian(rng, k, shape, dtype):
+    return rng.standard_normal((k,) + tuple(shape)).astype(dtype)
+
+
+def _plan(local, **extra):
+    options = dict(PLANS["local-greedy" if local else "global"])
+    if local:
+        options["replicated"] = True
+    return Plan(**options, **extra)
+
+
+def _head_grads(model, params, trace, labels, local):
+    grads = model.readout_grads(trace, output_error(trace.logits, labels))
+    if local:
+        grads.update(local_head_grads(model, params, trace, labels))
+    return grads
+
+
+def _is_head(model, name):
+    return model.block_of(name) == "head" or model.is_local_head(name)
+
+
+class ActivityPerturbation(Rule):
+    """FG-A (``local=False``) and LG-FG-A (``local=True``)."""
+
+    def __init__(self, local=False, directions=1, norm_grad=True, site="pre", diagnostics=False):
+        super().__init__(diagnostics)
+        if site not in ("pre", "post"):
+            raise ValueError(f"fg-a: site={site!r}; allowed: 'pre' (normalised pre-activation) or 'post'")
+        if directions < 1:
+            raise ValueError(f"fg-a: directions={directions} must be >= 1")
+        self.local, self.directions, self.norm_grad, self.site = local, directions, norm_grad, site
+        self.target = "local-greedy" if local else "global"
+
+    def estimate(self, model, params, x, labels, rng, state):
+        k = self.directions
+        sample = lambda site: (_gaussian(rng, k, site.shape, site.dtype)
+                               if site.kind == self.site and site.name != "block" else None)
+        trace = model.forward(params, x, labels, _plan(self.local, perturb=sample), state)
+        n = len(labels)
+        grads = {}
+        for point in trace.points:
+            d = _tangent(trace.local_losses[point.block], k) if self.local else _tangent(trace.loss, k)
+            u = point.u_pre if self.site == "pre" else point.u_post
+            site_grad = (expand_replicas(d, point.h.shape, point.replica) * u).mean(axis=0) / n
+            # 'pre': the ReLU-sparsity trick (zero where the unit is off, unbiased since the true
+            # gradient is zero there); 'post': the chain rule from the post-activation back to h.
+            site_grad = site_grad * point.mask
+            grads.update(point.weight_grads(site_grad, through_norm=self.norm_grad))
+        grads.update(_head_grads(model, params, trace, labels, self.local))
+        return Estimate(grads, mean_value(trace.loss), trace.state)
+
+
+class WeightPerturbation(Rule):
+    """FG-W (``local=False``) and LG-FG-W (``local=True``)."""
+
+    def __init__(self, local=False, directions=1, diagnostics=False):
+        super().__init__(diagnostics)
+        if directions < 1:
+            raise ValueError(f"fg-w: directions={directions} must be >= 1")
+        self.local, self.directions = local, directions
+        self.target = "local-greedy" if local else "global"
+
+    def estimate(self, model, params, x, labels, rng, state):
+        k = self.directions
+        tangents = {name: _gaussian(rng, k, value_of(p).shape, value_of(p).dtype)
+                    for name, p in params.items() if not _is_head(model, name)}
+        duals = {name: Dual._make(value_of(p), tangents.get(name)) for name, p in params.items()}
+        trace = model.forward(duals, x, labels, _plan(self.local), state)
+        n = len(labels)
+        grads = {}
+        for name, v in tangents.items():
+            if self.local:
+                d = _tangent(trace.local_losses[model.block_of(name)], k)  # [K, N, P, G]
+                grouped = v.ndim >= 3 and v.shape[1] == d.shape[-1] and d.shape[-1] > 1 and ".grouped." in name
+                if grouped:  # group g's weights reach only group g's replicas
+                    per_group = d.sum(axis=(1, 2)) / n  # [K, G]
+                    grads[name] = (per_group.reshape(per_group.shape + (1,) * (v.ndim - 2)) * v).mean(axis=0)
+                    continue
+                directional = d.reshape(k, -1).sum(axis=1) / n
+            else:
+                directional = _tangent(trace.loss, k).mean(axis=1)
+            grads[name] = (directional.reshape((k,) + (1,) * (v.ndim - 1)) * v).mean(axis=0)
+        grads.update(_head_grads(model, params, trace, labels, self.local))
+        return Estimate(grads, mean_value(trace.loss), trace.state)
