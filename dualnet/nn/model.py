@@ -101,7 +101,7 @@ class Model:
             outputs.append(h)
             output_tangents.append(u)
             if plan.local_losses:
-                local.append(self.local_loss(k, params, h, labels, plan.replicated))
+                local.append(self.local_loss(k, params, h, labels, plan.replicated, plan.feedback))
         features = self.pooled_features(ctx.stop(h) if plan.readout_stop_gradient else h)
         logits = self.readout(params, features, ctx)
         loss = None if labels is None else losses.cross_entropy(logits, labels, reduction="none")
@@ -119,8 +119,11 @@ class Model:
         features = trace.readout_input
         return {"head.weight": features.T @ error, "head.bias": error.sum(axis=0)}
 
-    def local_loss(self, k, params, h, labels, replicated):
-        """Block k's local loss: replicas [N, P, G] or the pooled per-example loss [N]."""
+    def local_loss(self, k, params, h, labels, replicated, feedback=None):
+        """Block k's local loss: replicas [N, P, G] or the pooled per-example loss [N].
+
+        ``feedback`` ({weight name: B}) sends the head's reverse pass through B (pooled loss only).
+        """
         if not self.has_local_heads:
             raise ValueError(f"{self.name}: local losses need local heads; build the model with local_heads=True")
         weight, bias = params[f"blocks.{k}.head.weight"], params[f"blocks.{k}.head.bias"]
@@ -128,7 +131,12 @@ class Model:
         if replicated:
             return losses.replicated_cross_entropy(grid, weight, bias, labels)
         pooled = P.reshape(P.mean(grid, axis=1), (value_of(grid).shape[0], -1))
-        return losses.cross_entropy(P.matmul(pooled, weight) + bias, labels, reduction="none")
+        name = f"blocks.{k}.head.weight"
+        if feedback and name in feedback:
+            logits = feedback_alignment(linear)(pooled, weight, feedback[name], bias)
+        else:
+            logits = linear(pooled, weight, bias)
+        return losses.cross_entropy(logits, labels, reduction="none")
 
     # --- hidden layers -----------------------------------------------------------------
     def hidden(self, ctx, k, name, fn, x, params, param_names, normalize=None, norm_param_names=(),

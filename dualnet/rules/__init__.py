@@ -13,6 +13,7 @@ import difflib
 
 from .backprop import Backprop, FeedbackAlignment
 from .base import Estimate, Rule, exact_gradients
+from .direct import DirectFeedback
 from .forward import ActivityPerturbation, WeightPerturbation
 
 RULES = {
@@ -22,6 +23,9 @@ RULES = {
     "fa": lambda **o: FeedbackAlignment(target="global", **o),
     "l-fa": lambda **o: FeedbackAlignment(target="local", **o),
     "lg-fa": lambda **o: FeedbackAlignment(target="local-greedy", **o),
+    "dfa": lambda **o: DirectFeedback(kind="dfa", **o),
+    "dkp": lambda **o: DirectFeedback(kind="dkp", **o),
+    "fdfa": lambda **o: DirectFeedback(kind="fdfa", **o),
     "fg-w": lambda **o: WeightPerturbation(local=False, **o),
     "lg-fg-w": lambda **o: WeightPerturbation(local=True, **o),
     "fg-a": lambda **o: ActivityPerturbation(local=False, **o),

@@ -1,0 +1,85 @@
+"""Direct feedback of the output error: DFA (Nøkland), DKP (Webster et al.), FDFA (Bacho & Chu).
+
+With e = ∂L/∂y the error at the output logits [N, classes] (exact), every hidden layer l gets
+δ_l = (e B_l) ⊙ f′(a_l) at its post-activation, carried to its weights by the layer alone; the
+read-out gets its exact gradient.  B_l is [classes, units_l]:
+
+* DFA: fixed random (Kaiming-uniform);
+* DKP: starts at 0 and learns B_l ← B_l − η_B (eᵀ h_l + λ B_l) (Kolen-Pollack, direct);
+* FDFA: starts at 0 and learns the output Jacobian from forward gradients: one forward pass
+  perturbs every hidden post-activation with u_l ~ N(0, I) per example; the output tangent is
+  d = Σ_m J_m u_m, and B_l ← (1−α) B_l + α mean_n(d_n u_{l,n}ᵀ) (an EMA, unbiased for E[J_l]
+  since the u_m are independent), or an Adam step on the residual B_l − mean_n(d_n u_{l,n}ᵀ)
+  as the authors' code does (``adam=True``).
+"""
+import numpy
+
+from .. import backend
+from ..nn import init as initialisers
+from ..nn.plan import Plan
+from .base import Estimate, Rule, mean_value, output_error
+from .forward import _gaussian, _tangent
+
+
+class DirectFeedback(Rule):
+    def __init__(self, kind="dfa", alpha=0.1, feedback_lr=1e-4, weight_decay=0.0, adam=False, directions=1,
+                 diagnostics=False):
+        super().__init__(diagnostics)
+        if kind not in ("dfa", "dkp", "fdfa"):
+            raise ValueError(f"direct feedback: kind={kind!r}; allowed: 'dfa', 'dkp', 'fdfa'")
+        if not 0 < alpha <= 1:
+            raise ValueError(f"fdfa: alpha={alpha} must be in (0, 1]")
+        self.kind, self.alpha, self.feedback_lr = kind, alpha, feedback_lr
+        self.weight_decay, self.adam, self.directions = weight_decay, adam, directions
+        self.seed = 0
+        self._adam = None
+
+    def setup(self, model, params, seed=0):
+        self.seed, self.state = seed, {}
+
+    def _feedback(self, point, classes, dtype):
+        key = f"B.{point.block}.{point.name}"
+        if key not in self.state:
+            units = int(numpy.prod(point.h.shape[1:]))
+            if self.kind == "dfa":
+                rng = numpy.random.default_rng(self.seed + 104729 + len(self.state))
+                matrix = initialisers.kaiming_uniform(rng, (classes, units), units, dtype)
+            else:
+                matrix = numpy.zeros((classes, units), dtype)
+            self.state[key] = backend.to_device(matrix)
+        return key
+
+    def estimate(self, model, params, x, labels, rng, state):
+        k = self.directions
+        perturb = None
+        if self.kind == "fdfa":
+            perturb = lambda site: (_gaussian(rng, k, site.shape, site.dtype)
+                                    if site.kind == "post" and site.name != "block" else None)
+        trace = model.forward(params, x, labels, Plan(perturb=perturb), state)
+        error = output_error(trace.logits, labels)
+        n, classes = error.shape
+        grads = model.readout_grads(trace, error)
+        output_tangent = _tangent(trace.logits, k) if self.kind == "fdfa" else None  # [K, N, classes]
+        for point in trace.points:
+            key = self._feedback(point, classes, error.dtype)
+            if self.kind == "fdfa":
+                u = point.u_post.reshape(k * n, -1)
+                self._learn_jacobian(key, output_tangent.reshape(k * n, classes).T @ u / (k * n))
+            delta = (error @ self.state[key]).reshape(point.h.shape) * point.mask
+            grads.update(point.weight_grads(delta))
+            if self.kind == "dkp":
+                activity = point.post.reshape(n, -1)
+                self.state[key] = self.state[key] - self.feedback_lr * (
+                    error.T @ activity + self.weight_decay * self.state[key])
+        return Estimate(grads, mean_value(trace.loss), trace.state)
+
+    def _learn_jacobian(self, key, sample):
+        """FDFA's update of B toward the one-sample Jacobian estimate ``sample`` = mean_n d_n u_nᵀ."""
+        if not self.adam:
+            self.state[key] = (1 - self.alpha) * self.state[key] + self.alpha * sample
+            return
+        from ..optim import Adam
+        if self._adam is None:
+            self._adam = Adam(lr=self.feedback_lr)
+        residual = {key: self.state[key] - sample}
+        self.state.update(self._adam.step({key: self.state[key]}, residual))
