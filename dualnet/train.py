@@ -168,8 +168,11 @@ def load_checkpoint(path):
 # ---------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------
-def train(config, resume=False, progress=None):
-    """Run (or resume) the experiment described by ``config``; returns the summary dict."""
+def train(config, resume=False, progress=None, on_epoch=None):
+    """Run (or resume) the experiment described by ``config``; returns the summary dict.
+
+    ``on_epoch(metrics)`` is called after every epoch with that epoch's metrics line.
+    """
     if config.device == "cuda":
         backend.use("cupy")
     os.makedirs(config.out, exist_ok=True)
@@ -217,6 +220,8 @@ def train(config, resume=False, progress=None):
             history.append(_epoch_metrics(model, params, state, config, epoch, losses, optimizer,
                                           train_x, train_y, test_x, test_y, time.perf_counter() - started))
             _append_metrics(config.out, history[-1])
+            if on_epoch is not None:
+                on_epoch(history[-1])
             save_checkpoint(checkpoint, params, state, optimizer, rule,
                             {"epoch": epoch, "step": 0, "wall_s": time.perf_counter() - started}, history)
     except KeyboardInterrupt:
