@@ -14,7 +14,7 @@ import sys
 import tempfile
 import urllib.request
 
-from .errors import DataError, DownloadError
+from .errors import ChecksumMismatch, CorruptFile, DataError, DownloadError
 from .idx import read_bytes
 from .integrity import verify_file
 
@@ -35,9 +35,17 @@ def urllib_fetch(url, destination):
 
 
 def _check(path, file_spec):
-    """Verify a freshly downloaded file (content digest too, for gzipped IDX files)."""
-    payload = read_bytes(path)[1] if file_spec.content_sha256 else None
-    verify_file(path, file_spec, payload=payload)
+    """Verify a freshly downloaded file: its own digests, else (IDX) the digest of its content."""
+    try:
+        verify_file(path, file_spec)
+    except ChecksumMismatch as mismatch:
+        if not file_spec.content_sha256:
+            raise
+        try:
+            payload = read_bytes(path)[1]
+        except CorruptFile:
+            raise mismatch from None
+        verify_file(path, file_spec, payload=payload)
 
 
 def download_file(file_spec, urls, directory, fetch=None):
