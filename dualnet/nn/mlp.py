@@ -39,10 +39,10 @@ class MLP(Model):
         self.add_param("head.weight", (width, num_classes), width, init)
         self.add_param("head.bias", (num_classes,), width, init)
 
-    def init_state(self):
+    def init_state(self, dtype=backend.DEFAULT_DTYPE):
         """BatchNorm running (mean, variance) per block."""
         xp = backend.xp
-        return {f"blocks.{k}.bn": (xp.zeros(self.hidden_width, "float32"), xp.ones(self.hidden_width, "float32"))
+        return {f"blocks.{k}.bn": (xp.zeros(self.hidden_width, dtype), xp.ones(self.hidden_width, dtype))
                 for k in range(self.num_blocks)} if self.use_batch_norm else {}
 
     def embed(self, x):

@@ -64,7 +64,7 @@ class Model:
         return {name: backend.to_device(initialisers.get(spec.init)(rng, spec.shape, spec.fan_in, dtype))
                 for name, spec in self.specs.items()}
 
-    def init_state(self):
+    def init_state(self, dtype=backend.DEFAULT_DTYPE):
         """Running statistics (BatchNorm) — empty for models without them."""
         return {}
 
