@@ -98,6 +98,19 @@ def evaluate(model, params, state, x, y, batch_size=1000):
     return total_loss / len(y), wrong / len(y)
 
 
+def _schedule(name, steps_per_epoch, epochs):
+    """The papers' schedules, sized to the run: linear decay to 0 (Ren), warm-up + cosine, ×0.2
+    every 30 epochs (Fournier), or constant."""
+    total = steps_per_epoch * epochs
+    if name == "linear":
+        return optim.make_schedule("linear", total_steps=total)
+    if name == "warmup_cosine":
+        return optim.make_schedule("warmup_cosine", total_steps=total, warmup_steps=min(steps_per_epoch, total // 10))
+    if name == "step":
+        return optim.make_schedule("step", gamma=0.2, every=30 * steps_per_epoch)
+    return optim.make_schedule(name)
+
+
 def _step_rng(seed, epoch, step):
     return backend.xp.random.default_rng([seed, epoch, step])
 
@@ -185,8 +198,9 @@ def train(config, resume=False, progress=None, on_epoch=None):
     params, state = model.init(config.seed), model.init_state()
     rule.setup(model, params, config.seed)
     steps_per_epoch = data.num_batches(len(train_y), config.batch_size)
-    optimizer = optim.create(config.optimizer, lr=config.lr, schedule=config.schedule,
-                             total_steps=steps_per_epoch * config.epochs, **config.optimizer_options)
+    optimizer = optim.create(config.optimizer, lr=config.lr,
+                             schedule=_schedule(config.schedule, steps_per_epoch, config.epochs),
+                             **config.optimizer_options)
     position, history = {"epoch": 0, "step": 0, "wall_s": 0.0}, []
     if resume:
         if not os.path.exists(checkpoint):
@@ -242,7 +256,7 @@ def _epoch_metrics(model, params, state, config, epoch, losses, optimizer, train
     test_loss, test_error = evaluate(model, params, state, test_x, test_y)
     return {"epoch": epoch, "loss": float(numpy.mean(losses)) if losses else float("nan"),
             "train_error": train_error, "test_error": test_error, "test_acc": 1 - test_error,
-            "test_loss": test_loss, "lr": float(optimizer.current_lr()), "wall_s": wall}
+            "test_loss": test_loss, "lr": float(optimizer.learning_rate()), "wall_s": wall}
 
 
 def _summary(history, config):
