@@ -162,6 +162,7 @@ class Optimizer:
     place and ``state`` (a dict of arrays / numbers for this tensor).
     """
     name = None
+    _COUNTERS = ("step",)  # per-tensor state entries that are Python ints, not arrays
 
     def __init__(self, lr, *, weight_decay=0.0, schedule=None, groups=None):
         if lr < 0:
@@ -236,9 +237,14 @@ class Optimizer:
             raise ValueError(f"{self.name}.load_state_dict: state was saved by optimiser "
                              f"{state_dict.get('optimizer')!r}")
         self.step_count = int(state_dict["step_count"])
-        self.state = {name: {key: np.array(value) if isinstance(value, np.ndarray) else value
-                             for key, value in tensor_state.items()}
+        self.state = {name: {key: self._restore(key, value) for key, value in tensor_state.items()}
                       for name, tensor_state in state_dict["state"].items()}
+
+    def _restore(self, key, value):
+        """Counters back to ``int`` (a checkpoint format may hand them back as 0-d arrays); arrays copied."""
+        if key in self._COUNTERS:
+            return int(value)
+        return np.array(value)
 
     def __repr__(self):
         options = ", ".join(f"{key}={value!r}" for key, value in self.hyperparameters().items())

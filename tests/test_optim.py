@@ -182,6 +182,9 @@ def test_state_round_trip_resumes_bit_identically(rng, name, options):
     first = optim.create(name, **options)
     params = _trajectory(first, _copy(start), stream[:4])
     saved = pickle.loads(pickle.dumps(first.state_dict()))  # as a checkpoint file would hold it
+    if name == "adam":  # an npz checkpoint hands numbers back as 0-d arrays
+        saved["step_count"] = np.asarray(saved["step_count"])
+        saved["state"] = {key: {k: np.asarray(v) for k, v in tensor.items()} for key, tensor in saved["state"].items()}
     resumed = optim.create(name, **options)
     resumed.load_state_dict(saved)
     _trajectory(resumed, params, stream[4:])
