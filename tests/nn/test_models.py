@@ -77,7 +77,9 @@ def test_model_jvp_matches_finite_differences_and_vjp(make, target, rng):
     """Forward mode through the whole model = central differences; reverse = forward (dot product)."""
     from dualnet.rules.base import PLANS
     model = make()
-    params = model.init(1, dtype=np.float64)
+    # jitter the initialisation: zero biases and the zero read-out can put ReLU inputs exactly on
+    # the kink, where central differences only converge linearly
+    params = {k: v + 0.05 * rng.standard_normal(v.shape) for k, v in model.init(1, dtype=np.float64).items()}
     x, y = batch(rng, model)
     plan = Plan(**PLANS[target])
 
@@ -86,10 +88,11 @@ def test_model_jvp_matches_finite_differences_and_vjp(make, target, rng):
 
     direction = {k: rng.standard_normal(v.shape) for k, v in params.items()}
     _, tangent = dn.jvp(loss, (params,), (direction,))
-    eps = 1e-6
-    shifted = lambda s: float(loss({k: v + s * direction[k] for k, v in params.items()}))
-    finite = (shifted(eps) - shifted(-eps)) / (2 * eps)
-    assert abs(float(tangent) - finite) <= 1e-6 * max(1.0, abs(finite))  # O(eps²) truncation, float64
+    if target == "global":  # stop-gradients make the local objectives' "gradients" differ from their FD
+        eps = 1e-6
+        shifted = lambda s: float(loss({k: v + s * direction[k] for k, v in params.items()}))
+        finite = (shifted(eps) - shifted(-eps)) / (2 * eps)
+        assert abs(float(tangent) - finite) <= 1e-6 * max(1.0, abs(finite))  # O(eps²) truncation, float64
     _, pullback = dn.vjp(loss, params)
     (grads,) = pullback(np.ones(()))
     assert np.isclose(sum(float((grads[k] * direction[k]).sum()) for k in params), float(tangent), rtol=1e-10)
