@@ -17,3 +17,9 @@ from .idx import encode_idx, parse_idx, read_idx, write_idx
 from .locate import SYSTEM_DIRS, cache_dir, search_roots
 from .registry import REGISTRY, DatasetSpec, FileSpec
 from .transforms import NORMALIZATIONS, channel_stats, normalize, random_crop_flip, random_resized_crop, two_views
+
+__all__ = ["batches", "epoch_order", "num_batches", "Dataset", "available", "load", "load_digits", "urllib_fetch",
+           "ChecksumMismatch", "CorruptFile", "DataError", "DatasetNotFound", "DownloadError", "encode_idx",
+           "parse_idx", "read_idx", "write_idx", "SYSTEM_DIRS", "cache_dir", "search_roots", "REGISTRY",
+           "DatasetSpec", "FileSpec", "NORMALIZATIONS", "channel_stats", "normalize", "random_crop_flip",
+           "random_resized_crop", "two_views"]

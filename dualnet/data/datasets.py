@@ -25,6 +25,7 @@ even unverified.
 first 1,437 images are the training set, the last 360 the test set (a fixed, writer-ordered split).
 """
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,10 +80,11 @@ def load(name, data_dir=None, download=True, *, verify=True, cache=None, system_
          registry=None):
     """Load dataset ``name`` (see the module docstring for lookup, download and verification).
 
-    Arguments: ``data_dir`` an explicit directory searched first; ``download`` allow fetching missing
-    files (also disabled by ``$DUALNET_OFFLINE=1``); ``verify`` check digests; ``cache`` override the
-    cache directory; ``system_dirs`` override the list of system directories; ``fetch(url, path)``
-    replace the downloader; ``registry`` a ``{name: DatasetSpec}`` table replacing the built-in one.
+    Arguments: ``data_dir`` an explicit directory searched first (a warning if it does not exist);
+    ``download`` allow fetching missing files (also disabled by ``$DUALNET_OFFLINE=1``); ``verify``
+    check digests; ``cache`` override the cache directory; ``system_dirs`` override the list of system
+    directories; ``fetch(url, path)`` replace the downloader; ``registry`` a ``{name: DatasetSpec}``
+    table replacing the built-in one.
     Returns a ``Dataset``.  Raises ``DatasetNotFound`` (``DownloadError`` if fetching failed),
     ``CorruptFile`` / ``ChecksumMismatch`` for bad files, ``ValueError`` for an unknown name.
     """
@@ -91,6 +93,9 @@ def load(name, data_dir=None, download=True, *, verify=True, cache=None, system_
     if key == "digits":
         return load_digits()
     spec = registry[key]
+    if data_dir is not None and not os.path.isdir(data_dir):
+        warnings.warn(f"load({name!r}): data_dir {os.fspath(data_dir)!r} is not a directory; searching the other "
+                      f"places", stacklevel=2)
     roots = search_roots(data_dir, cache, system_dirs)
     partials = []
     for root in roots:
@@ -187,7 +192,7 @@ def not_found_message(spec, roots, partials, reason, cache_root):
     for directory, missing in partials:
         lines.append(f"  ! {directory} has only part of the set; missing: {', '.join(missing)}")
     lines.append("To fix it, do one of:")
-    lines.append(f"  1. put these files in one directory (sums in dualnet/data/registry.py):")
+    lines.append("  1. put these files in one directory (sums in dualnet/data/registry.py):")
     for file_spec in spec.files.values():
         size = f"{file_spec.size:,} bytes" if file_spec.size else "size unknown"
         plain = " (or gunzip-ed)" if file_spec.content_sha256 else ""

@@ -48,6 +48,15 @@ def test_lookup_order_data_dir_env_cache_system(tmp_path, monkeypatch, builders)
             options["cache"] = tmp_path / "empty-cache"
 
 
+def test_missing_data_dir_warns_and_search_continues(tmp_path, builders):
+    arrays = builders.toy_arrays(17)
+    builders.write_idx_set(tmp_path / "system" / "toy", arrays)
+    with pytest.warns(UserWarning, match="is not a directory"):
+        dataset = load("toy", data_dir=tmp_path / "typo", system_dirs=[tmp_path / "system"], fetch=_no_fetch,
+                       registry={"toy": builders.toy_spec(arrays)})
+    assert dataset.source.startswith("system: ")
+
+
 def test_env_may_list_several_directories(tmp_path, monkeypatch, builders):
     arrays = builders.toy_arrays(3)
     builders.write_idx_set(tmp_path / "second", arrays)
@@ -207,6 +216,7 @@ def test_downloads_disabled_raise_not_found_without_fetching(monkeypatch, builde
 
 def test_not_found_message_lists_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("DUALNET_DATA", str(tmp_path / "shared-data"))
+    (tmp_path / "mine").mkdir()
     with pytest.raises(DatasetNotFound) as info:
         load("fashion_mnist", data_dir=tmp_path / "mine", download=False, system_dirs=[tmp_path / "sys"])
     message = str(info.value)
