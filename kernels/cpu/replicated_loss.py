@@ -8,17 +8,19 @@ Two loops, each held to its NumPy reference in ``dualnet.losses``:
 * ``replica_cotangent``: ``x̄[n,p,g,:] = scale·c[n,p,g]·u[n,g,:]`` — the vjp scatter
   (reference ``replica_cotangent_reference``).
 
-float32 and float64 (sums accumulate in float64); any strides, including the stride-0 views
-that broadcasting produces.  Numba compiles each signature on first call and caches it on disk.
+float32 and float64, computed in the arrays' dtype (the sum over c may be reassociated, which
+lets it vectorise; NaN/inf semantics are kept); any strides, including the stride-0 views that
+broadcasting produces.  Numba compiles each signature on first call and caches it on disk.
 """
 import numba
 import numpy
 
 _DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+_FASTMATH = {"reassoc", "contract"}  # reorder/fuse the dot products; no finite-math assumptions
 
 
-@numba.njit(parallel=True, cache=True)
-def _tangent_rows(x_tangent, u, head, has_head, scale, out, accumulate):
+@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _tangent_rows(x_tangent, u, head, has_head, scale, zero, out, accumulate):
     directions, n_examples, patches, groups, channels = x_tangent.shape
     head_directions = head.shape[0]
     for row in numba.prange(directions * n_examples * patches):
@@ -27,7 +29,7 @@ def _tangent_rows(x_tangent, u, head, has_head, scale, out, accumulate):
         p = row % patches
         hk = k if head_directions > 1 else 0
         for g in range(groups):
-            total = 0.0
+            total = zero
             for c in range(channels):
                 total += x_tangent[k, n, p, g, c] * u[n, g, c]
             value = scale * total
@@ -39,7 +41,7 @@ def _tangent_rows(x_tangent, u, head, has_head, scale, out, accumulate):
                 out[k, n, p, g] = value
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def _cotangent_rows(cotangent, u, scale, out):
     n_examples, patches, groups = cotangent.shape
     channels = u.shape[2]
@@ -84,7 +86,7 @@ def replica_tangent(x_tangent, u, scale, head=None, out=None):
                f"out must be {result_shape} of {dtype}, got {out.shape} of {out.dtype}")
     else:
         out = numpy.empty(result_shape, dtype)
-    _tangent_rows(x_tangent, u, head_array, head is not None, float(scale), out, accumulate)
+    _tangent_rows(x_tangent, u, head_array, head is not None, dtype.type(scale), dtype.type(0), out, accumulate)
     return out
 
 
@@ -97,5 +99,5 @@ def replica_cotangent(cotangent, u, scale):
                                                                                        cotangent.shape[2]),
            f"cotangent [N, P, G] and u [N, G, c] disagree: {cotangent.shape} and {u.shape}")
     out = numpy.empty(cotangent.shape + (u.shape[2],), dtype)
-    _cotangent_rows(cotangent, u, float(scale), out)
+    _cotangent_rows(cotangent, u, dtype.type(scale), out)
     return out

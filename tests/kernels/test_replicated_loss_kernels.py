@@ -1,8 +1,8 @@
 """Replicated-loss kernels (Numba, CUDA) against their NumPy references in ``dualnet.losses``.
 
-Tolerances: float64 to 1e-12 (same sums, different order); float32 to rtol 1e-5 / atol 1e-5
-relative to values of order sqrt(c) (the Numba kernel accumulates in float64, the reference
-einsum in float32).  CUDA tests skip without a usable GPU.
+Tolerances: float64 to 1e-12 (same sums, different order); float32 to rtol 1e-5 / atol 3e-5
+for values of order sqrt(c) ≤ 6 (kernel and reference both sum in float32, in different
+orders).  CUDA tests skip without a usable GPU.
 """
 import shutil
 import subprocess
@@ -17,7 +17,7 @@ from dualnet import backend, losses
 from dualnet.kernels.cpu import replicated_loss as cpu
 from dualnet.kernels.cuda import replicated_loss as cuda
 
-TOLERANCE = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=1e-5, atol=1e-5)}
+TOLERANCE = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=1e-5, atol=3e-5)}
 shapes = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 5), st.integers(1, 5), st.integers(1, 37))
 
 
