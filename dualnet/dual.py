@@ -135,6 +135,29 @@ def _as_float_array(value):
     return array if given_array else backend.xp.asarray(array)
 
 
+def _array(out):
+    """Full reductions return NumPy scalars; keep every value an array."""
+    return numpy.asarray(out) if isinstance(out, numpy.generic) else out
+
+
+def _value_and_tangent(primitive, values, tangents, params):
+    """The value and the (K,)-leading output tangent (or None) of one application."""
+    joint = primitive.value_and_jvp(tangents, *values, **params) if primitive.value_and_jvp else None
+    if joint is not None:
+        out, out_tangent = joint
+    else:
+        out = _array(primitive.value(*values, **params))
+        out_tangent = primitive.jvp(tangents, out, values, params)
+    if out_tangent is not None:
+        if out_tangent.shape[1:] != out.shape:
+            raise ValueError(
+                f"{primitive.name}: jvp produced tangent shape {out_tangent.shape} for value shape "
+                f"{out.shape}; expected (K,) + {out.shape}")
+        if out_tangent.dtype != out.dtype and out.dtype.kind == "f":  # e.g. float32 tangent, float64 value
+            out_tangent = out_tangent.astype(out.dtype)
+    return out, out_tangent
+
+
 def bind(primitive, args, params):
     """Apply ``primitive`` to ``args`` (Duals, arrays or Python scalars) in forward mode.
 
@@ -163,23 +186,14 @@ def bind(primitive, args, params):
             parents.append(None)
     if len(directions) > 1:
         raise ValueError(f"{primitive.name}: inputs carry different numbers of directions K: {sorted(directions)}")
-    out = primitive.value(*values, **params)
-    if isinstance(out, numpy.generic):  # full reductions return NumPy scalars
-        out = numpy.asarray(out)
     if not any_dual:
-        return out
-    out_tangent = None
+        return _array(primitive.value(*values, **params))
     if any(t is not None for t in tangents):
-        out_tangent = primitive.jvp(tangents, out, values, params)
-        if out_tangent is not None:
-            if out_tangent.shape[1:] != out.shape:
-                raise ValueError(
-                    f"{primitive.name}: jvp produced tangent shape {out_tangent.shape} for value shape "
-                    f"{out.shape}; expected (K,) + {out.shape}")
-            if out_tangent.dtype != out.dtype and out.dtype.kind == "f":  # e.g. float32 tangent, float64 value
-                out_tangent = out_tangent.astype(out.dtype)
-            if not directions:
-                out_tangent = out_tangent[0]
+        out, out_tangent = _value_and_tangent(primitive, values, tangents, params)
+        if out_tangent is not None and not directions:
+            out_tangent = out_tangent[0]  # single-direction inputs give a single-direction output
+    else:
+        out, out_tangent = _array(primitive.value(*values, **params)), None
     node = Node(primitive, parents, values, params, out) if any_node else None
     return Dual._make(out, out_tangent, node)
 

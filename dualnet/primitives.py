@@ -28,11 +28,18 @@ ns = backend.namespace
 
 
 class Primitive:
-    """A named op: ``Primitive(name, value, jvp=None, vjp=None)``; calling it applies it."""
+    """A named op: ``Primitive(name, value, jvp=None, vjp=None)``; calling it applies it.
 
-    def __init__(self, name, value, jvp=None, vjp=None, broadcasting=False):
+    ``broadcasting=True`` (elementwise ops) broadcasts Dual operands before the rules see them.
+    ``value_and_jvp`` (optional) computes value and output tangent together when that is
+    cheaper, e.g. one GEMM for the value rows and the tangent rows:
+    ``value_and_jvp(tangents, *args, **params) -> (out, out_tangent)``, or ``None`` to fall
+    back to ``value`` + ``jvp`` for these arguments.
+    """
+
+    def __init__(self, name, value, jvp=None, vjp=None, broadcasting=False, value_and_jvp=None):
         self.name, self.value, self.jvp_rule, self.vjp_rule = name, value, jvp, vjp
-        self.broadcasting = broadcasting
+        self.broadcasting, self.value_and_jvp = broadcasting, value_and_jvp
 
     def __call__(self, *args, **params):
         if self.broadcasting:
@@ -196,8 +203,13 @@ tanh = Primitive("tanh", lambda x: ns(x).tanh(x),
 sigmoid = Primitive("sigmoid", lambda x: 0.5 * (ns(x).tanh(0.5 * x) + 1),
                     jvp=(lambda t, out, x: t * (out * (1 - out)),),
                     vjp=(lambda g, out, x: g * (out * (1 - out)),))
+def _positive(x):
+    """1.0 where x > 0 else 0.0, in x's dtype (a float mask multiplies faster than a bool one)."""
+    return (x > 0).astype(x.dtype)
+
+
 relu = Primitive("relu", lambda x: ns(x).maximum(x, 0),
-                 jvp=(lambda t, out, x: t * (x > 0),), vjp=(lambda g, out, x: g * (x > 0),))
+                 jvp=(lambda t, out, x: t * _positive(x),), vjp=(lambda g, out, x: g * _positive(x),))
 abs = Primitive("abs", lambda x: ns(x).abs(x),
                 jvp=(lambda t, out, x: t * ns(x).sign(x),), vjp=(lambda g, out, x: g * ns(x).sign(x),))
 
@@ -221,13 +233,13 @@ where = Primitive("where", lambda c, x, y: ns(x, y).where(c, x, y),
                   vjp=(None, lambda g, out, c, x, y: ns(g).where(c, g, 0), lambda g, out, c, x, y: ns(g).where(c, 0, g)),
                 broadcasting=True)
 def _inside(x, lo, hi):
-    """1 where ``lo <= x <= hi`` (a bound of ``None`` is absent), else 0."""
+    """1.0 where ``lo <= x <= hi`` (a bound of ``None`` is absent), else 0.0, in x's dtype."""
     inside = ns(x).ones(x.shape, bool)
     if lo is not None:
         inside &= x >= lo
     if hi is not None:
         inside &= x <= hi
-    return inside
+    return inside.astype(x.dtype)
 
 
 clip = Primitive("clip", lambda x, lo, hi: ns(x).clip(x, lo, hi),  # bounds are constants (or None)
@@ -301,16 +313,45 @@ def _mT(a):
 
 
 def _matmul_jvp_left(t, out, x, w):
+    """ẋ @ w for ẋ of shape (K,) + x.shape."""
     if w.ndim == 2:  # one GEMM over all directions and rows
         return (t.reshape(-1, t.shape[-1]) @ w).reshape(t.shape[:-1] + (w.shape[-1],))
     return lift(t, out.ndim) @ w
 
 
+def _matmul_jvp_right(t, out, x, w):
+    """x @ ẇ for ẇ of shape (K,) + w.shape (batched over K by matmul broadcasting)."""
+    return x @ lift(t, out.ndim)
+
+
+def _matmul_value_and_jvp(tangents, x, w):
+    """Value rows and tangent rows of x in one GEMM: [x; ẋ_1; ...; ẋ_K] @ w, then + x @ ẇ.
+
+    Applies when x carries a tangent and w is a matrix; returns None otherwise (the plain
+    value + jvp path is used).
+    """
+    tangent_x, tangent_w = tangents
+    if tangent_x is None or w.ndim != 2 or x.ndim < 2:
+        return None
+    module = ns(x, w)
+    rows = module.concatenate([x[None], tangent_x]).reshape(-1, x.shape[-1]) @ w
+    rows = rows.reshape((len(tangent_x) + 1,) + x.shape[:-1] + (w.shape[-1],))
+    out, tangent = rows[0], rows[1:]
+    if tangent_w is not None:
+        right = _matmul_jvp_right(tangent_w, out, x, w)
+        if right.shape == tangent.shape:
+            tangent += right  # the rows buffer is ours: accumulate in place
+        else:  # a single direction on one operand, K on the other
+            tangent = tangent + right
+    return out, tangent
+
+
 _matmul = Primitive(  # operands of >= 2 dims; dualnet.matmul promotes 1-D operands
     "matmul", lambda x, w: x @ w,
-    jvp=(_matmul_jvp_left, lambda t, out, x, w: x @ lift(t, out.ndim)),
+    jvp=(_matmul_jvp_left, _matmul_jvp_right),
     vjp=(lambda g, out, x, w: unbroadcast(g @ _mT(w), x.shape),
-         lambda g, out, x, w: unbroadcast(_mT(x) @ g, w.shape)))
+         lambda g, out, x, w: unbroadcast(_mT(x) @ g, w.shape)),
+    value_and_jvp=_matmul_value_and_jvp)
 
 
 def _einsum_parse(spec, *shapes):
