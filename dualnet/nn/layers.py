@@ -3,7 +3,7 @@
 Every function here is composed from primitives (so forward mode, K directions and reverse
 mode come for free) except the fused ops it calls (``grouped_linear``, ``layer_norm``).
 """
-from .. import autodiff
+from .. import autodiff, fused
 from .. import primitives as P
 from ..dual import Dual
 from ..primitives import Primitive
@@ -21,8 +21,7 @@ def linear(x, weight, bias=None):
 
 def grouped(x, weight, bias=None):
     """Grouped linear: x [..., G, c_in], W [G, c_in, c_out], b [G, c_out] -> [..., G, c_out]."""
-    from ..fused import grouped_linear
-    return grouped_linear(x, weight, bias)
+    return fused.grouped_linear(x, weight, bias)
 
 
 def token_mixing(x, weight, bias=None):
@@ -31,10 +30,20 @@ def token_mixing(x, weight, bias=None):
     return z if bias is None else z + P.reshape(bias, (-1, 1))
 
 
+# Parameter pullbacks of the layers linear in their parameters: (x, delta) -> [W̄, b̄], the
+# ``xᵀδ`` of FG-A/DFA without re-running the layer's forward pass (arrays only).
+linear.param_pullback = lambda x, delta: [
+    x.reshape(-1, x.shape[-1]).T @ delta.reshape(-1, delta.shape[-1]), delta.reshape(-1, delta.shape[-1]).sum(axis=0)]
+grouped.param_pullback = lambda x, delta: [  # W̄[g] = Σ_rows x_gᵀ δ_g as one batched GEMM over G
+    x.reshape((-1,) + x.shape[-2:]).transpose(1, 2, 0) @ delta.reshape((-1,) + delta.shape[-2:]).transpose(1, 0, 2),
+    delta.reshape((-1,) + delta.shape[-2:]).sum(axis=0)]
+token_mixing.param_pullback = lambda x, delta: [
+    (delta @ x.transpose(0, 2, 1)).sum(axis=0), delta.sum(axis=(0, 2))]
+
+
 def layer_norm(x, eps=1e-5):
     """LayerNorm over the last axis without affine parameters (Ren's local LN)."""
-    from ..fused import layer_norm as fused_layer_norm
-    return fused_layer_norm(x, eps=eps)
+    return fused.layer_norm(x, eps=eps)
 
 
 def batch_norm(x, gamma, beta, running, train, momentum=0.1, eps=1e-5):

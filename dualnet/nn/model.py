@@ -161,7 +161,7 @@ class Model:
         a, u_post = ctx.inject(k, name, "post", a)
         ctx.points.append(Point(
             block=k, name=name, h=value_of(h), mask=value_of(pre_activation) > 0,
-            weight_grads=_weight_grads(fn, normalize, value_of(x), [value_of(w) for w in weights],
+            weight_grads=_weight_grads(fn, normalize, value_of(x), value_of(z), [value_of(w) for w in weights],
                                        [value_of(w) for w in norm_weights], list(param_names),
                                        list(norm_param_names)),
             replica=replica, post=value_of(a), u_pre=u_pre, u_post=u_post))
@@ -182,20 +182,26 @@ class Model:
         raise NotImplementedError
 
 
-def _weight_grads(fn, normalize, x, weights, norm_weights, names, norm_names):
+def _weight_grads(fn, normalize, x, z, weights, norm_weights, names, norm_names):
     """``weight_grads(delta, through_norm=True)``: parameter cotangents of this layer alone.
 
-    ``delta`` is a cotangent at the normalised pre-activation h [N, ...].  Through the norm,
-    it is pulled back by the norm's exact Jacobian transpose to z and gives the linear map's
-    ``xᵀδ`` (and the norm's own parameters their share); with ``through_norm=False`` (FG-A's
-    "NG" option) ``delta`` is used at z directly.  One reverse pass through this layer only.
+    ``delta`` is a cotangent at the normalised pre-activation h [N, ...].  Through the norm, it
+    is pulled back by the norm's exact Jacobian transpose to z (the norm's own parameters get
+    their share); with ``through_norm=False`` (FG-A's "NG" option) it is used at z directly.
+    Then the linear map's ``xᵀδ`` — from ``fn.param_pullback`` when the layer has one, else by
+    one reverse pass through this layer only.
     """
-    count = len(weights)
-
     def weight_grads(delta, through_norm=True):
-        if normalize is None or not through_norm:
+        grads = {}
+        if normalize is not None and through_norm:
+            _, back = autodiff.vjp(normalize, z, *norm_weights)
+            delta, *norm_grads = back(delta)
+            grads.update(zip(norm_names, norm_grads))
+        pullback = getattr(fn, "param_pullback", None)
+        if pullback is not None and len(weights) == 2:
+            grads.update(zip(names, pullback(x, delta)))
+        else:
             _, back = autodiff.vjp(lambda *w: fn(x, *w), *weights)
-            return dict(zip(names, back(delta)))
-        _, back = autodiff.vjp(lambda *w: normalize(fn(x, *w[:count]), *w[count:]), *weights, *norm_weights)
-        return dict(zip(names + norm_names, back(delta)))
+            grads.update(zip(names, back(delta)))
+        return grads
     return weight_grads
