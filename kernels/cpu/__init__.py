@@ -1,1 +1,59 @@
-"""(filled in by later work)"""
+"""Numba kernels for the CPU, one module per fused op, loaded on demand.
+
+Importing this package imports neither Numba nor any kernel: ``load(name)`` imports the module
+``dualnet.kernels.cpu.<name>`` the first time it is asked for, and Numba compiles a kernel on its
+first call (``cache=True`` keeps the machine code on disk for the next process).  ``warm_up()``
+triggers those compilations up front.
+
+Contract of a kernel module: its public functions have exactly the signature and the return
+shapes of the NumPy reference they replace (the references live in ``dualnet``; tests hold each
+kernel to its reference), accept arrays of any layout and float32/float64 dtype, and provide
+``warm_up(dtype)``.  Adding a module is one line in ``MODULES``.
+"""
+import contextlib
+import importlib
+import importlib.util
+
+MODULES = (
+    "layer_norm",        # local layer norm: value + K tangents in one pass, Jacobian product (pull-back)
+    "grouped_linear",    # epilogue after the grouped GEMMs: bias, layout, LN, shift, ReLU; value + K tangents
+)
+
+PARALLEL_MIN_ELEMENTS = 1 << 16
+"""Below this many elements a kernel runs on one thread: waking the thread pool costs more than it
+saves, and on a loaded machine a parallel region can wait a whole scheduler slice for a worker."""
+
+
+def available():
+    """True when Numba can be imported (checked without importing it)."""
+    return importlib.util.find_spec("numba") is not None
+
+
+def load(name):
+    """The kernel module ``dualnet.kernels.cpu.<name>`` (imports Numba on first use)."""
+    if name not in MODULES:
+        raise ValueError(f"kernels.cpu: unknown kernel module {name!r}; known: {MODULES}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+@contextlib.contextmanager
+def threads_for(elements):
+    """Run the enclosed kernel call on one thread when ``elements`` is small, else on all."""
+    if elements >= PARALLEL_MIN_ELEMENTS:
+        yield
+        return
+    import numba
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
+def warm_up(names=MODULES, dtypes=("float32", "float64")):
+    """Compile (or load from Numba's cache) every kernel of ``names`` for ``dtypes`` now."""
+    for name in names:
+        module = load(name)
+        for dtype in dtypes:
+            module.warm_up(dtype)

@@ -1,1 +1,59 @@
-"""(filled in by later work)"""
+"""CUDA kernels for CuPy arrays: ``<name>.cu`` sources with a Python launcher module ``<name>.py``.
+
+Nothing here imports CuPy or compiles at import time.  ``load(name)`` imports the launcher module
+``dualnet.kernels.cuda.<name>``; a launcher gets its compiled kernels from ``function(name,
+kernel, dtype)``, which builds ``<name>.cu`` once per process with ``cupy.RawModule`` (NVRTC;
+CuPy also caches the binary on disk).  Sources are self-contained (no headers) and define
+``extern "C"`` kernels in float and double variants named ``<kernel>_f32`` / ``<kernel>_f64``.
+Launchers have exactly the signature and results of the CPU kernels and of the references in
+``dualnet`` they replace.  Adding a kernel module is one line in ``MODULES``.
+"""
+import functools
+import importlib
+import pathlib
+
+import numpy
+
+MODULES = (
+    "layer_norm",        # local layer norm: value + K tangents in one pass, Jacobian product (pull-back)
+    "grouped_linear",    # epilogue after the grouped cuBLAS GEMMs: bias, layout, LN, shift, ReLU
+)
+SOURCE_DIR = pathlib.Path(__file__).parent
+OPTIONS = ("--std=c++14",)
+"""NVRTC options used for every source (the architecture is chosen by CuPy for the device)."""
+WARPS_PER_BLOCK = 8
+
+_SUFFIX = {numpy.dtype(numpy.float32): "f32", numpy.dtype(numpy.float64): "f64"}
+
+
+def source(name):
+    """The CUDA source text of ``<name>.cu``."""
+    return (SOURCE_DIR / f"{name}.cu").read_text()
+
+
+@functools.lru_cache(maxsize=None)
+def raw_module(name):
+    """``<name>.cu`` compiled by CuPy (once per process)."""
+    import cupy
+    return cupy.RawModule(code=source(name), options=OPTIONS)
+
+
+def function(name, kernel, dtype):
+    """The compiled kernel ``<kernel>_f32`` or ``<kernel>_f64`` of ``<name>.cu`` for ``dtype``."""
+    dtype = numpy.dtype(dtype)
+    if dtype not in _SUFFIX:
+        raise ValueError(f"kernels.cuda.{name}.{kernel}: needs float32 or float64, got {dtype}")
+    return raw_module(name).get_function(f"{kernel}_{_SUFFIX[dtype]}")
+
+
+def warp_grid(items):
+    """``(grid, block)`` for kernels that give one warp to each of ``items`` (grid-stride safe)."""
+    blocks = max(1, min((items + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK, 1 << 20))
+    return (blocks,), (32 * WARPS_PER_BLOCK,)
+
+
+def load(name):
+    """The launcher module ``dualnet.kernels.cuda.<name>`` (imports CuPy lazily on first launch)."""
+    if name not in MODULES:
+        raise ValueError(f"kernels.cuda: unknown kernel module {name!r}; known: {MODULES}")
+    return importlib.import_module(f"{__name__}.{name}")

@@ -1,0 +1,33 @@
+"""CuPy launcher of ``grouped_linear.cu``: the epilogue after the grouped cuBLAS GEMMs.
+
+Same contract as ``dualnet.fused.reference_normalize_epilogue`` (and the Numba kernel), for CuPy
+arrays of float32 or float64: bias, layout [G, M, c] -> [M, G, c], local LN, shift and ReLU for
+the value and K tangents in one pass.
+"""
+import numpy
+
+from . import function, warp_grid
+
+
+def normalize_epilogue(value, tangent, bias, bias_tangent, shift, shift_tangent, eps, relu, directions):
+    """value [G, M, c]; tangent [G, K, M, c]; bias [G, c]; bias_tangent [K, G, c]; shift [M, G, c];
+    shift_tangent [K, M, G, c] (each may be None); ``directions`` = K (0: no tangent).
+    Returns (out [M, G, c], out_tangent [K, M, G, c] or None, sigma [M, G, 1])."""
+    import cupy
+    dtype = value.dtype
+    groups, rows, width = value.shape
+    placeholder = cupy.zeros(1, dtype)
+
+    def operand(array):
+        return placeholder if array is None else cupy.ascontiguousarray(array, dtype=dtype)
+    out = cupy.empty((rows, groups, width), dtype)
+    out_tangent = cupy.empty((max(directions, 1), rows, groups, width), dtype)
+    sigma = cupy.empty((rows, groups, 1), dtype)
+    present = [numpy.int32(a is not None) for a in (tangent, bias, bias_tangent, shift, shift_tangent)]
+    grid, block = warp_grid(rows * groups)
+    function("grouped_linear", "normalize_epilogue", dtype)(
+        grid, block,
+        (cupy.ascontiguousarray(value), operand(tangent), operand(bias), operand(bias_tangent), operand(shift),
+         operand(shift_tangent), numpy.int64(groups), numpy.int64(rows), numpy.int64(width),
+         numpy.int64(directions), *present, numpy.int32(bool(relu)), dtype.type(eps), out, out_tangent, sigma))
+    return out, (out_tangent if directions else None), sigma
