@@ -356,9 +356,12 @@ _matmul = Primitive(  # operands of >= 2 dims; dualnet.matmul promotes 1-D opera
 
 def _einsum_parse(spec, *shapes):
     """Expand ``...`` and return (input index strings, output index string)."""
-    if "->" not in spec:
-        raise ValueError(f"einsum: spec {spec!r} must name its output explicitly with '->'")
-    lhs, rhs = spec.replace(" ", "").split("->")
+    spec = spec.replace(" ", "")
+    if "->" not in spec:  # NumPy's implicit output: '...' then the labels seen once, sorted
+        labels = spec.replace(",", "").replace("...", "")
+        once = "".join(sorted(c for c in set(labels) if labels.count(c) == 1))
+        spec = f"{spec}->{'...' * ('...' in spec)}{once}"
+    lhs, rhs = spec.split("->")
     inputs = lhs.split(",")
     if len(inputs) != len(shapes):
         raise ValueError(f"einsum: spec {spec!r} names {len(inputs)} operands, got {len(shapes)}")

@@ -34,6 +34,8 @@ from dualnet.primitives import TABLE
 ELSEWHERE = {
     "grouped_linear": "tests/test_fused.py",
     "layer_norm": "tests/test_fused.py",
+    "layer_norm_relu": "tests/test_fused.py",
+    "grouped_linear_layer_norm": "tests/test_fused.py",
     "replicated_cross_entropy": "tests/test_losses.py",
     "replicated_info_nce": "tests/test_losses.py",
     "conv2d": "tests/test_conv.py",
@@ -198,7 +200,8 @@ def _matmul(draw):
 EINSUMS = [("ij,jk->ik", (3, 4), (4, 2)), ("...ij,...jk->...ik", (2, 3, 4), (4, 2)),
            ("...ij,...jk->...ik", (2, 1, 3, 4), (5, 4, 2)), ("bij,bjk->bik", (2, 3, 4), (2, 4, 3)),
            ("i,i->", (5,), (5,)), ("ij,ij->i", (3, 4), (3, 4)), ("ij,k->ijk", (2, 3), (4,)),
-           ("ij,jk->ki", (3, 4), (4, 2)), ("ij,k->i", (3, 4), (5,)), ("i...,i->...", (3, 2, 2), (3,))]
+           ("ij,jk->ki", (3, 4), (4, 2)), ("ij,k->i", (3, 4), (5,)), ("i...,i->...", (3, 2, 2), (3,)),
+           ("ij,jk", (3, 4), (4, 2))]
 
 
 def _einsum(draw):
@@ -474,3 +477,111 @@ def test_plain_arrays_give_plain_arrays(name, data):
     out = fn(*inputs)
     assert not isinstance(out, Dual)
     assert isinstance(out, np.ndarray)
+
+
+# ---------------------------------------------------------------------------------------
+# rough spots, checked against explicit references
+# ---------------------------------------------------------------------------------------
+def test_max_splits_ties_evenly(rng):
+    """d max / dx is 1/count on each tied maximum, in both modes and with K directions."""
+    x = np.array([[1.0, 3.0, 3.0], [2.0, 2.0, 2.0]])
+    tangents = rng.standard_normal((4,) + x.shape)
+    _, full = dn.jvp(lambda a: dn.max(a), [x], [tangents])
+    np.testing.assert_allclose(full, (tangents[:, 0, 1] + tangents[:, 0, 2]) / 2, rtol=1e-15)
+    _, rows = dn.jvp(lambda a: dn.max(a, axis=1), [x], [tangents])
+    np.testing.assert_allclose(rows, np.stack([tangents[:, 0, 1:].mean(-1), tangents[:, 1].mean(-1)], -1),
+                               rtol=1e-15)
+    np.testing.assert_array_equal(dn.grad(lambda a: dn.max(a, axis=1).sum())(x),
+                                  [[0, 0.5, 0.5], [1 / 3, 1 / 3, 1 / 3]])
+
+
+@pytest.mark.parametrize("index", [
+    (slice(None, None, -1), 1), (Ellipsis, None, 1), (None, Ellipsis), (1, Ellipsis, slice(0, 2)),
+    np.array([0, 2, 2, 1]), [1, 1], (slice(None), np.array([3, 0])), (np.array([0, 1]), slice(None), np.array([1, 0])),
+    np.array([[0, 1], [2, 2]]), "value_mask", "row_mask", (Ellipsis, np.array([True, False, True, True, False])),
+], ids=str)
+def test_getitem_with_k_directions_indexes_each_direction(index, rng):
+    """Indexing is linear: tangent[k] = t[k][index] for every NumPy index kind, K = 3."""
+    x = rng.standard_normal((3, 4, 5))
+    if isinstance(index, str):
+        index = x > 0 if index == "value_mask" else np.array([True, False, True])
+    tangents = rng.standard_normal((3,) + x.shape)
+    out = dn.getitem(Dual(x, tangents), index)
+    np.testing.assert_array_equal(out.value, x[index])
+    np.testing.assert_array_equal(out.tangent, np.stack([t[index] for t in tangents]))
+    cotangent = rng.standard_normal(out.shape)
+    expected = np.zeros_like(x)
+    np.add.at(expected, index, cotangent)
+    np.testing.assert_array_equal(dn.vjp(lambda a: dn.getitem(a, index), x)[1](cotangent)[0], expected)
+
+
+@pytest.mark.parametrize("spec, shape_x, shape_y", [
+    ("...ij,...jk->...ik", (2, 1, 3, 4), (5, 4, 2)), ("...i,...i->...", (3, 4), (2, 1, 4)),
+    ("i...,i->...", (3, 2, 2), (3,)), ("ij,jk", (3, 4), (4, 2))])
+def test_einsum_ellipsis_and_implicit_output_follow_numpy(spec, shape_x, shape_y, rng):
+    """Bilinear: (x, y)' = einsum(ẋ, y) + einsum(x, ẏ), with NumPy's ellipsis broadcasting."""
+    x, y = rng.standard_normal(shape_x), rng.standard_normal(shape_y)
+    tx, ty = rng.standard_normal((2,) + shape_x), rng.standard_normal((2,) + shape_y)
+    out = dn.einsum(spec, Dual(x, tx), Dual(y, ty))
+    np.testing.assert_allclose(out.value, np.einsum(spec, x, y), rtol=1e-13)
+    expected = np.stack([np.einsum(spec, a, y) + np.einsum(spec, x, b) for a, b in zip(tx, ty)])
+    np.testing.assert_allclose(out.tangent, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_einsum_reverse_mode_of_a_trace_names_op_and_mode(rng):
+    x, y = rng.standard_normal((3, 3)), rng.standard_normal(3)
+    _, pullback = dn.vjp(lambda a: dn.einsum("ii,i->i", a, y), x)
+    with pytest.raises(NotImplementedError, match="einsum.*reverse mode"):
+        pullback(np.ones(3))
+
+
+@pytest.mark.parametrize("shape_x, shape_y", MATMUL_SHAPES)
+def test_matmul_promotes_and_broadcasts_like_numpy(shape_x, shape_y, rng):
+    x, y = rng.standard_normal(shape_x), rng.standard_normal(shape_y)
+    tx, ty = rng.standard_normal((3,) + shape_x), rng.standard_normal((3,) + shape_y)
+    out = dn.matmul(Dual(x, tx), Dual(y, ty))
+    assert out.shape == np.matmul(x, y).shape and out.tangent.shape == (3,) + out.shape
+    np.testing.assert_allclose(out.value, x @ y, rtol=1e-13)
+    np.testing.assert_allclose(out.tangent, np.stack([a @ y + x @ b for a, b in zip(tx, ty)]), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"matmul.*\(4, 3\).*\(2, 3\)"):
+        dn.matmul(Dual(np.ones((4, 3))), np.ones((2, 3)))
+
+
+@pytest.mark.parametrize("reduce", [dn.sum, dn.mean, dn.max, dn.logsumexp])
+def test_full_reductions_give_zero_dimensional_arrays(reduce, rng):
+    """NumPy returns scalars from full reductions; dualnet keeps 0-d arrays (values and tangents)."""
+    x = rng.standard_normal((3, 2)).astype(np.float32)
+    assert type(reduce(x, axis=None)) is np.ndarray
+    out = reduce(Dual(x, np.ones_like(x)), axis=None)
+    assert type(out.value) is np.ndarray and out.shape == () and out.dtype == np.float32
+    assert out.tangent.shape == () and out.tangent.dtype == np.float32
+
+
+def test_constants_broadcast_against_duals(rng):
+    """A scalar Dual times a matrix, a row Dual plus a matrix: tangents take the output shape."""
+    matrix = rng.standard_normal((2, 3))
+    scaled = Dual(np.float64(2.0), np.array([1.0, -1.0])) * matrix  # K = 2 directions on a scalar
+    assert scaled.shape == (2, 3) and scaled.tangent.shape == (2, 2, 3)
+    np.testing.assert_array_equal(scaled.tangent, np.stack([matrix, -matrix]))
+    row = Dual(np.ones(3), np.arange(3.0))
+    shifted = matrix + row
+    np.testing.assert_array_equal(shifted.tangent, np.broadcast_to(np.arange(3.0), (2, 3)))
+    np.testing.assert_array_equal(dn.grad(lambda r: (matrix + r).sum())(np.ones(3)), [2, 2, 2])
+
+
+def test_numpy_scalars_follow_the_dual_dtype():
+    """float32 Dual (op) numpy.float64 scalar stays float32, like a Python float; arrays promote."""
+    x = Dual(np.ones(3, np.float32), np.ones(3, np.float32))
+    for out in (x * np.float64(0.5), np.float64(2.0) - x, x / np.float64(3.0), x ** np.float64(2.0),
+                dn.maximum(x, np.float64(0.0))):
+        assert out.dtype == np.float32 and out.tangent.dtype == np.float32
+    promoted = x + np.ones(3)  # NumPy rules for arrays: float64; the tangent follows the value
+    assert promoted.dtype == np.float64 and promoted.tangent.dtype == np.float64
+
+
+def test_stop_gradient_cuts_both_modes(rng):
+    x = rng.standard_normal(4)
+    out = dn.stop_gradient(Dual(x, rng.standard_normal((3, 4))))
+    assert out.tangent is None
+    np.testing.assert_array_equal(out.value, x)
+    np.testing.assert_array_equal(dn.grad(lambda a: (dn.stop_gradient(a) * a).sum())(x), x)
