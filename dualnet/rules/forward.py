@@ -29,7 +29,8 @@ def _tangent(x, k):
 
 
 def _gaussian(rng, k, shape, dtype):
-    return rng.standard_normal((k,) + tuple(shape)).astype(dtype)
+    """Standard normal draws [K, *shape] generated directly in ``dtype`` (float32 or float64)."""
+    return rng.standard_normal((k,) + tuple(shape), dtype=dtype)
 
 
 def _plan(local, **extra):
