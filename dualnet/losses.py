@@ -332,10 +332,16 @@ def _ce_value(x, W, b, labels):
     return _replicated(loss, x.shape[:3])
 
 
-def _ce_jvp(tangents, out, x, W, b, labels):
+def _ce_value_and_jvp(tangents, x, W, b, labels):
+    """Value and tangent from one forward pass (the engine's joint hook)."""
     x_tangent, W_tangent, b_tangent = tangents[:3]
-    _, view = _ce_forward(x, W, b, labels)
-    return _replicated_jvp((view,), (x_tangent,), W, W_tangent, b_tangent, x.shape[:3])
+    loss, view = _ce_forward(x, W, b, labels)
+    tangent = _replicated_jvp((view,), (x_tangent,), W, W_tangent, b_tangent, x.shape[:3])
+    return _replicated(loss, x.shape[:3]), tangent
+
+
+def _ce_jvp(tangents, out, x, W, b, labels):
+    return _ce_value_and_jvp(tangents, x, W, b, labels)[1]
 
 
 def _ce_vjp(cotangent, out, x, W, b, labels, needed):
@@ -345,7 +351,8 @@ def _ce_vjp(cotangent, out, x, W, b, labels, needed):
     return [x_grad, W_grad, b_grad, None]
 
 
-_replicated_cross_entropy = _FusedLoss("replicated_cross_entropy", _ce_value, jvp=_ce_jvp, vjp=_ce_vjp)
+_replicated_cross_entropy = _FusedLoss("replicated_cross_entropy", _ce_value, jvp=_ce_jvp, vjp=_ce_vjp,
+                                       value_and_jvp=_ce_value_and_jvp)
 TABLE[_replicated_cross_entropy.name] = _replicated_cross_entropy
 
 
@@ -419,10 +426,16 @@ def _nce_value(x1, x2, W, b, temperature):
     return _replicated(loss, x1.shape[:3])
 
 
-def _nce_jvp(tangents, out, x1, x2, W, b, temperature):
+def _nce_value_and_jvp(tangents, x1, x2, W, b, temperature):
+    """Value and tangent from one forward pass (the engine's joint hook)."""
     x1_tangent, x2_tangent, W_tangent, b_tangent = tangents
-    _, views = _nce_forward(x1, x2, W, b, temperature)
-    return _replicated_jvp(views, (x1_tangent, x2_tangent), W, W_tangent, b_tangent, x1.shape[:3])
+    loss, views = _nce_forward(x1, x2, W, b, temperature)
+    tangent = _replicated_jvp(views, (x1_tangent, x2_tangent), W, W_tangent, b_tangent, x1.shape[:3])
+    return _replicated(loss, x1.shape[:3]), tangent
+
+
+def _nce_jvp(tangents, out, x1, x2, W, b, temperature):
+    return _nce_value_and_jvp(tangents, x1, x2, W, b, temperature)[1]
 
 
 def _nce_vjp(cotangent, out, x1, x2, W, b, temperature, needed):
@@ -432,7 +445,8 @@ def _nce_vjp(cotangent, out, x1, x2, W, b, temperature, needed):
     return x_grads + [W_grad, b_grad]
 
 
-_replicated_info_nce = _FusedLoss("replicated_info_nce", _nce_value, jvp=_nce_jvp, vjp=_nce_vjp)
+_replicated_info_nce = _FusedLoss("replicated_info_nce", _nce_value, jvp=_nce_jvp, vjp=_nce_vjp,
+                                  value_and_jvp=_nce_value_and_jvp)
 TABLE[_replicated_info_nce.name] = _replicated_info_nce
 
 
