@@ -21,7 +21,7 @@ def normalize_epilogue(value, tangent, bias, bias_tangent, shift, shift_tangent,
     def operand(array):
         return placeholder if array is None else cupy.ascontiguousarray(array, dtype=dtype)
     out = cupy.empty((rows, groups, width), dtype)
-    out_tangent = cupy.empty((max(directions, 1), rows, groups, width), dtype)
+    out_tangent = cupy.empty((directions, rows, groups, width), dtype) if directions else placeholder
     sigma = cupy.empty((rows, groups, 1), dtype)
     present = [numpy.int32(a is not None) for a in (tangent, bias, bias_tangent, shift, shift_tangent)]
     grid, block = warp_grid(rows * groups)

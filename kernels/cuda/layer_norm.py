@@ -18,7 +18,7 @@ def layer_norm_forward(x, tangent, eps):
     x = cupy.ascontiguousarray(x)
     tangent_rows = cupy.zeros(1, dtype) if tangent is None else cupy.ascontiguousarray(tangent, dtype=dtype)
     y = cupy.empty(x.shape, dtype)
-    y_tangent = cupy.empty((max(directions, 1),) + x.shape, dtype)
+    y_tangent = cupy.empty((directions,) + x.shape, dtype) if directions else cupy.zeros(1, dtype)
     sigma = cupy.empty(x.shape[:-1] + (1,), dtype)
     grid, block = warp_grid(rows)
     function("layer_norm", "layer_norm_forward", dtype)(

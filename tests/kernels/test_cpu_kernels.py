@@ -1,0 +1,194 @@
+"""Numba kernels (dualnet.kernels.cpu) against their NumPy references in dualnet.fused.
+
+Tolerances: float64 rtol = atol = 1e-12; float32 rtol = atol = 1e-5 (the kernels accumulate
+statistics in float64, the references in float32).  Shapes include width 1, odd widths, no rows,
+K > 1, non-contiguous inputs, and sizes above ``PARALLEL_MIN_ELEMENTS`` (threaded path).
+"""
+import itertools
+
+import numpy as np
+import pytest
+
+import dualnet as dn
+from dualnet import fused
+from dualnet.kernels import cpu
+
+pytest.importorskip("numba")
+layer_norm_kernels = cpu.load("layer_norm")
+epilogue_kernels = cpu.load("grouped_linear")
+
+TOLERANCE = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=1e-5, atol=1e-5)}
+DTYPES = [np.float64, np.float32]
+
+
+def assert_close(actual, expected, dtype):
+    if expected is None:
+        assert actual is None
+        return
+    assert actual.shape == expected.shape and actual.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(actual, expected, **TOLERANCE[dtype])
+
+
+def strided(rng, shape, dtype):
+    """A non-contiguous array of ``shape`` (every other element of a wider array)."""
+    wide = rng.standard_normal(shape[:-1] + (2 * shape[-1],)).astype(dtype)
+    return wide[..., ::2]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, directions", [((5, 7), 1), ((2, 3, 1), 3), ((0, 4), 2), ((3, 33), 4),
+                                                ((130, 512), 2)])
+def test_layer_norm_forward_matches_reference(rng, dtype, shape, directions):
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    tangent = rng.standard_normal((directions,) + shape).astype(dtype)
+    for t in (tangent, None):
+        expected = fused.reference_layer_norm_forward(x, t, 1e-5)
+        actual = layer_norm_kernels.layer_norm_forward(x, t, 1e-5)
+        for a, e in zip(actual, expected):
+            assert_close(a, e, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, directions", [((6, 5), 1), ((2, 4, 1), 2), ((4, 3, 17), 3), ((300, 256), 1)])
+def test_layer_norm_jacobian_matches_reference(rng, dtype, shape, directions):
+    y, _, sigma = fused.reference_layer_norm_forward(rng.standard_normal(shape).astype(dtype), None, 1e-5)
+    vectors = rng.standard_normal((directions,) + shape).astype(dtype)
+    assert_close(layer_norm_kernels.layer_norm_jacobian(y, sigma, vectors),
+                 fused.reference_layer_norm_jacobian(y, sigma, vectors), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_norm_kernels_accept_non_contiguous_inputs(rng, dtype):
+    x, tangent = strided(rng, (6, 9), dtype), strided(rng, (2, 6, 9), dtype)
+    assert not x.flags.c_contiguous
+    for a, e in zip(layer_norm_kernels.layer_norm_forward(x, tangent, 1e-5),
+                    fused.reference_layer_norm_forward(x, tangent, 1e-5)):
+        assert_close(a, e, dtype)
+    y, _, sigma = fused.reference_layer_norm_forward(x, None, 1e-5)
+    vectors = rng.standard_normal((9, 6, 2)).astype(dtype).transpose(2, 1, 0)  # [2, 6, 9], transposed
+    assert_close(layer_norm_kernels.layer_norm_jacobian(y, sigma, vectors),
+                 fused.reference_layer_norm_jacobian(y, sigma, vectors), dtype)
+
+
+def epilogue_inputs(rng, dtype, groups, rows, width, directions, present):
+    """Inputs of the normalize_epilogue contract; ``present`` flags the five optional arrays."""
+    def make(*shape):
+        return (rng.standard_normal(shape) * 2).astype(dtype)
+    candidates = (make(groups, directions, rows, width), make(groups, width), make(directions, groups, width),
+                  make(rows, groups, width), make(directions, rows, groups, width))
+    tangent, bias, bias_tangent, shift, shift_tangent = (c if p else None for c, p in zip(candidates, present))
+    has_tangent = tangent is not None or bias_tangent is not None or shift_tangent is not None
+    return (make(groups, rows, width), tangent, bias, bias_tangent, shift, shift_tangent, 1e-5,
+            directions if has_tangent else 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_normalize_epilogue_every_combination_of_inputs(rng, dtype, relu):
+    for present in itertools.product([False, True], repeat=5):
+        args = epilogue_inputs(rng, dtype, 3, 5, 7, 2, present)
+        value, tangent, bias, bias_tangent, shift, shift_tangent, eps, directions = args
+        call = (value, tangent, bias, bias_tangent, shift, shift_tangent, eps, relu, directions)
+        for a, e in zip(epilogue_kernels.normalize_epilogue(*call), fused.reference_normalize_epilogue(*call)):
+            assert_close(a, e, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("groups, rows, width, directions", [(1, 1, 1, 1), (16, 130, 32, 4), (1, 300, 257, 1),
+                                                             (2, 0, 3, 1)])
+def test_normalize_epilogue_shapes(rng, dtype, groups, rows, width, directions):
+    args = epilogue_inputs(rng, dtype, groups, rows, width, directions, (True, True, False, True, True))
+    value, tangent, bias, bias_tangent, shift, shift_tangent, eps, directions = args
+    call = (value, tangent, bias, bias_tangent, shift, shift_tangent, eps, True, directions)
+    for a, e in zip(epilogue_kernels.normalize_epilogue(*call), fused.reference_normalize_epilogue(*call)):
+        assert_close(a, e, dtype)
+
+
+def test_normalize_epilogue_non_contiguous_gemm_layout(rng):
+    value = rng.standard_normal((5, 3, 4)).transpose(1, 0, 2)          # [G=3, M=5, c=4], not contiguous
+    tangent = rng.standard_normal((2, 5, 3, 4)).transpose(2, 0, 1, 3)   # [G, K, M, c]
+    call = (value, tangent, None, None, None, None, 1e-5, True, 2)
+    for a, e in zip(epilogue_kernels.normalize_epilogue(*call), fused.reference_normalize_epilogue(*call)):
+        assert_close(a, e, np.float64)
+
+
+# ---------------------------------------------------------------------------------------
+# dispatch
+# ---------------------------------------------------------------------------------------
+def test_auto_mode_dispatches_to_the_kernels(monkeypatch):
+    monkeypatch.setenv("DUALNET_KERNELS", "auto")
+    x = np.ones((2, 3), np.float32)
+    assert fused.implementation("layer_norm_forward", x) is layer_norm_kernels.layer_norm_forward
+    assert fused.implementation("layer_norm_jacobian", x) is layer_norm_kernels.layer_norm_jacobian
+    assert fused.implementation("normalize_epilogue", x) is epilogue_kernels.normalize_epilogue
+    assert fused.implementation("layer_norm_forward", x.astype(np.float16)) is fused.reference_layer_norm_forward
+    monkeypatch.setattr(cpu, "available", lambda: False)
+    assert fused.implementation("layer_norm_forward", x) is fused.reference_layer_norm_forward
+
+
+def _forbid_kernels(monkeypatch):
+    """Make every kernel raise; return the list that records attempted kernel calls."""
+    calls = []
+
+    def forbidden(name):
+        def kernel(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"kernel {name} called")
+        return kernel
+    for module, name in [(layer_norm_kernels, "layer_norm_forward"), (layer_norm_kernels, "layer_norm_jacobian"),
+                         (epilogue_kernels, "normalize_epilogue")]:
+        monkeypatch.setattr(module, name, forbidden(name))
+    return calls
+
+
+def _exercise_every_fused_op(rng):
+    x, t = rng.standard_normal((4, 2, 3)), rng.standard_normal((2, 4, 2, 3))
+    weight = rng.standard_normal((2, 3, 3))
+    fused.layer_norm(dn.Dual(x, t))
+    dn.vjp(fused.layer_norm, x)[1](x)
+    fused.layer_norm_relu(dn.Dual(x, t))
+    fused.grouped_linear_layer_norm(dn.Dual(x, t), weight, relu=True)
+    y, sigma = fused.layer_norm(x, return_sigma=True)
+    fused.layer_norm_pullback(y, sigma, x)
+
+
+def test_reference_mode_bypasses_the_kernels(monkeypatch, rng):
+    calls = _forbid_kernels(monkeypatch)
+    monkeypatch.setenv("DUALNET_KERNELS", "reference")
+    _exercise_every_fused_op(rng)
+    assert calls == []
+    monkeypatch.setenv("DUALNET_KERNELS", "auto")  # the same calls reach the (forbidden) kernels
+    with pytest.raises(AssertionError, match="kernel layer_norm_forward called"):
+        _exercise_every_fused_op(rng)
+
+
+def test_kernels_and_reference_agree_through_the_public_ops(monkeypatch, rng):
+    x, t = rng.standard_normal((8, 4, 6)).astype(np.float32), rng.standard_normal((3, 8, 4, 6)).astype(np.float32)
+    weight = rng.standard_normal((4, 6, 6)).astype(np.float32)
+    shift = dn.Dual(np.zeros((8, 4, 6), np.float32), rng.standard_normal((3, 8, 4, 6)).astype(np.float32))
+
+    def run():
+        out = fused.grouped_linear_layer_norm(dn.Dual(x, t), weight, None, shift, relu=True)
+        return out.value, out.tangent
+    monkeypatch.setenv("DUALNET_KERNELS", "reference")
+    expected = run()
+    monkeypatch.setenv("DUALNET_KERNELS", "auto")
+    for a, e in zip(run(), expected):
+        assert_close(a, e, np.float32)
+
+
+def test_small_calls_run_on_one_thread_and_restore_the_pool():
+    import numba
+    before = numba.get_num_threads()
+    with cpu.threads_for(10):
+        assert numba.get_num_threads() == 1
+    assert numba.get_num_threads() == before
+    with cpu.threads_for(cpu.PARALLEL_MIN_ELEMENTS):
+        assert numba.get_num_threads() == before
+
+
+def test_warm_up_and_registry():
+    fused.warm_up()
+    assert set(cpu.MODULES) >= {"layer_norm", "grouped_linear"}
+    with pytest.raises(ValueError, match="unknown kernel module"):
+        cpu.load("no_such_kernel")
