@@ -12,7 +12,8 @@ both through dualnet's forward and reverse mode, float32:
 
 Two passes are measured: ``jvp`` (value + tangent of every replica for K directions on x, the
 LG-FG-A use) and ``vjp`` (forward on the tape + pull-back of a uniform cotangent: x, W, b).
-Time: median over ``--repeats`` (one warm-up first).  Memory: tracemalloc's peak of what the
+Time: the minimum over ``--repeats`` (one warm-up first; the least-disturbed run on a shared
+machine).  Memory: tracemalloc's peak of what the
 pass allocates beyond its inputs (NumPy reports its buffers to tracemalloc), measured in a
 separate call of the same pass in the same process.
 
@@ -23,7 +24,7 @@ per-example); the fused pass is measured at both sizes.  L/32/64 (P=1024, G=64, 
 naive pass's memory is computed (a lower bound: the value and tangent of the replicated
 features alone), the fused pass is measured at ``--large-examples`` examples and scaled to 128.
 
-Run: ``python benchmarks/replicated_loss.py [--repeats 3]``; prints one JSON object.
+Run: ``python benchmarks/replicated_loss.py [--repeats 5]``; prints one JSON object.
 """
 import argparse
 import datetime
@@ -31,7 +32,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import time
 import tracemalloc
 
@@ -83,14 +83,14 @@ def passes(loss, problem):
     return {"jvp": jvp, "vjp": vjp}
 
 
-def median_time(fn, repeats):
+def best_time(fn, repeats):
     fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def peak_bytes(fn):
@@ -108,7 +108,7 @@ def measure(name, problem, repeats, kernels="auto"):
     """{pass: {seconds, peak_mb}} for implementation ``name`` (kernels: DUALNET_KERNELS)."""
     os.environ["DUALNET_KERNELS"] = kernels
     try:
-        return {pass_name: {"seconds": median_time(fn, repeats), "peak_mb": peak_bytes(fn) / 2 ** 20}
+        return {pass_name: {"seconds": best_time(fn, repeats), "peak_mb": peak_bytes(fn) / 2 ** 20}
                 for pass_name, fn in passes(IMPLEMENTATIONS[name], problem).items()}
     finally:
         os.environ.pop("DUALNET_KERNELS")
@@ -160,7 +160,7 @@ def compare_l_32_64(rng, repeats, large_examples):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--naive-examples", type=int, default=8, help="N at which the naive pass is measured")
     parser.add_argument("--large-examples", type=int, default=8, help="N at which L/32/64 fused is measured")
     args = parser.parse_args()

@@ -277,7 +277,8 @@ def _head_tangent(views, W_tangent, b_tangent):
 def _slice_directions(W, error, groups):
     """``u[n, g] = W_g e_n``: [N, G, c], the direction a replica's own slice is scored along."""
     n = error.shape[0]
-    return (error @ W.T).reshape(n, groups, W.shape[0] // groups)
+    W_transposed = backend.namespace(W).ascontiguousarray(W.T)  # OpenBLAS is erratic on a transposed operand
+    return (error @ W_transposed).reshape(n, groups, W.shape[0] // groups)
 
 
 def _replicated_jvp(views, x_tangents, W, W_tangent, b_tangent, shape):
