@@ -19,9 +19,10 @@ MODULES = (
     "grouped_linear",    # epilogue after the grouped GEMMs: bias, layout, LN, shift, ReLU; value + K tangents
 )
 
-PARALLEL_MIN_ELEMENTS = 1 << 16
+PARALLEL_MIN_ELEMENTS = 1 << 20
 """Below this many elements a kernel runs on one thread: waking the thread pool costs more than it
-saves, and on a loaded machine a parallel region can wait a whole scheduler slice for a worker."""
+saves, and on a loaded machine a parallel region waits a scheduler slice (measured 8-10 ms on a
+busy 2-core machine) for its worker.  ``NUMBA_NUM_THREADS=1`` makes every call single-threaded."""
 
 
 def available():

@@ -2,7 +2,7 @@
 
 Tolerances: float64 rtol = atol = 1e-12; float32 rtol = atol = 1e-5 (the kernels accumulate
 statistics in float64, the references in float32).  Shapes include width 1, odd widths, no rows,
-K > 1, non-contiguous inputs, and sizes above ``PARALLEL_MIN_ELEMENTS`` (threaded path).
+K > 1, non-contiguous inputs, and runs on all threads (``PARALLEL_MIN_ELEMENTS`` lowered to 0).
 """
 import itertools
 
@@ -102,6 +102,21 @@ def test_normalize_epilogue_shapes(rng, dtype, groups, rows, width, directions):
     call = (value, tangent, bias, bias_tangent, shift, shift_tangent, eps, True, directions)
     for a, e in zip(epilogue_kernels.normalize_epilogue(*call), fused.reference_normalize_epilogue(*call)):
         assert_close(a, e, dtype)
+
+
+def test_kernels_on_all_threads_match_reference(rng, monkeypatch):
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_ELEMENTS", 0)
+    x, tangent = rng.standard_normal((257, 33)), rng.standard_normal((3, 257, 33))
+    for a, e in zip(layer_norm_kernels.layer_norm_forward(x, tangent, 1e-5),
+                    fused.reference_layer_norm_forward(x, tangent, 1e-5)):
+        assert_close(a, e, np.float64)
+    y, _, sigma = fused.reference_layer_norm_forward(x, None, 1e-5)
+    assert_close(layer_norm_kernels.layer_norm_jacobian(y, sigma, tangent),
+                 fused.reference_layer_norm_jacobian(y, sigma, tangent), np.float64)
+    call = epilogue_inputs(rng, np.float64, 4, 65, 9, 2, (True,) * 5)
+    call = call[:7] + (True,) + call[7:]
+    for a, e in zip(epilogue_kernels.normalize_epilogue(*call), fused.reference_normalize_epilogue(*call)):
+        assert_close(a, e, np.float64)
 
 
 def test_normalize_epilogue_non_contiguous_gemm_layout(rng):
