@@ -19,8 +19,9 @@ separate call of the same pass in the same process.
 
 Sizes: M/8/16 (N=128, P=64, G=16, c=32, 10 classes, K=10).  The naive pass would need more
 than 8 GB at N=128 (its tangent alone is K·N·P·G·G·c floats), so it is measured at
-``--naive-examples`` examples and scaled linearly in N to 128 (every array it allocates is
-per-example); the fused pass is measured at both sizes.  L/32/64 (P=1024, G=64, c=32): the
+``--naive-examples`` and twice that many examples (the growth is reported) and scaled linearly
+in N from the larger to 128 (every array it allocates is per-example); the fused pass is
+measured at those sizes and at 128.  L/32/64 (P=1024, G=64, c=32): the
 naive pass's memory is computed (a lower bound: the value and tangent of the replicated
 features alone), the fused pass is measured at ``--large-examples`` examples and scaled to 128.
 
@@ -125,11 +126,13 @@ def naive_lower_bound_mb(examples, patches, groups, channels):
 
 def compare_m_8_16(rng, repeats, naive_examples):
     size = dict(M_8_16)
-    full, reduced = size["examples"], naive_examples
-    small = make_problem(rng, **dict(size, examples=reduced))
-    results = {"naive@N=%d" % reduced: measure("naive", small, repeats),
-               "fused@N=%d" % reduced: measure("fused", small, repeats)}
-    del small
+    full, reduced = size["examples"], 2 * naive_examples
+    results = {}
+    for examples in (naive_examples, reduced):  # two sizes: the scaling in N is checked, not assumed
+        small = make_problem(rng, **dict(size, examples=examples))
+        results["naive@N=%d" % examples] = measure("naive", small, repeats)
+        results["fused@N=%d" % examples] = measure("fused", small, repeats)
+        del small
     large = make_problem(rng, **size)
     results["fused@N=%d" % full] = measure("fused", large, repeats)
     results["fused_reference@N=%d" % full] = measure("fused", large, repeats, kernels="reference")
@@ -138,7 +141,10 @@ def compare_m_8_16(rng, repeats, naive_examples):
     fused_full = results["fused@N=%d" % full]
     ratios = {p: {"speedup": naive_full[p]["seconds"] / fused_full[p]["seconds"],
                   "memory_ratio": naive_full[p]["peak_mb"] / fused_full[p]["peak_mb"]} for p in ("jvp", "vjp")}
+    doubling = {p: {k: results["naive@N=%d" % reduced][p][k] / results["naive@N=%d" % naive_examples][p][k]
+                    for k in ("seconds", "peak_mb")} for p in ("jvp", "vjp")}
     return {"sizes": dict(size, classes=CLASSES, directions=DIRECTIONS), "results": results,
+            "naive_growth_when_N_doubles": doubling,
             "naive_over_fused_at_N=%d" % full: ratios,
             "naive_replicated_features_lower_bound_mb_at_N=%d" % full: naive_lower_bound_mb(**size)}
 
@@ -161,7 +167,7 @@ def compare_l_32_64(rng, repeats, large_examples):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--naive-examples", type=int, default=8, help="N at which the naive pass is measured")
+    parser.add_argument("--naive-examples", type=int, default=8, help="the naive pass is measured at this N and twice it")
     parser.add_argument("--large-examples", type=int, default=8, help="N at which L/32/64 fused is measured")
     args = parser.parse_args()
     rng = numpy.random.default_rng(0)
@@ -169,7 +175,7 @@ def main():
         "benchmark": "replicated_loss",
         "date": datetime.date.today().isoformat(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "numpy": numpy.__version__},
+                    "numpy": numpy.__version__, "load_average_at_start": os.getloadavg()},
         "dtype": "float32",
         "M/8/16": compare_m_8_16(rng, args.repeats, args.naive_examples),
         "L/32/64": compare_l_32_64(rng, args.repeats, args.large_examples),

@@ -10,10 +10,14 @@ Two loops, each held to its NumPy reference in ``dualnet.losses``:
 
 float32 and float64, computed in the arrays' dtype (the sum over c may be reassociated, which
 lets it vectorise; NaN/inf semantics are kept); any strides, including the stride-0 views that
-broadcasting produces.  Numba compiles each signature on first call and caches it on disk.
+broadcasting produces.  Numba compiles each signature on first call and caches it on disk
+(``warm_up(dtype)`` does it up front); calls on fewer than ``PARALLEL_MIN_ELEMENTS`` elements run
+on one thread (``dualnet.kernels.cpu.threads_for``).
 """
 import numba
 import numpy
+
+from . import threads_for
 
 _DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 _FASTMATH = {"reassoc", "contract"}  # reorder/fuse the dot products; no finite-math assumptions
@@ -86,7 +90,9 @@ def replica_tangent(x_tangent, u, scale, head=None, out=None):
                f"out must be {result_shape} of {dtype}, got {out.shape} of {out.dtype}")
     else:
         out = numpy.empty(result_shape, dtype)
-    _tangent_rows(x_tangent, u, head_array, head is not None, dtype.type(scale), dtype.type(0), out, accumulate)
+    with threads_for(x_tangent.size):
+        _tangent_rows(x_tangent, u, head_array, head is not None, dtype.type(scale), dtype.type(0), out,
+                      accumulate)
     return out
 
 
@@ -99,5 +105,14 @@ def replica_cotangent(cotangent, u, scale):
                                                                                        cotangent.shape[2]),
            f"cotangent [N, P, G] and u [N, G, c] disagree: {cotangent.shape} and {u.shape}")
     out = numpy.empty(cotangent.shape + (u.shape[2],), dtype)
-    _cotangent_rows(cotangent, u, dtype.type(scale), out)
+    with threads_for(out.size):
+        _cotangent_rows(cotangent, u, dtype.type(scale), out)
     return out
+
+
+def warm_up(dtype):
+    """Compile (or load from Numba's cache) both kernels for ``dtype`` on contiguous operands."""
+    x_tangent = numpy.ones((1, 1, 2, 1, 3), dtype)
+    u = numpy.ones((1, 1, 3), dtype)
+    replica_tangent(x_tangent, u, 1.0, head=numpy.ones((1, 1), dtype))
+    replica_cotangent(numpy.ones((1, 2, 1), dtype), u, 1.0)

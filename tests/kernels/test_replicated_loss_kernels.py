@@ -70,6 +70,26 @@ def test_numba_tangent_accumulates_and_broadcasts_a_single_head_direction(rng):
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_numba_kernels_match_reference_on_all_threads(rng, monkeypatch):
+    """Sizes above the single-thread threshold take the parallel path: same numbers."""
+    import dualnet.kernels.cpu as cpu_package
+    monkeypatch.setattr(cpu_package, "PARALLEL_MIN_ELEMENTS", 0)
+    x_tangent, u, head = _operands(rng, (2, 3, 4, 5, 6), np.float64)
+    np.testing.assert_allclose(cpu.replica_tangent(x_tangent, u, 0.5, head),
+                               losses.replica_tangent_reference(x_tangent, u, 0.5, head), rtol=1e-12, atol=1e-12)
+    cotangent = rng.normal(size=(3, 4, 5))
+    np.testing.assert_allclose(cpu.replica_cotangent(cotangent, u, 0.5),
+                               losses.replica_cotangent_reference(cotangent, u, 0.5), rtol=1e-14)
+
+
+def test_numba_warm_up_compiles_both_dtypes():
+    for dtype in ("float32", "float64"):
+        cpu.warm_up(dtype)
+    for kernel in (cpu._tangent_rows, cpu._cotangent_rows):
+        compiled = {str(signature[0].dtype) for signature in kernel.signatures}
+        assert {"float32", "float64"} <= compiled
+
+
 def test_numba_kernels_reject_mismatched_operands(rng):
     x_tangent, u, head = _operands(rng, (2, 3, 4, 5, 6), np.float64)
     with pytest.raises(ValueError, match=r"replica_tangent: x_tangent \[K, N, P, G, c\] and u \[N, G, c\] disagree"):
