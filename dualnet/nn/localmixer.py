@@ -11,7 +11,8 @@ LN has no affine parameters; it normalises per token (and per group on grouped t
 ``begin_ln`` adds an LN on the block input, ``middle_ln`` an LN before every later linear
 layer ("LN before and after every linear layer"); ``post_linear_ln=False`` drops the LN after
 the linear layers.  Every block has a local linear head [C→classes] shared by all patches and
-groups; the read-out [C→classes] acts on the patch mean of the last block and starts at zero.
+groups (a projector [C→``projection_dim``] for contrastive runs, Ren uses 128); the read-out
+[C→classes] acts on the patch mean of the last block and starts at zero.
 """
 from .. import primitives as P
 from .layers import grouped, layer_norm, linear, token_mixing
@@ -32,7 +33,7 @@ class LocalMixer(Model):
 
     def __init__(self, input_shape=(1, 28, 28), num_classes=10, config="M/1/16", blocks=None, patches=None,
                  channels=None, groups=None, begin_ln=False, middle_ln=False, post_linear_ln=True,
-                 init="localmixer"):
+                 init="localmixer", projection_dim=None):
         super().__init__()
         if config not in CONFIGS:
             raise ValueError(f"localmixer: config={config!r} is unknown; choose one of {sorted(CONFIGS)}")
@@ -60,8 +61,9 @@ class LocalMixer(Model):
             self.add_param(f"{prefix}.dense.bias", (C,), fan_in, "zeros")
             self.add_param(f"{prefix}.grouped.weight", (G, c, c), c, init)
             self.add_param(f"{prefix}.grouped.bias", (G, c), c, "zeros")
-            self.add_param(f"{prefix}.head.weight", (C, num_classes), C, init)
-            self.add_param(f"{prefix}.head.bias", (num_classes,), C, "zeros")
+            head = projection_dim or num_classes  # contrastive runs: a linear projector [C→128]
+            self.add_param(f"{prefix}.head.weight", (C, head), C, init)
+            self.add_param(f"{prefix}.head.bias", (head,), C, "zeros")
         self.add_param("head.weight", (C, num_classes), C, "zeros")
         self.add_param("head.bias", (num_classes,), C, "zeros")
 

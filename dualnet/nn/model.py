@@ -100,8 +100,12 @@ class Model:
             h, u = ctx.inject(k, "block", "output", h)
             outputs.append(h)
             output_tangents.append(u)
-            if plan.local_losses:
+            if plan.contrastive and (plan.local_losses or k == self.num_blocks - 1):
+                local.append(self.contrastive_loss(k, params, h, plan.replicated, plan.temperature))
+            elif plan.local_losses:
                 local.append(self.local_loss(k, params, h, labels, plan.replicated, plan.feedback))
+        if plan.contrastive:  # the online linear probe reads view 1 under stop-gradient
+            h = ctx.stop(P.getitem(h, slice(0, value_of(h).shape[0] // 2)))
         features = self.pooled_features(ctx.stop(h) if plan.readout_stop_gradient else h)
         logits = self.readout(params, features, ctx)
         loss = None if labels is None else losses.cross_entropy(logits, labels, reduction="none")
@@ -137,6 +141,18 @@ class Model:
         else:
             logits = linear(pooled, weight, bias)
         return losses.cross_entropy(logits, labels, reduction="none")
+
+    def contrastive_loss(self, k, params, h, replicated, temperature=0.5):
+        """Block k's symmetric InfoNCE between the two views stacked in ``h`` [2N, ...]:
+        replicas [N, P, G] (fused, Ren's replicated aggregator) or the pooled loss [N]."""
+        weight, bias = params[f"blocks.{k}.head.weight"], params[f"blocks.{k}.head.bias"]
+        grid = self.replica_grid(h)
+        half = value_of(grid).shape[0] // 2
+        first, second = P.getitem(grid, slice(0, half)), P.getitem(grid, slice(half, None))
+        if replicated:
+            return losses.replicated_info_nce(first, second, weight, bias, temperature)
+        project = lambda view: linear(P.reshape(P.mean(view, axis=1), (half, -1)), weight, bias)
+        return losses.symmetric_info_nce(project(first), project(second), temperature, reduction="none")
 
     # --- hidden layers -----------------------------------------------------------------
     def hidden(self, ctx, k, name, fn, x, params, param_names, normalize=None, norm_param_names=(),

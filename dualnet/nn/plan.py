@@ -67,6 +67,10 @@ class Plan:
     ``readout_stop_gradient``: the final classifier sees stop-gradient features.
     ``feedback``: {weight name: B} — those linear maps send cotangents back through B (FA).
     ``train``: batch statistics in BatchNorm (and running-average updates).
+    ``contrastive``: the batch is two views stacked [view 1; view 2] (2N rows); local losses are
+    Ren's symmetric InfoNCE on the heads' projections (temperature ``temperature``) — every
+    block's with ``local_losses``, else the last block's only — and the read-out (trained on
+    stop-gradient features of view 1) is the online linear probe.
     """
     perturb: Optional[Callable] = None
     greedy: bool = False
@@ -75,6 +79,8 @@ class Plan:
     readout_stop_gradient: bool = False
     feedback: dict = field(default_factory=dict)
     train: bool = True
+    contrastive: bool = False
+    temperature: float = 0.5
 
 
 class Context:

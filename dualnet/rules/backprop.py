@@ -17,12 +17,15 @@ from .base import Estimate, Rule, exact_gradients, mean_value
 
 
 class Backprop(Rule):
-    def __init__(self, target="global", diagnostics=False):
+    """``contrastive=True``: Ren's contrastive setting (InfoNCE on two views, temperature 0.5)."""
+
+    def __init__(self, target="global", contrastive=False, temperature=0.5, diagnostics=False):
         super().__init__(diagnostics)
-        self.target = target
+        self.target, self.contrastive, self.temperature = target, contrastive, temperature
 
     def estimate(self, model, params, x, labels, rng, state):
-        grads, trace = exact_gradients(model, params, x, labels, self.target, state)
+        grads, trace = exact_gradients(model, params, x, labels, self.target, state,
+                                       contrastive=self.contrastive, temperature=self.temperature)
         return Estimate(grads, mean_value(trace.loss), trace.state)
 
 

@@ -35,10 +35,19 @@ PLANS = {
 }
 
 
+def contrastive_plan(options, contrastive, temperature):
+    """Plan options for Ren's contrastive setting: InfoNCE losses, read-out as a stop-gradient probe."""
+    if not contrastive:
+        return dict(options)
+    return {**options, "contrastive": True, "temperature": temperature, "readout_stop_gradient": True}
+
+
 class Rule:
     """Base class.  ``name``; ``applies_to(model)`` raises a clear error where a rule cannot run."""
     name = "rule"
     target = "global"  # the objective whose gradient this rule follows (see ``PLANS``)
+    contrastive = False  # x holds two augmented views stacked (the runner makes them)
+    temperature = 0.5
 
     def __init__(self, diagnostics=False):
         self.diagnostics = diagnostics
@@ -56,7 +65,8 @@ class Rule:
     def __call__(self, model, params, x, labels, rng, state=None):
         estimate = self.estimate(model, params, x, labels, rng, state)
         if self.diagnostics:
-            exact = exact_gradients(model, params, x, labels, self.target, state)[0]
+            exact = exact_gradients(model, params, x, labels, self.target, state, contrastive=self.contrastive,
+                                    temperature=self.temperature)[0]
             estimate.diagnostics = alignment(estimate.grads, exact)
         return estimate
 
@@ -72,12 +82,14 @@ def objective(trace):
     return total
 
 
-def exact_gradients(model, params, x, labels, target="global", state=None, feedback=None):
+def exact_gradients(model, params, x, labels, target="global", state=None, feedback=None, contrastive=False,
+                    temperature=0.5):
     """Reverse-mode gradient of the ``target`` objective (``PLANS``); returns (grads, trace).
 
-    ``feedback`` ({weight name: B}) turns the reverse pass into feedback alignment.
+    ``feedback`` ({weight name: B}) turns the reverse pass into feedback alignment;
+    ``contrastive``: x holds two views stacked and the losses are InfoNCE (see ``Plan``).
     """
-    plan = Plan(feedback=feedback or {}, **PLANS[target])
+    plan = Plan(feedback=feedback or {}, **contrastive_plan(PLANS[target], contrastive, temperature))
     traces = []
 
     def loss_of(p):
@@ -103,8 +115,9 @@ def output_error(logits, labels):
     return error / len(labels)
 
 
-def local_head_grads(model, params, trace, labels):
-    """Exact gradients of every local head from its pooled local loss (heads always backprop)."""
+def local_head_grads(model, params, trace, labels, contrastive=False, temperature=0.5):
+    """Exact gradients of every local head from its pooled local loss (heads always backprop);
+    with ``contrastive``, from the pooled InfoNCE of the two views stacked in the block output."""
     grads = {}
     for k, block_output in enumerate(trace.outputs):
         names = [f"blocks.{k}.head.weight", f"blocks.{k}.head.bias"]
@@ -114,6 +127,8 @@ def local_head_grads(model, params, trace, labels):
 
         def loss_of(weight, bias, k=k, h=h):
             heads = {names[0]: weight, names[1]: bias}
+            if contrastive:
+                return P.mean(model.contrastive_loss(k, heads, h, False, temperature))
             return P.mean(model.local_loss(k, heads, h, labels, replicated=False))
         _, pullback = autodiff.vjp(loss_of, value_of(params[names[0]]), value_of(params[names[1]]))
         weight_grad, bias_grad = pullback(numpy.ones((), dtype=h.dtype))

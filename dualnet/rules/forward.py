@@ -17,7 +17,8 @@ from .. import backend
 from ..dual import Dual
 from ..nn.layers import value_of
 from ..nn.plan import Plan
-from .base import PLANS, Estimate, Rule, expand_replicas, local_head_grads, mean_value, output_error
+from .base import (PLANS, Estimate, Rule, contrastive_plan, expand_replicas, local_head_grads, mean_value,
+                   output_error)
 
 
 def _tangent(x, k):
@@ -33,18 +34,32 @@ def _gaussian(rng, k, shape, dtype):
     return rng.standard_normal((k,) + tuple(shape), dtype=dtype)
 
 
-def _plan(local, **extra):
+def _plan(local, contrastive=False, temperature=0.5, **extra):
     options = dict(PLANS["local-greedy" if local else "global"])
     if local:
         options["replicated"] = True
-    return Plan(**options, **extra)
+    return Plan(**contrastive_plan(options, contrastive, temperature), **extra)
 
 
-def _head_grads(model, params, trace, labels, local):
+def _head_grads(model, params, trace, labels, local, contrastive=False, temperature=0.5):
     grads = model.readout_grads(trace, output_error(trace.logits, labels))
     if local:
-        grads.update(local_head_grads(model, params, trace, labels))
+        grads.update(local_head_grads(model, params, trace, labels, contrastive, temperature))
     return grads
+
+
+def _same_for_both_views(draw):
+    """Ren's contrastive FG-A: both views of an example get the same perturbation.
+
+    With keys under stop-gradient, d_n = ⟨∇_{h1}ℓ¹_n, u_n⟩ + ⟨∇_{h2}ℓ²_n, u_n⟩, so the estimate
+    d_n u_n at either view's units has mean ∇_{h1}ℓ¹_n + ∇_{h2}ℓ²_n: shared noise trades this bias
+    for the paper's finding that the loss does not go down otherwise.
+    """
+    def sample(site):
+        half = (site.shape[0] // 2,) + tuple(site.shape[1:])
+        u = draw(site.__class__(site.block, site.name, site.kind, half, site.dtype))
+        return None if u is None else backend.namespace(u).concatenate([u, u], axis=1)
+    return sample
 
 
 def _is_head(model, name):
@@ -54,8 +69,12 @@ def _is_head(model, name):
 class ActivityPerturbation(Rule):
     """FG-A (``local=False``) and LG-FG-A (``local=True``)."""
 
-    def __init__(self, local=False, directions=1, norm_grad=True, site="pre", diagnostics=False):
+    def __init__(self, local=False, directions=1, norm_grad=True, site="pre", contrastive=False, temperature=0.5,
+                 diagnostics=False):
         super().__init__(diagnostics)
+        self.contrastive, self.temperature = contrastive, temperature
+        if contrastive and not local:
+            raise ValueError("fg-a: contrastive=True is Ren's local setting; use lg-fg-a")
         if site not in ("pre", "post"):
             raise ValueError(f"fg-a: site={site!r}; allowed: 'pre' (normalised pre-activation) or 'post'")
         if directions < 1:
@@ -67,18 +86,23 @@ class ActivityPerturbation(Rule):
         k = self.directions
         sample = lambda site: (_gaussian(rng, k, site.shape, site.dtype)
                                if site.kind == self.site and site.name != "block" else None)
-        trace = model.forward(params, x, labels, _plan(self.local, perturb=sample), state)
+        if self.contrastive:
+            sample = _same_for_both_views(sample)
+        trace = model.forward(params, x, labels, _plan(self.local, self.contrastive, self.temperature,
+                                                       perturb=sample), state)
         n = len(labels)
         grads = {}
         for point in trace.points:
             d = _tangent(trace.local_losses[point.block], k) if self.local else _tangent(trace.loss, k)
+            if self.contrastive:  # replica derivatives reach the units of both views
+                d = backend.namespace(d).concatenate([d, d], axis=1)
             u = point.u_pre if self.site == "pre" else point.u_post
             site_grad = (expand_replicas(d, point.h.shape, point.replica) * u).mean(axis=0) / n
             # 'pre': the ReLU-sparsity trick (zero where the unit is off, unbiased since the true
             # gradient is zero there); 'post': the chain rule from the post-activation back to h.
             site_grad = site_grad * point.mask
             grads.update(point.weight_grads(site_grad, through_norm=self.norm_grad))
-        grads.update(_head_grads(model, params, trace, labels, self.local))
+        grads.update(_head_grads(model, params, trace, labels, self.local, self.contrastive, self.temperature))
         return Estimate(grads, mean_value(trace.loss), trace.state)
 
 
