@@ -279,6 +279,21 @@ def test_replicated_cross_entropy_float32_and_reference_mode_agree(rng, monkeypa
     np.testing.assert_allclose(tangent, ref_tangent, rtol=1e-4, atol=1e-4)
 
 
+def test_reverse_mode_skips_the_feature_cotangent_when_not_needed(rng, monkeypatch):
+    """Heads trained on detached features (the local-greedy case) cost no [N, P, G, c] scatter."""
+    x, W, b, labels, _ = problem(rng)
+    scatters = []
+    original = losses.replica_cotangent
+    monkeypatch.setattr(losses, "replica_cotangent", lambda *a: scatters.append(1) or original(*a))
+    head_only = dn.grad(lambda W, b: losses.replicated_cross_entropy(x, W, b, labels).sum(), argnums=(0, 1))(W, b)
+    assert scatters == []
+    everything = dn.grad(lambda x, W, b: losses.replicated_cross_entropy(x, W, b, labels).sum(),
+                         argnums=(0, 1, 2))(x, W, b)
+    assert scatters == [1]
+    for a, b_ in zip(head_only, everything[1:]):
+        np.testing.assert_allclose(a, b_, **TIGHT)
+
+
 def test_replicated_cross_entropy_accepts_one_hot_labels(rng):
     x, W, b, labels, tangents = problem(rng)
     by_index = dn.jvp(_fused_ce(labels), (x, W, b), tangents)
@@ -347,6 +362,16 @@ def test_replicated_info_nce_tangents_sum_to_the_pooled_tangent(rng):
     _, pooled = dn.jvp(lambda a, c: losses.symmetric_info_nce(pooled_logits(a, W, b), pooled_logits(c, W, b),
                                                               0.7, reduction="none"), (x1, x2), (t1, t2))
     np.testing.assert_allclose(replica.sum(axis=(2, 3)), pooled, **TIGHT)
+
+
+def test_replicated_info_nce_float32_matches_float64(rng):
+    primals, tangents = nce_problem(rng)
+    exact = dn.jvp(losses.replicated_info_nce, primals, tangents)
+    single = dn.jvp(losses.replicated_info_nce, [a.astype(np.float32) for a in primals],
+                    [t.astype(np.float32) for t in tangents])
+    for a, b_ in zip(exact, single):
+        assert b_.dtype == np.float32
+        np.testing.assert_allclose(b_, a, rtol=1e-4, atol=1e-4)
 
 
 def test_replicated_info_nce_errors_name_the_op_and_shapes():
