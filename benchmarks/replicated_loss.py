@@ -167,7 +167,8 @@ def compare_l_32_64(rng, repeats, large_examples):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--naive-examples", type=int, default=8, help="the naive pass is measured at this N and twice it")
+    parser.add_argument("--naive-examples", type=int, default=8,
+                        help="the naive pass is measured at this N and twice it")
     parser.add_argument("--large-examples", type=int, default=8, help="N at which L/32/64 fused is measured")
     args = parser.parse_args()
     rng = numpy.random.default_rng(0)

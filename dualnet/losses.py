@@ -269,7 +269,7 @@ def _head_tangent(views, W_tangent, b_tangent):
             term = ((view.pooled @ W_tangent) * view.error).sum(axis=-1)
             total = term if total is None else total + term
         if b_tangent is not None:
-            term = b_tangent @ view.error.T
+            term = backend.namespace(b_tangent).einsum("kd,nd->kn", b_tangent, view.error)
             total = term if total is None else total + term
     return total
 
@@ -283,7 +283,7 @@ def _slice_directions(W, error, groups):
 
 def _replicated_jvp(views, x_tangents, W, W_tangent, b_tangent, shape):
     """Tangent [K, N, P, G] of a replicated loss (see the module docstring for the formula)."""
-    n, patches, groups = shape
+    _, patches, groups = shape
     head = _head_tangent(views, W_tangent, b_tangent)
     given = [t for t in (*x_tangents, head) if t is not None]
     directions = max(t.shape[0] for t in given) if given else 1

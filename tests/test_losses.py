@@ -176,7 +176,8 @@ def test_symmetric_info_nce_jvp_matches_finite_differences_with_keys_held(rng):
 
 
 def test_info_nce_rejects_bad_shapes():
-    with pytest.raises(ValueError, match=r"info_nce: queries and keys must both be \[N, D\], got \(3, 4\) and \(3, 5\)"):
+    expected = r"info_nce: queries and keys must both be \[N, D\], got \(3, 4\) and \(3, 5\)"
+    with pytest.raises(ValueError, match=expected):
         losses.info_nce(np.zeros((3, 4)), np.zeros((3, 5)))
 
 
