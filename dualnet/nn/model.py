@@ -175,6 +175,8 @@ class Model:
         pre_activation = h if residual is None else h + residual
         a = activation(pre_activation)
         a, u_post = ctx.inject(k, name, "post", a)
+        if not ctx.plan.record_points:
+            return a
         ctx.points.append(Point(
             block=k, name=name, h=value_of(h), mask=value_of(pre_activation) > 0,
             weight_grads=_weight_grads(fn, normalize, value_of(x), value_of(z), [value_of(w) for w in weights],

@@ -106,6 +106,27 @@ class ActivityPerturbation(Rule):
         return Estimate(grads, mean_value(trace.loss), trace.state)
 
 
+class _PerturbedParams(dict):
+    """Parameters whose tangents are drawn on access from a per-tensor seed and never stored.
+
+    The forward pass holds a weight's tangent only while the layer uses it, so FG-W's memory
+    does not grow with depth; the same seed regenerates the tangent for the update.
+    """
+
+    def __init__(self, params, seeds, directions):
+        super().__init__(params)
+        self.seeds, self.directions = seeds, directions
+
+    def tangent(self, name):
+        value = value_of(dict.__getitem__(self, name))
+        generator = backend.namespace(value).random.default_rng(self.seeds[name])
+        return _gaussian(generator, self.directions, value.shape, value.dtype)
+
+    def __getitem__(self, name):
+        value = value_of(dict.__getitem__(self, name))
+        return Dual._make(value, self.tangent(name) if name in self.seeds else None)
+
+
 class WeightPerturbation(Rule):
     """FG-W (``local=False``) and LG-FG-W (``local=True``)."""
 
@@ -118,13 +139,14 @@ class WeightPerturbation(Rule):
 
     def estimate(self, model, params, x, labels, rng, state):
         k = self.directions
-        tangents = {name: _gaussian(rng, k, value_of(p).shape, value_of(p).dtype)
-                    for name, p in params.items() if not _is_head(model, name)}
-        duals = {name: Dual._make(value_of(p), tangents.get(name)) for name, p in params.items()}
-        trace = model.forward(duals, x, labels, _plan(self.local), state)
+        names = sorted(name for name in params if not _is_head(model, name))
+        seeds = dict(zip(names, (int(s) for s in rng.integers(0, 2 ** 63 - 1, len(names)))))
+        perturbed = _PerturbedParams(params, seeds, k)
+        trace = model.forward(perturbed, x, labels, _plan(self.local, record_points=False), state)
         n = len(labels)
         grads = {}
-        for name, v in tangents.items():
+        for name in names:
+            v = perturbed.tangent(name)
             if self.local:
                 d = _tangent(trace.local_losses[model.block_of(name)], k)  # [K, N, P, G]
                 grouped = v.ndim >= 3 and v.shape[1] == d.shape[-1] and d.shape[-1] > 1 and ".grouped." in name

@@ -18,115 +18,171 @@ import numpy as np
 from . import threads_for
 
 
-@numba.njit(parallel=True, cache=True, fastmath=False)
-def _normalize(value, tangent, bias, bias_tangent, shift, shift_tangent, eps, relu, out, out_tangent, sigma):
-    """Row kernel.  Shapes (an absent optional input has a zero-length first axis):
+@numba.njit(cache=True, fastmath=False)
+def _sum(a, a0, b, b0, width):
+    """Σ_j (a[a0 + j] + b[b0 + j]) with four independent float64 accumulators (no long add chain)."""
+    s0 = s1 = s2 = s3 = 0.0
+    j = 0
+    while j + 4 <= width:
+        s0 += a[a0 + j] + b[b0 + j]
+        s1 += a[a0 + j + 1] + b[b0 + j + 1]
+        s2 += a[a0 + j + 2] + b[b0 + j + 2]
+        s3 += a[a0 + j + 3] + b[b0 + j + 3]
+        j += 4
+    while j < width:
+        s0 += a[a0 + j] + b[b0 + j]
+        j += 1
+    return (s0 + s1) + (s2 + s3)
 
-    value [G, M, c]; tangent [G, K, M, c] or empty; bias [G, c] (zeros when absent);
-    bias_tangent [K, G, c] (zeros when absent); shift [M, G, c] or empty;
-    shift_tangent [K, M, G, c] or empty.  Writes out [M, G, c], out_tangent [K, M, G, c] and
-    sigma [M, G].  Per row (m, g): a = value + bias, y = (a - mean(a)) / sigma,
-    out = relu?(y + shift), out_tangent_k = mask * (J (tangent_k + bias_tangent_k) + shift_tangent_k)
-    with mask = 1[y + shift > 0] under ReLU.
+
+@numba.njit(cache=True, fastmath=False)
+def _centred_squares(a, a0, b, b0, mean, width):
+    """Σ_j (a[a0 + j] + b[b0 + j] − mean)², four accumulators."""
+    s0 = s1 = s2 = s3 = 0.0
+    j = 0
+    while j + 4 <= width:
+        d0 = a[a0 + j] + b[b0 + j] - mean
+        d1 = a[a0 + j + 1] + b[b0 + j + 1] - mean
+        d2 = a[a0 + j + 2] + b[b0 + j + 2] - mean
+        d3 = a[a0 + j + 3] + b[b0 + j + 3] - mean
+        s0 += d0 * d0
+        s1 += d1 * d1
+        s2 += d2 * d2
+        s3 += d3 * d3
+        j += 4
+    while j < width:
+        d0 = a[a0 + j] + b[b0 + j] - mean
+        s0 += d0 * d0
+        j += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+@numba.njit(cache=True, fastmath=False)
+def _moments(u, u0, du, du0, w, w0, dw, dw0, mean, width):
+    """(Σ_j v_j, Σ_j v_j (c_j − mean)) with v = u + du and c = w + dw (slices at the offsets)."""
+    s0 = s1 = s2 = s3 = 0.0
+    p0 = p1 = p2 = p3 = 0.0
+    j = 0
+    while j + 4 <= width:
+        v0 = u[u0 + j] + du[du0 + j]
+        v1 = u[u0 + j + 1] + du[du0 + j + 1]
+        v2 = u[u0 + j + 2] + du[du0 + j + 2]
+        v3 = u[u0 + j + 3] + du[du0 + j + 3]
+        s0 += v0
+        s1 += v1
+        s2 += v2
+        s3 += v3
+        p0 += v0 * (w[w0 + j] + dw[dw0 + j] - mean)
+        p1 += v1 * (w[w0 + j + 1] + dw[dw0 + j + 1] - mean)
+        p2 += v2 * (w[w0 + j + 2] + dw[dw0 + j + 2] - mean)
+        p3 += v3 * (w[w0 + j + 3] + dw[dw0 + j + 3] - mean)
+        j += 4
+    while j < width:
+        v0 = u[u0 + j] + du[du0 + j]
+        s0 += v0
+        p0 += v0 * (w[w0 + j] + dw[dw0 + j] - mean)
+        j += 1
+    return (s0 + s1) + (s2 + s3), (p0 + p1) + (p2 + p3)
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False)
+def _normalize(value, tangent, bias, bias_tangent, shift, shift_tangent, groups, rows, width, directions,
+               has_tangent, has_shift, has_shift_tangent, eps, relu, out, out_tangent, sigma):
+    """Row kernel on flat C-ordered arrays (an absent optional input is empty, its flag False):
+
+    value [G, M, c]; tangent [G, K, M, c]; bias [G, c] (zeros when absent); bias_tangent
+    [K, G, c] (zeros when absent); shift [M, G, c]; shift_tangent [K, M, G, c].  Writes
+    out [M, G, c], out_tangent [K, M, G, c] and sigma [M, G].  Per row (m, g): a = value + bias,
+    y = (a − mean a)/σ, out = relu?(y + shift), out_tangent_k = mask·(J(tangent_k +
+    bias_tangent_k) + shift_tangent_k) with mask = 1[y + shift > 0] under ReLU.
     """
-    groups, rows, width = value.shape
-    directions = out_tangent.shape[0]
-    has_tangent = tangent.shape[1] > 0
-    has_shift = shift.shape[0] > 0
-    has_shift_tangent = shift_tangent.shape[0] > 0
+    plane = rows * groups * width
     for flat in numba.prange(rows * groups):
         m = flat // groups
         g = flat - m * groups
-        mean = 0.0
-        for j in range(width):
-            mean += value[g, m, j] + bias[g, j]
-        mean /= width
-        var = 0.0
-        for j in range(width):
-            centred = value[g, m, j] + bias[g, j] - mean
-            var += centred * centred
-        std = np.sqrt(var / width + eps)
-        sigma[m, g] = std
+        v0 = (g * rows + m) * width
+        b0 = g * width
+        o0 = flat * width
+        mean = _sum(value, v0, bias, b0, width) / width
+        std = np.sqrt(_centred_squares(value, v0, bias, b0, mean, width) / width + eps)
+        inverse = 1.0 / std
+        sigma[flat] = std
         for k in range(directions):
+            t0 = ((g * directions + k) * rows + m) * width
+            bt0 = (k * groups + g) * width
             tangent_mean = 0.0
-            projection = 0.0  # mean(y * tangent)
+            projection = 0.0  # mean(y · tangent)
             if has_tangent:
-                for j in range(width):
-                    t = tangent[g, k, m, j] + bias_tangent[k, g, j]
-                    tangent_mean += t
-                    projection += t * (value[g, m, j] + bias[g, j] - mean)
-                tangent_mean /= width
-                projection /= width * std
+                total, moment = _moments(tangent, t0, bias_tangent, bt0, value, v0, bias, b0, mean, width)
+                tangent_mean = total / width
+                projection = moment * inverse / width
             for j in range(width):
-                y = (value[g, m, j] + bias[g, j] - mean) / std
+                y = (value[v0 + j] + bias[b0 + j] - mean) * inverse
                 t = 0.0
                 if has_tangent:
-                    t = (tangent[g, k, m, j] + bias_tangent[k, g, j] - tangent_mean - y * projection) / std
+                    t = (tangent[t0 + j] + bias_tangent[bt0 + j] - tangent_mean - y * projection) * inverse
                 if has_shift_tangent:
-                    t += shift_tangent[k, m, g, j]
+                    t += shift_tangent[k * plane + o0 + j]
                 if relu:
                     if has_shift:
-                        y += shift[m, g, j]
+                        y += shift[o0 + j]
                     if not y > 0:
                         t = 0.0
-                out_tangent[k, m, g, j] = t
+                out_tangent[k * plane + o0 + j] = t
         for j in range(width):
-            y = (value[g, m, j] + bias[g, j] - mean) / std
+            y = (value[v0 + j] + bias[b0 + j] - mean) * inverse
             if has_shift:
-                y += shift[m, g, j]
+                y += shift[o0 + j]
             if relu and y < 0:
                 y = 0.0
-            out[m, g, j] = y
+            out[o0 + j] = y
 
 
 @numba.njit(parallel=True, cache=True, fastmath=False)
-def _jacobian(normalized, sigma, vectors, out):
-    """out[k, r] = (v - mean(v) - y mean(y v)) / sigma[r] for v = vectors[k, r], y = normalized[r].
+def _jacobian(normalized, sigma, vectors, zeros, directions, rows, width, out):
+    """out[k, r] = (v − mean v − y·mean(y v))/σ[r] for v = vectors[k, r], y = normalized[r].
 
-    normalized [R, c], sigma [R], vectors and out [K, R, c].
+    Flat C-ordered normalized [R, c], sigma [R], vectors and out [K, R, c]; zeros [c].
     """
-    directions, rows, width = vectors.shape
-    for flat in numba.prange(directions * rows):
-        k = flat // rows
-        r = flat - k * rows
-        vector_mean = 0.0
-        projection = 0.0
+    for item in numba.prange(directions * rows):
+        r = item % rows
+        v0 = item * width
+        y0 = r * width
+        total, moment = _moments(vectors, v0, zeros, 0, normalized, y0, zeros, 0, 0.0, width)
+        vector_mean = total / width
+        projection = moment / width
+        inverse = 1.0 / sigma[r]
         for j in range(width):
-            vector_mean += vectors[k, r, j]
-            projection += vectors[k, r, j] * normalized[r, j]
-        vector_mean /= width
-        projection /= width
-        for j in range(width):
-            out[k, r, j] = (vectors[k, r, j] - vector_mean - normalized[r, j] * projection) / sigma[r]
+            out[v0 + j] = (vectors[v0 + j] - vector_mean - normalized[y0 + j] * projection) * inverse
 
 
 def empty(dtype, ndim):
-    """A zero-length C-contiguous array: how an absent optional input reaches ``_normalize``."""
+    """A zero-length array: how an absent optional input reaches ``_normalize``."""
     return np.empty((0,) * ndim, dtype)
 
 
 def run_normalize(value, tangent, bias, bias_tangent, shift, shift_tangent, eps, relu, directions):
-    """Call ``_normalize`` on C-contiguous inputs of one dtype; ``None`` marks an absent input.
+    """Call ``_normalize``; ``None`` marks an absent input.  Any layout, one float dtype.
 
     Shapes as in ``_normalize``; returns (out [M, G, c], out_tangent [K, M, G, c], sigma [M, G]).
     """
     dtype = value.dtype
     groups, rows, width = value.shape
-    value = np.ascontiguousarray(value)
+
+    def flat(array):
+        return empty(dtype, 1) if array is None else np.ascontiguousarray(array, dtype=dtype).reshape(-1)
     if tangent is None and bias_tangent is not None:
         tangent = np.zeros((groups, directions, rows, width), dtype)
-    tangent = empty(dtype, 4) if tangent is None else np.ascontiguousarray(tangent, dtype=dtype)
-    bias = np.zeros((groups, width), dtype) if bias is None else np.ascontiguousarray(bias, dtype=dtype)
-    bias_tangent = (np.zeros((directions, groups, width), dtype) if bias_tangent is None
-                    else np.ascontiguousarray(bias_tangent, dtype=dtype))
-    shift = empty(dtype, 3) if shift is None else np.ascontiguousarray(shift, dtype=dtype)
-    shift_tangent = empty(dtype, 4) if shift_tangent is None else np.ascontiguousarray(shift_tangent, dtype=dtype)
+    bias = np.zeros((groups, width), dtype) if bias is None else bias
+    bias_tangent = np.zeros((directions, groups, width), dtype) if bias_tangent is None else bias_tangent
     out = np.empty((rows, groups, width), dtype)
     out_tangent = np.empty((directions, rows, groups, width), dtype)
     sigma = np.empty((rows, groups), dtype)
     with threads_for(value.size * (1 + directions)):
-        _normalize(value, tangent, bias, bias_tangent, shift, shift_tangent, float(eps), bool(relu),
-                   out, out_tangent, sigma)
+        _normalize(flat(value), flat(tangent), flat(bias), flat(bias_tangent), flat(shift), flat(shift_tangent),
+                   groups, rows, width, directions, tangent is not None, shift is not None,
+                   shift_tangent is not None, float(eps), bool(relu),
+                   out.reshape(-1), out_tangent.reshape(-1), sigma.reshape(-1))
     return out, out_tangent, sigma
 
 
@@ -155,12 +211,12 @@ def layer_norm_jacobian(normalized, sigma, vectors):
     width = normalized.shape[-1]
     rows = normalized.size // width
     directions = vectors.shape[0]
-    out = np.empty((directions, rows, width), dtype)
+    out = np.empty(vectors.shape, dtype)
     with threads_for(out.size):
-        _jacobian(np.ascontiguousarray(normalized).reshape(rows, width),
-                  np.ascontiguousarray(sigma, dtype=dtype).reshape(rows),
-                  np.ascontiguousarray(vectors, dtype=dtype).reshape(directions, rows, width), out)
-    return out.reshape(vectors.shape)
+        _jacobian(np.ascontiguousarray(normalized).reshape(-1), np.ascontiguousarray(sigma, dtype=dtype).reshape(-1),
+                  np.ascontiguousarray(vectors, dtype=dtype).reshape(-1), np.zeros(width, dtype),
+                  directions, rows, width, out.reshape(-1))
+    return out
 
 
 def warm_up(dtype):

@@ -1,0 +1,83 @@
+"""Peak memory and time of one training step as an MLP deepens (Baydin et al. 2022, Figure 6).
+
+    python benchmarks/memory_depth.py                 # width 1024, depths 2..32, batch 64
+    python benchmarks/memory_depth.py --quick
+
+For each depth: one FG-W step (weight tangents drawn per tensor from a seed on access and
+regenerated for the update), one FG-A step, and one BP step of an MLP of width 1024 without
+norm layers, batch 64, float32.  Memory is the peak of NumPy allocations during the step
+(tracemalloc) minus the parameters, the gradient dict the step returns and the input batch —
+what the *method* needs on top of the model.  Prints a JSON object and writes
+``memory_depth.png``.
+"""
+import argparse
+import json
+import time
+import tracemalloc
+
+import numpy as np
+
+from dualnet import models, rules
+
+WIDTH, BATCH = 1024, 64
+
+
+def measure(depth, rule_name, repeats):
+    model = models.create("mlp", input_shape=(1, 32, 32), num_classes=10, hidden=WIDTH, layers=depth,
+                          batch_norm=False)
+    params = model.init(0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((BATCH, 1, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 10, BATCH)
+    rule = rules.create(rule_name)
+    rule(model, params, x, y, rng)  # warm-up
+    times, peaks = [], []
+    param_bytes = sum(p.nbytes for p in params.values())
+    for _ in range(repeats):
+        tracemalloc.start()
+        start = time.perf_counter()
+        estimate = rule(model, params, x, y, rng)
+        times.append(time.perf_counter() - start)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        grad_bytes = sum(g.nbytes for g in estimate.grads.values())
+        peaks.append(peak - grad_bytes)
+        del estimate
+    return {"ms": 1000 * min(times), "peak_mb": min(peaks) / 2 ** 20, "params_mb": param_bytes / 2 ** 20}
+
+
+def plot(result, depths, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    figure, (memory, speed) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name in ("bp", "fg-w", "fg-a"):
+        memory.plot(depths, [result[f"{name}_{d}"]["peak_mb"] for d in depths], marker="o", label=name)
+        speed.plot(depths, [result[f"{name}_{d}"]["ms"] for d in depths], marker="o", label=name)
+    memory.set(xlabel="layers", ylabel="peak memory beyond params+grads (MB)", xscale="log")
+    speed.set(xlabel="layers", ylabel="ms per step", xscale="log")
+    memory.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="memory_depth.png")
+    args = parser.parse_args()
+    depths = [2, 4, 8, 16, 32]
+    repeats = 1 if args.quick else 3
+    result = {f"{name}_{d}": measure(d, name, repeats) for d in depths for name in ("bp", "fg-w", "fg-a")}
+    summary = {f"{name}_peak_growth_2_to_32": round(result[f"{name}_32"]["peak_mb"] / result[f"{name}_2"]["peak_mb"], 2)
+               for name in ("bp", "fg-w", "fg-a")}
+    plot(result, depths, args.out)
+    print(json.dumps({"summary": summary, "per_depth": {k: {m: round(v, 2) for m, v in r.items()}
+                                                         for k, r in result.items()}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
