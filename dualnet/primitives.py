@@ -346,11 +346,29 @@ def _matmul_value_and_jvp(tangents, x, w):
     return out, tangent
 
 
+def _rows(a):
+    """a [..., n] as one matrix of rows [-1, n] (the stacked operand of a single GEMM)."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def _matmul_value(x, w):
+    """x @ w; a stack of x against one matrix w is a single GEMM over all rows."""
+    if w.ndim == 2 and x.ndim > 2:
+        return (_rows(x) @ w).reshape(x.shape[:-1] + (w.shape[-1],))
+    return x @ w
+
+
+def _matmul_vjp_right(g, out, x, w):
+    """w̄ = Σ_batch xᵀ g; for a matrix w, one GEMM over the stacked rows (no [batch, p, q] temporary)."""
+    if w.ndim == 2:
+        return _mT(_rows(x)) @ _rows(g)
+    return unbroadcast(_mT(x) @ g, w.shape)
+
+
 _matmul = Primitive(  # operands of >= 2 dims; dualnet.matmul promotes 1-D operands
-    "matmul", lambda x, w: x @ w,
+    "matmul", _matmul_value,
     jvp=(_matmul_jvp_left, _matmul_jvp_right),
-    vjp=(lambda g, out, x, w: unbroadcast(g @ _mT(w), x.shape),
-         lambda g, out, x, w: unbroadcast(_mT(x) @ g, w.shape)),
+    vjp=(lambda g, out, x, w: unbroadcast(_matmul_value(g, _mT(w)), x.shape), _matmul_vjp_right),
     value_and_jvp=_matmul_value_and_jvp)
 
 
