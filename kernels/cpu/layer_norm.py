@@ -18,74 +18,41 @@ import numpy as np
 from . import threads_for
 
 
-@numba.njit(cache=True, fastmath=False)
-def _sum(a, a0, b, b0, width):
-    """Σ_j (a[a0 + j] + b[b0 + j]) with four independent float64 accumulators (no long add chain)."""
-    s0 = s1 = s2 = s3 = 0.0
-    j = 0
-    while j + 4 <= width:
-        s0 += a[a0 + j] + b[b0 + j]
-        s1 += a[a0 + j + 1] + b[b0 + j + 1]
-        s2 += a[a0 + j + 2] + b[b0 + j + 2]
-        s3 += a[a0 + j + 3] + b[b0 + j + 3]
-        j += 4
-    while j < width:
-        s0 += a[a0 + j] + b[b0 + j]
-        j += 1
-    return (s0 + s1) + (s2 + s3)
+_FASTMATH = {"reassoc", "contract", "arcp"}  # vectorise the row reductions; no finite-math assumptions
 
 
-@numba.njit(cache=True, fastmath=False)
-def _centred_squares(a, a0, b, b0, mean, width):
-    """Σ_j (a[a0 + j] + b[b0 + j] − mean)², four accumulators."""
-    s0 = s1 = s2 = s3 = 0.0
-    j = 0
-    while j + 4 <= width:
-        d0 = a[a0 + j] + b[b0 + j] - mean
-        d1 = a[a0 + j + 1] + b[b0 + j + 1] - mean
-        d2 = a[a0 + j + 2] + b[b0 + j + 2] - mean
-        d3 = a[a0 + j + 3] + b[b0 + j + 3] - mean
-        s0 += d0 * d0
-        s1 += d1 * d1
-        s2 += d2 * d2
-        s3 += d3 * d3
-        j += 4
-    while j < width:
-        d0 = a[a0 + j] + b[b0 + j] - mean
-        s0 += d0 * d0
-        j += 1
-    return (s0 + s1) + (s2 + s3)
+@numba.njit(cache=True, fastmath=_FASTMATH)
+def _sum(a, b):
+    """Σ_j (a_j + b_j) over two equal-length row views, accumulated in float64."""
+    total = 0.0
+    for j in range(a.shape[0]):
+        total += a[j] + b[j]
+    return total
 
 
-@numba.njit(cache=True, fastmath=False)
-def _moments(u, u0, du, du0, w, w0, dw, dw0, mean, width):
-    """(Σ_j v_j, Σ_j v_j (c_j − mean)) with v = u + du and c = w + dw (slices at the offsets)."""
-    s0 = s1 = s2 = s3 = 0.0
-    p0 = p1 = p2 = p3 = 0.0
-    j = 0
-    while j + 4 <= width:
-        v0 = u[u0 + j] + du[du0 + j]
-        v1 = u[u0 + j + 1] + du[du0 + j + 1]
-        v2 = u[u0 + j + 2] + du[du0 + j + 2]
-        v3 = u[u0 + j + 3] + du[du0 + j + 3]
-        s0 += v0
-        s1 += v1
-        s2 += v2
-        s3 += v3
-        p0 += v0 * (w[w0 + j] + dw[dw0 + j] - mean)
-        p1 += v1 * (w[w0 + j + 1] + dw[dw0 + j + 1] - mean)
-        p2 += v2 * (w[w0 + j + 2] + dw[dw0 + j + 2] - mean)
-        p3 += v3 * (w[w0 + j + 3] + dw[dw0 + j + 3] - mean)
-        j += 4
-    while j < width:
-        v0 = u[u0 + j] + du[du0 + j]
-        s0 += v0
-        p0 += v0 * (w[w0 + j] + dw[dw0 + j] - mean)
-        j += 1
-    return (s0 + s1) + (s2 + s3), (p0 + p1) + (p2 + p3)
+@numba.njit(cache=True, fastmath=_FASTMATH)
+def _centred_squares(a, b, mean):
+    """Σ_j (a_j + b_j − mean)²."""
+    total = 0.0
+    for j in range(a.shape[0]):
+        centred = a[j] + b[j] - mean
+        total += centred * centred
+    return total
 
 
-@numba.njit(parallel=True, cache=True, fastmath=False)
+@numba.njit(cache=True, fastmath=_FASTMATH)
+def _moments(u, du, w, dw, mean):
+    """(Σ_j v_j, Σ_j v_j (c_j − mean)) with v = u + du and c = w + dw (row views)."""
+    total = 0.0
+    moment = 0.0
+    for j in range(u.shape[0]):
+        v = u[j] + du[j]
+        total += v
+        moment += v * (w[j] + dw[j] - mean)
+    return total, moment
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def _normalize(value, tangent, bias, bias_tangent, shift, shift_tangent, groups, rows, width, directions,
                has_tangent, has_shift, has_shift_tangent, eps, relu, out, out_tangent, sigma):
     """Row kernel on flat C-ordered arrays (an absent optional input is empty, its flag False):
@@ -95,50 +62,51 @@ def _normalize(value, tangent, bias, bias_tangent, shift, shift_tangent, groups,
     out [M, G, c], out_tangent [K, M, G, c] and sigma [M, G].  Per row (m, g): a = value + bias,
     y = (a − mean a)/σ, out = relu?(y + shift), out_tangent_k = mask·(J(tangent_k +
     bias_tangent_k) + shift_tangent_k) with mask = 1[y + shift > 0] under ReLU.
+    Every loop runs over a contiguous row view of length c, so LLVM vectorises it.
     """
     plane = rows * groups * width
     for flat in numba.prange(rows * groups):
         m = flat // groups
         g = flat - m * groups
-        v0 = (g * rows + m) * width
-        b0 = g * width
-        o0 = flat * width
-        mean = _sum(value, v0, bias, b0, width) / width
-        std = np.sqrt(_centred_squares(value, v0, bias, b0, mean, width) / width + eps)
+        v = value[(g * rows + m) * width:(g * rows + m + 1) * width]
+        b = bias[g * width:(g + 1) * width]
+        o = out[flat * width:(flat + 1) * width]
+        s = shift[flat * width:(flat + 1) * width] if has_shift else o
+        mean = _sum(v, b) / width
+        std = np.sqrt(_centred_squares(v, b, mean) / width + eps)
         inverse = 1.0 / std
         sigma[flat] = std
+        for j in range(width):
+            y = (v[j] + b[j] - mean) * inverse
+            if has_shift:
+                y += s[j]
+            o[j] = 0.0 if relu and y < 0 else y
         for k in range(directions):
-            t0 = ((g * directions + k) * rows + m) * width
-            bt0 = (k * groups + g) * width
+            ot = out_tangent[k * plane + flat * width:k * plane + (flat + 1) * width]
             tangent_mean = 0.0
             projection = 0.0  # mean(y · tangent)
             if has_tangent:
-                total, moment = _moments(tangent, t0, bias_tangent, bt0, value, v0, bias, b0, mean, width)
+                t0 = ((g * directions + k) * rows + m) * width
+                t = tangent[t0:t0 + width]
+                bt = bias_tangent[(k * groups + g) * width:(k * groups + g + 1) * width]
+                total, moment = _moments(t, bt, v, b, mean)
                 tangent_mean = total / width
                 projection = moment * inverse / width
-            for j in range(width):
-                y = (value[v0 + j] + bias[b0 + j] - mean) * inverse
-                t = 0.0
-                if has_tangent:
-                    t = (tangent[t0 + j] + bias_tangent[bt0 + j] - tangent_mean - y * projection) * inverse
-                if has_shift_tangent:
-                    t += shift_tangent[k * plane + o0 + j]
-                if relu:
-                    if has_shift:
-                        y += shift[o0 + j]
-                    if not y > 0:
-                        t = 0.0
-                out_tangent[k * plane + o0 + j] = t
-        for j in range(width):
-            y = (value[v0 + j] + bias[b0 + j] - mean) * inverse
-            if has_shift:
-                y += shift[o0 + j]
-            if relu and y < 0:
-                y = 0.0
-            out[o0 + j] = y
+                for j in range(width):
+                    ot[j] = (t[j] + bt[j] - tangent_mean - (v[j] + b[j] - mean) * inverse * projection) * inverse
+            else:
+                ot[:] = 0.0
+            if has_shift_tangent:
+                st = shift_tangent[k * plane + flat * width:k * plane + (flat + 1) * width]
+                for j in range(width):
+                    ot[j] += st[j]
+            if relu:
+                for j in range(width):
+                    if not o[j] > 0:
+                        ot[j] = 0.0
 
 
-@numba.njit(parallel=True, cache=True, fastmath=False)
+@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def _jacobian(normalized, sigma, vectors, zeros, directions, rows, width, out):
     """out[k, r] = (v − mean v − y·mean(y v))/σ[r] for v = vectors[k, r], y = normalized[r].
 
@@ -146,14 +114,15 @@ def _jacobian(normalized, sigma, vectors, zeros, directions, rows, width, out):
     """
     for item in numba.prange(directions * rows):
         r = item % rows
-        v0 = item * width
-        y0 = r * width
-        total, moment = _moments(vectors, v0, zeros, 0, normalized, y0, zeros, 0, 0.0, width)
+        v = vectors[item * width:(item + 1) * width]
+        y = normalized[r * width:(r + 1) * width]
+        o = out[item * width:(item + 1) * width]
+        total, moment = _moments(v, zeros, y, zeros, 0.0)
         vector_mean = total / width
         projection = moment / width
         inverse = 1.0 / sigma[r]
         for j in range(width):
-            out[v0 + j] = (vectors[v0 + j] - vector_mean - normalized[y0 + j] * projection) * inverse
+            o[j] = (v[j] - vector_mean - y[j] * projection) * inverse
 
 
 def empty(dtype, ndim):
