@@ -154,6 +154,12 @@ class Model:
         project = lambda view: linear(P.reshape(P.mean(view, axis=1), (half, -1)), weight, bias)
         return losses.symmetric_info_nce(project(first), project(second), temperature, reduction="none")
 
+    def couples_examples_after(self, block, plan):
+        """Whether the loss of one example depends on other examples' units of ``block`` (a later
+        BatchNorm in training mode mixes the batch).  Then the per-example loss derivative d_n no
+        longer isolates example n's path, and FG-A must use the batch total Σ_m d_m to stay unbiased."""
+        return False
+
     # --- hidden layers -----------------------------------------------------------------
     def hidden(self, ctx, k, name, fn, x, params, param_names, normalize=None, norm_param_names=(),
                replica="example", residual=None, activation=P.relu):

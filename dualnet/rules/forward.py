@@ -11,7 +11,9 @@ exact gradients from their own layer alone ("always backprop" for the last layer
 * FG-A: u ~ N(0, I) per example (and patch and unit) at every normalised pre-activation, all
   layers in one pass; d_n = JVP of example n's loss (or of replica (n, p, g)); the estimate
   at the site is d·u ⊙ relu_mask, pulled back through the exact norm Jacobian (``norm_grad``;
-  False is the paper's "NG") and turned into ΔW = xᵀδ / N by the layer alone.
+  False is the paper's "NG") and turned into ΔW = xᵀδ / N by the layer alone.  Where a later
+  BatchNorm mixes the batch (``model.couples_examples_after``), example n's units reach every
+  example's loss, so d_n is replaced by the batch total Σ_m d_m (unbiased, higher variance).
 """
 from .. import backend
 from ..dual import Dual
@@ -88,12 +90,14 @@ class ActivityPerturbation(Rule):
                                if site.kind == self.site and site.name != "block" else None)
         if self.contrastive:
             sample = _same_for_both_views(sample)
-        trace = model.forward(params, x, labels, _plan(self.local, self.contrastive, self.temperature,
-                                                       perturb=sample), state)
+        plan = _plan(self.local, self.contrastive, self.temperature, perturb=sample)
+        trace = model.forward(params, x, labels, plan, state)
         n = len(labels)
         grads = {}
         for point in trace.points:
             d = _tangent(trace.local_losses[point.block], k) if self.local else _tangent(trace.loss, k)
+            if model.couples_examples_after(point.block, plan):  # E[d_m u_n] = ∂ℓ_m/∂h_n ≠ 0 for m ≠ n
+                d = backend.namespace(d).broadcast_to(d.sum(axis=1, keepdims=True), d.shape)
             if self.contrastive:  # replica derivatives reach the units of both views
                 d = backend.namespace(d).concatenate([d, d], axis=1)
             u = point.u_pre if self.site == "pre" else point.u_post
