@@ -31,8 +31,8 @@ class Trace:
     ``logits`` [N, classes]; ``loss`` per-example cross-entropy [N] (None without labels);
     ``local_losses``: one entry per block — [N, P, G] replicas when the plan asks for
     replicated losses, else the pooled per-example loss [N]; ``points``: the hidden layers
-    (see ``Point``); ``outputs``: block outputs; ``readout_input``: the read-out's input
-    feature value; ``state``: updated running statistics.
+    (see ``Point``); ``outputs``: block outputs (empty unless the plan records them);
+    ``readout_input``: the read-out's input feature value; ``state``: updated running statistics.
     """
     logits: object
     loss: object
@@ -98,8 +98,9 @@ class Model:
                 h = ctx.stop(h)
             h = self.block(k, params, h, ctx)
             h, u = ctx.inject(k, "block", "output", h)
-            outputs.append(h)
-            output_tangents.append(u)
+            if plan.record_outputs:
+                outputs.append(h)
+                output_tangents.append(u)
             if plan.contrastive and (plan.local_losses or k == self.num_blocks - 1):
                 local.append(self.contrastive_loss(k, params, h, plan.replicated, plan.temperature))
             elif plan.local_losses:

@@ -71,8 +71,9 @@ class Plan:
     Ren's symmetric InfoNCE on the heads' projections (temperature ``temperature``) — every
     block's with ``local_losses``, else the last block's only — and the read-out (trained on
     stop-gradient features of view 1) is the online linear probe.
-    ``record_points``: keep every hidden layer's ``Point`` (rules that perturb weights only do
-    not need them, and skipping them keeps forward mode's memory flat in depth).
+    ``record_points``: keep every hidden layer's ``Point``; ``record_outputs``: keep every block
+    output (the local heads' inputs).  Rules that perturb weights only need neither (local heads
+    aside), and skipping them keeps forward mode's memory flat in depth.
     """
     perturb: Optional[Callable] = None
     greedy: bool = False
@@ -84,6 +85,7 @@ class Plan:
     contrastive: bool = False
     temperature: float = 0.5
     record_points: bool = True
+    record_outputs: bool = True
 
 
 class Context:

@@ -146,7 +146,8 @@ class WeightPerturbation(Rule):
         names = sorted(name for name in params if not _is_head(model, name))
         seeds = dict(zip(names, (int(s) for s in rng.integers(0, 2 ** 63 - 1, len(names)))))
         perturbed = _PerturbedParams(params, seeds, k)
-        trace = model.forward(perturbed, x, labels, _plan(self.local, record_points=False), state)
+        plan = _plan(self.local, record_points=False, record_outputs=self.local)  # local heads read the outputs
+        trace = model.forward(perturbed, x, labels, plan, state)
         n = len(labels)
         grads = {}
         for name in names:
