@@ -31,13 +31,39 @@ def _batch(model, n, seed=0):
     return rng.standard_normal((n,) + model.input_shape), rng.integers(0, model.num_classes, n)
 
 
+def _teacher(model, n, seed=0, width=32):
+    """A learnable synthetic task: labels from a fixed random one-hidden-layer ReLU teacher
+    (argmax of relu(x W₁) W₂) on Gaussian inputs of the model's input shape."""
+    rng = np.random.default_rng(seed + 3000)
+    dim = int(np.prod(model.input_shape))
+    first, second = rng.standard_normal((dim, width)), rng.standard_normal((width, model.num_classes))
+    x = rng.standard_normal((n,) + model.input_shape)
+    return x, np.argmax(np.maximum(x.reshape(n, -1) @ first, 0) @ second, axis=1)
+
+
+def _sgd(rule, model, params, x, labels, steps, lr, batch=32, seed=0):
+    """Plain SGD on minibatches of (x, labels) with the rule's estimates (``params[n] -= lr * g``,
+    in place); returns the rule's reported mean loss at every step."""
+    rule.setup(model, params, seed)
+    state, order, history = model.init_state(params[next(iter(params))].dtype), np.random.default_rng(seed), []
+    for step in range(steps):
+        rows = order.choice(len(x), batch, replace=False)
+        estimate = rule(model, params, x[rows], labels[rows], np.random.default_rng(seed + 10_000 + step), state)
+        for name, g in estimate.grads.items():
+            params[name] -= lr * g
+        state = estimate.state
+        history.append(estimate.loss)
+    return history
+
+
 def _is_head(model, name):
     return model.block_of(name) == "head" or model.is_local_head(name)
 
 
 @pytest.fixture
 def tiny():
-    return types.SimpleNamespace(mlp=_mlp, mixer=_mixer, params=_params, batch=_batch, is_head=_is_head)
+    return types.SimpleNamespace(mlp=_mlp, mixer=_mixer, params=_params, batch=_batch, teacher=_teacher,
+                                 sgd=_sgd, is_head=_is_head)
 
 
 def _samples(rule, model, params, x, labels, calls, state=None, seed=100):
