@@ -4,7 +4,9 @@
     python benchmarks/memory_depth.py --quick
 
 For each depth: one FG-W step (weight tangents drawn per tensor from a seed on access and
-regenerated for the update), one FG-A step, and one BP step of an MLP of width 1024 without
+regenerated for the update), one FG-A step keeping every layer for its update (``fg-a``), one
+FG-A step with ``memory='recompute'`` (a value-only second pass regenerates each layer and its
+seeded noise; ``fg-a-recompute``), and one BP step of an MLP of width 1024 without
 norm layers, batch 64, float32.  Memory is the peak of NumPy allocations during the step
 (tracemalloc) minus the parameters, the gradient dict the step returns and the input batch —
 what the *method* needs on top of the model.  Prints a JSON object and writes
@@ -22,14 +24,19 @@ from dualnet import models, rules
 WIDTH, BATCH = 1024, 64
 
 
-def measure(depth, rule_name, repeats):
+RULES = {"bp": ("bp", {}), "fg-w": ("fg-w", {}), "fg-a": ("fg-a", {}),
+         "fg-a-recompute": ("fg-a", {"memory": "recompute"})}
+
+
+def measure(depth, label, repeats):
     model = models.create("mlp", input_shape=(1, 32, 32), num_classes=10, hidden=WIDTH, layers=depth,
                           batch_norm=False)
     params = model.init(0)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((BATCH, 1, 32, 32)).astype(np.float32)
     y = rng.integers(0, 10, BATCH)
-    rule = rules.create(rule_name)
+    name, options = RULES[label]
+    rule = rules.create(name, **options)
     rule(model, params, x, y, rng)  # warm-up
     times, peaks = [], []
     param_bytes = sum(p.nbytes for p in params.values())
@@ -54,7 +61,7 @@ def plot(result, depths, path):
     except ImportError:
         return
     figure, (memory, speed) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for name in ("bp", "fg-w", "fg-a"):
+    for name in RULES:
         memory.plot(depths, [result[f"{name}_{d}"]["peak_mb"] for d in depths], marker="o", label=name)
         speed.plot(depths, [result[f"{name}_{d}"]["ms"] for d in depths], marker="o", label=name)
     memory.set(xlabel="layers", ylabel="peak memory beyond params+grads (MB)", xscale="log")
@@ -71,9 +78,9 @@ def main():
     args = parser.parse_args()
     depths = [2, 4, 8, 16, 32]
     repeats = 1 if args.quick else 3
-    result = {f"{name}_{d}": measure(d, name, repeats) for d in depths for name in ("bp", "fg-w", "fg-a")}
+    result = {f"{name}_{d}": measure(d, name, repeats) for d in depths for name in RULES}
     summary = {f"{name}_peak_growth_2_to_32": round(result[f"{name}_32"]["peak_mb"] / result[f"{name}_2"]["peak_mb"], 2)
-               for name in ("bp", "fg-w", "fg-a")}
+               for name in RULES}
     plot(result, depths, args.out)
     print(json.dumps({"summary": summary, "per_depth": {k: {m: round(v, 2) for m, v in r.items()}
                                                          for k, r in result.items()}}, indent=2))

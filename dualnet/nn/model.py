@@ -182,14 +182,18 @@ class Model:
         pre_activation = h if residual is None else h + residual
         a = activation(pre_activation)
         a, u_post = ctx.inject(k, name, "post", a)
-        if not ctx.plan.record_points:
+        if not ctx.plan.record_points and ctx.plan.on_point is None:
             return a
-        ctx.points.append(Point(
+        point = Point(
             block=k, name=name, h=value_of(h), mask=value_of(pre_activation) > 0,
             weight_grads=_weight_grads(fn, normalize, value_of(x), value_of(z), [value_of(w) for w in weights],
                                        [value_of(w) for w in norm_weights], list(param_names),
                                        list(norm_param_names)),
-            replica=replica, post=value_of(a), u_pre=u_pre, u_post=u_post))
+            replica=replica, post=value_of(a), u_pre=u_pre, u_post=u_post)
+        if ctx.plan.on_point is not None:
+            ctx.plan.on_point(point)
+        else:
+            ctx.points.append(point)
         return a
 
     # --- to be provided by subclasses --------------------------------------------------

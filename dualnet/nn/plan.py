@@ -74,6 +74,8 @@ class Plan:
     ``record_points``: keep every hidden layer's ``Point``; ``record_outputs``: keep every block
     output (the local heads' inputs).  Rules that perturb weights only need neither (local heads
     aside), and skipping them keeps forward mode's memory flat in depth.
+    ``on_point(point)``: called with each hidden layer's ``Point`` as the pass reaches it, in
+    place of keeping it (a rule can use a layer and let it go: memory flat in depth).
     """
     perturb: Optional[Callable] = None
     greedy: bool = False
@@ -86,6 +88,7 @@ class Plan:
     temperature: float = 0.5
     record_points: bool = True
     record_outputs: bool = True
+    on_point: Optional[Callable] = None
 
 
 class Context:

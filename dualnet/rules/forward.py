@@ -14,11 +14,19 @@ exact gradients from their own layer alone ("always backprop" for the last layer
   False is the paper's "NG") and turned into ΔW = xᵀδ / N by the layer alone.  Where a later
   BatchNorm mixes the batch (``model.couples_examples_after``), example n's units reach every
   example's loss, so d_n is replaced by the batch total Σ_m d_m (unbiased, higher variance).
+  ``memory='recompute'``: the forward-mode pass keeps no layer; each site's noise comes from its
+  own seed, and once the loss tangents are known a second, value-only pass regenerates every
+  layer's input, mask and noise and forms its update on the spot — the same estimate, one more
+  plain forward pass, peak memory flat in depth.
 """
+import zlib
+
+import numpy
+
 from .. import backend
 from ..dual import Dual
 from ..nn.layers import value_of
-from ..nn.plan import Plan
+from ..nn.plan import Plan, Site
 from .base import (PLANS, Estimate, Rule, contrastive_plan, expand_replicas, local_head_grads, mean_value,
                    output_error)
 
@@ -34,6 +42,17 @@ def _tangent(x, k):
 def _gaussian(rng, k, shape, dtype):
     """Standard normal draws [K, *shape] generated directly in ``dtype`` (float32 or float64)."""
     return rng.standard_normal((k,) + tuple(shape), dtype=dtype)
+
+
+def _seeded_noise(seed, k, kind):
+    """FG-A's draw with one seed per site (block, layer name): a site's noise can be drawn again
+    identically, so it need not be kept."""
+    def draw(site):
+        if site.kind != kind or site.name == "block":
+            return None
+        entropy = numpy.random.SeedSequence((seed, site.block, zlib.crc32(site.name.encode())))
+        return _gaussian(backend.rng(int(entropy.generate_state(1)[0])), k, site.shape, site.dtype)
+    return draw
 
 
 def _plan(local, contrastive=False, temperature=0.5, **extra):
@@ -72,9 +91,13 @@ class ActivityPerturbation(Rule):
     """FG-A (``local=False``) and LG-FG-A (``local=True``)."""
 
     def __init__(self, local=False, directions=1, norm_grad=True, site="pre", contrastive=False, temperature=0.5,
-                 diagnostics=False):
+                 memory="store", diagnostics=False):
         super().__init__(diagnostics)
         self.contrastive, self.temperature = contrastive, temperature
+        if memory not in ("store", "recompute"):
+            raise ValueError(f"fg-a: memory={memory!r}; allowed: 'store' (keep every layer for the update) or "
+                             f"'recompute' (a second, value-only pass; peak memory flat in depth)")
+        self.memory = memory
         if contrastive and not local:
             raise ValueError("fg-a: contrastive=True is Ren's local setting; use lg-fg-a")
         if site not in ("pre", "post"):
@@ -85,29 +108,52 @@ class ActivityPerturbation(Rule):
         self.target = "local-greedy" if local else "global"
 
     def estimate(self, model, params, x, labels, rng, state):
-        k = self.directions
-        sample = lambda site: (_gaussian(rng, k, site.shape, site.dtype)
-                               if site.kind == self.site and site.name != "block" else None)
+        n, recompute = len(labels), self.memory == "recompute"
+        sample = self._sampler(rng)
         if self.contrastive:
             sample = _same_for_both_views(sample)
-        plan = _plan(self.local, self.contrastive, self.temperature, perturb=sample)
+        plan = _plan(self.local, self.contrastive, self.temperature, perturb=sample,
+                     record_points=not recompute, record_outputs=self.local or not recompute)
         trace = model.forward(params, x, labels, plan, state)
-        n = len(labels)
-        grads = {}
-        for point in trace.points:
-            d = _tangent(trace.local_losses[point.block], k) if self.local else _tangent(trace.loss, k)
-            if model.couples_examples_after(point.block, plan):  # E[d_m u_n] = ∂ℓ_m/∂h_n ≠ 0 for m ≠ n
-                d = backend.namespace(d).broadcast_to(d.sum(axis=1, keepdims=True), d.shape)
-            if self.contrastive:  # replica derivatives reach the units of both views
-                d = backend.namespace(d).concatenate([d, d], axis=1)
-            u = point.u_pre if self.site == "pre" else point.u_post
-            site_grad = (expand_replicas(d, point.h.shape, point.replica) * u).mean(axis=0) / n
+        derivatives = {}
+
+        def layer_grads(point, u):
+            if point.block not in derivatives:
+                derivatives[point.block] = self._loss_derivatives(model, plan, trace, point.block)
+            d = expand_replicas(derivatives[point.block], point.h.shape, point.replica)
+            site_grad = (d * u).mean(axis=0) / n
             # 'pre': the ReLU-sparsity trick (zero where the unit is off, unbiased since the true
             # gradient is zero there); 'post': the chain rule from the post-activation back to h.
-            site_grad = site_grad * point.mask
-            grads.update(point.weight_grads(site_grad, through_norm=self.norm_grad))
+            return point.weight_grads(site_grad * point.mask, through_norm=self.norm_grad)
+
+        grads = {}
+        if recompute:  # the same values again; each layer is used and dropped, its noise drawn again
+            def use(point):
+                grads.update(layer_grads(point, sample(Site(point.block, point.name, self.site, point.h.shape,
+                                                            point.h.dtype))))
+            model.forward(params, x, None, Plan(record_points=False, record_outputs=False, on_point=use), state)
+        else:
+            for point in trace.points:
+                grads.update(layer_grads(point, point.u_pre if self.site == "pre" else point.u_post))
         grads.update(_head_grads(model, params, trace, labels, self.local, self.contrastive, self.temperature))
         return Estimate(grads, mean_value(trace.loss), trace.state)
+
+    def _sampler(self, rng):
+        """site -> noise [K, *site.shape] at this rule's sites (None elsewhere); 'recompute' draws
+        each site from its own seed so that the second pass can draw it again."""
+        if self.memory == "recompute":
+            return _seeded_noise(int(rng.integers(0, 2 ** 63 - 1)), self.directions, self.site)
+        return lambda site: (_gaussian(rng, self.directions, site.shape, site.dtype)
+                             if site.kind == self.site and site.name != "block" else None)
+
+    def _loss_derivatives(self, model, plan, trace, block):
+        """d [K, N] (or replicas [K, N, P, G]) that block ``block``'s noise reaches."""
+        d = _tangent(trace.local_losses[block] if self.local else trace.loss, self.directions)
+        if model.couples_examples_after(block, plan):  # E[d_m u_n] = ∂ℓ_m/∂h_n ≠ 0 for m ≠ n
+            d = backend.namespace(d).broadcast_to(d.sum(axis=1, keepdims=True), d.shape)
+        if self.contrastive:  # replica derivatives reach the units of both views
+            d = backend.namespace(d).concatenate([d, d], axis=1)
+        return d
 
 
 class _PerturbedParams(dict):
