@@ -41,16 +41,29 @@ def _teacher(model, n, seed=0, width=32):
     return x, np.argmax(np.maximum(x.reshape(n, -1) @ first, 0) @ second, axis=1)
 
 
-def _sgd(rule, model, params, x, labels, steps, lr, batch=32, seed=0):
-    """Plain SGD on minibatches of (x, labels) with the rule's estimates (``params[n] -= lr * g``,
-    in place); returns the rule's reported mean loss at every step."""
+def _clusters(model, n, seed=0, noise=2.0):
+    """A learnable synthetic task: one random Gaussian prototype image per class plus isotropic
+    noise of standard deviation ``noise`` (2: no single pixel separates the classes)."""
+    rng = np.random.default_rng(seed + 4000)
+    prototypes = rng.standard_normal((model.num_classes,) + model.input_shape)
+    labels = rng.integers(0, model.num_classes, n)
+    return prototypes[labels] + noise * rng.standard_normal((n,) + model.input_shape), labels
+
+
+def _train(rule, model, params, x, labels, steps, lr=None, optimizer=None, batch=32, seed=0):
+    """Train ``params`` in place on random minibatches of (x, labels) with the rule's estimates:
+    plain SGD (``params[n] -= lr * g``), or ``optimizer.step(params, grads)`` when given.
+    Returns the rule's reported mean loss at every step."""
     rule.setup(model, params, seed)
     state, order, history = model.init_state(params[next(iter(params))].dtype), np.random.default_rng(seed), []
     for step in range(steps):
         rows = order.choice(len(x), batch, replace=False)
         estimate = rule(model, params, x[rows], labels[rows], np.random.default_rng(seed + 10_000 + step), state)
-        for name, g in estimate.grads.items():
-            params[name] -= lr * g
+        if optimizer is not None:
+            optimizer.step(params, estimate.grads)
+        else:
+            for name, g in estimate.grads.items():
+                params[name] -= lr * g
         state = estimate.state
         history.append(estimate.loss)
     return history
@@ -63,7 +76,7 @@ def _is_head(model, name):
 @pytest.fixture
 def tiny():
     return types.SimpleNamespace(mlp=_mlp, mixer=_mixer, params=_params, batch=_batch, teacher=_teacher,
-                                 sgd=_sgd, is_head=_is_head)
+                                 clusters=_clusters, train=_train, is_head=_is_head)
 
 
 def _samples(rule, model, params, x, labels, calls, state=None, seed=100):

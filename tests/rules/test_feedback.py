@@ -24,7 +24,7 @@ def cosines_after_training(name, tiny):
     params = model.init(0, dtype=np.float64)
     x, labels = tiny.teacher(model, 256)
     rule = rules.create(name)
-    tiny.sgd(rule, model, params, x, labels, STEPS, LR)
+    tiny.train(rule, model, params, x, labels, STEPS, lr=LR)
     update = rule(model, params, x, labels, np.random.default_rng(0)).grads
     exact, _ = exact_gradients(model, params, x, labels)
     report = alignment(update, exact)
