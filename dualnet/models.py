@@ -1,11 +1,13 @@
 """Model registry: ``dualnet.models.create(name, **options)``."""
 import difflib
 
+from .nn.cnn import BaydinCNN, FDFACNN
 from .nn.localmixer import CONFIGS as LOCALMIXER_CONFIGS
 from .nn.localmixer import LocalMixer
 from .nn.mlp import MLP
+from .nn.resnet import ResNet18
 
-MODELS = {"mlp": MLP, "localmixer": LocalMixer}
+MODELS = {"mlp": MLP, "localmixer": LocalMixer, "cnn-fdfa": FDFACNN, "cnn-baydin": BaydinCNN, "resnet18": ResNet18}
 
 
 def register(name, cls):

@@ -116,23 +116,23 @@ def output_error(logits, labels):
 
 
 def local_head_grads(model, params, trace, labels, contrastive=False, temperature=0.5):
-    """Exact gradients of every local head from its pooled local loss (heads always backprop);
-    with ``contrastive``, from the pooled InfoNCE of the two views stacked in the block output."""
+    """Exact gradients of every local head — all parameters named ``blocks.{k}.head.…`` (a linear
+    head or an aux net) — from its pooled local loss (heads always backprop); with ``contrastive``,
+    from the pooled InfoNCE of the two views stacked in the block output."""
     grads = {}
     for k, block_output in enumerate(trace.outputs):
-        names = [f"blocks.{k}.head.weight", f"blocks.{k}.head.bias"]
-        if names[0] not in params:
+        names = sorted(name for name in params if name.startswith(f"blocks.{k}.head."))
+        if not names:
             continue
         h = value_of(block_output)
 
-        def loss_of(weight, bias, k=k, h=h):
-            heads = {names[0]: weight, names[1]: bias}
+        def loss_of(*weights, k=k, h=h, names=names):
+            heads = dict(zip(names, weights))
             if contrastive:
                 return P.mean(model.contrastive_loss(k, heads, h, False, temperature))
             return P.mean(model.local_loss(k, heads, h, labels, replicated=False))
-        _, pullback = autodiff.vjp(loss_of, value_of(params[names[0]]), value_of(params[names[1]]))
-        weight_grad, bias_grad = pullback(numpy.ones((), dtype=h.dtype))
-        grads[names[0]], grads[names[1]] = weight_grad, bias_grad
+        _, pullback = autodiff.vjp(loss_of, *(value_of(params[name]) for name in names))
+        grads.update(zip(names, pullback(numpy.ones((), dtype=h.dtype))))
     return grads
 
 
