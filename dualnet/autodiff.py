@@ -164,8 +164,9 @@ def backward(outputs, cotangents):
 def vjp(f, *primals):
     """Reverse mode: ``(out, pullback)`` with ``pullback(cotangent) -> tuple of input cotangents``.
 
-    ``cotangent`` has the structure and shapes of ``out``; the result has one entry per primal
-    (pytrees allowed).  Inputs the output does not depend on get zeros.
+    ``cotangent`` has the structure and shapes of ``out`` (host arrays are moved to the output's
+    device); the result has one entry per primal (pytrees allowed).  Inputs the output does not
+    depend on get zeros.
     """
     p_leaves, rebuild = tree_flatten(primals)
     leaves = []
@@ -181,11 +182,15 @@ def vjp(f, *primals):
         g_leaves, _ = tree_flatten(cotangent)
         if len(g_leaves) != len(out_leaves):
             raise ValueError(f"vjp: cotangent has {len(g_leaves)} leaves, output has {len(out_leaves)}")
+        moved = []
         for o, g in zip(out_leaves, g_leaves):
-            if g is not None and numpy.shape(g) != numpy.shape(o.value if isinstance(o, Dual) else o):
+            value = o.value if isinstance(o, Dual) else o
+            if g is not None and numpy.shape(g) != numpy.shape(value):
                 raise ValueError(f"vjp: cotangent shape {numpy.shape(g)} does not match output shape "
-                                 f"{numpy.shape(o.value if isinstance(o, Dual) else o)}")
-        grads = backward(out_leaves, [None if g is None else backend.namespace(g).asarray(g) for g in g_leaves])
+                                 f"{numpy.shape(value)}")
+            # a host cotangent (numpy.ones(()) for a scalar loss) moves to the output's device
+            moved.append(None if g is None else backend.namespace(value).asarray(g))
+        grads = backward(out_leaves, moved)
         result = []
         for leaf in leaves:
             g = grads.get(id(leaf.node))

@@ -2,9 +2,12 @@
 
 ``namespace(*arrays)`` returns the module that owns the arrays (CuPy if any is a CuPy array),
 so primitive rules never hold a stale module.  ``use('cupy')`` switches the default used for
-*creating* arrays (parameters, RNG, batches).  GPU use is gated on ``cupy.is_available()``,
-never on import success.
+*creating* arrays (parameters, RNG, batches); ``using('cupy')`` does so for a ``with`` block.
+GPU use is gated on ``cupy.is_available()``, never on import success: asking for CUDA without
+a usable device raises ``DeviceUnavailable`` (with ``DUALNET_BACKEND=cupy`` set, at the first
+array the backend is asked to create, so that ``import dualnet`` itself never fails).
 """
+import contextlib
 import os
 
 import numpy
@@ -12,6 +15,12 @@ import numpy
 xp = numpy
 DEFAULT_DTYPE = numpy.float32
 _BACKENDS = ("numpy", "cupy")
+DEVICES = {"cpu": "numpy", "cuda": "cupy"}
+"""Device names (``--device``, ``Config.device``) and their backends."""
+
+
+class DeviceUnavailable(RuntimeError):
+    """CUDA was requested but CuPy is missing or ``cupy.is_available()`` is False."""
 
 
 def _cupy():
@@ -43,19 +52,39 @@ def use(name):
         raise ValueError(f"backend.use: unknown backend {name!r}; choose one of {_BACKENDS}")
     if name == "cupy":
         if not cuda_available():
-            raise RuntimeError(
-                "backend.use('cupy'): no usable CUDA device (cupy missing or cupy.is_available() is "
-                "False). Install the extra `pip install -e .[cuda]` on a machine with an NVIDIA GPU, "
-                "or use the default 'numpy' backend.")
+            raise DeviceUnavailable(_UNAVAILABLE)
         xp = _cupy()
     else:
         xp = numpy
     return xp
 
 
+_UNAVAILABLE = ("backend.use('cupy'): no usable CUDA device (cupy missing or cupy.is_available() is False). "
+                "Install the extra `pip install -e .[cuda]` on a machine with an NVIDIA GPU, or use the "
+                "'numpy' backend (--device cpu; unset DUALNET_BACKEND).")
+
+
+@contextlib.contextmanager
+def using(name):
+    """``with backend.using('cupy'): ...`` runs the block on backend ``name`` and then restores the
+    previous one (also when the block raises)."""
+    global xp
+    previous = xp
+    use(name)
+    try:
+        yield xp
+    finally:
+        xp = previous
+
+
 def current():
     """Name of the active backend."""
     return "numpy" if xp is numpy else "cupy"
+
+
+def device():
+    """The active backend's device: ``'cpu'`` or ``'cuda'``."""
+    return "cpu" if xp is numpy else "cuda"
 
 
 def namespace(*arrays):
@@ -107,5 +136,18 @@ def kernels_mode():
     return mode
 
 
+class _Unavailable:
+    """Stands in for ``xp`` when ``DUALNET_BACKEND=cupy`` but no GPU can be used: any use raises."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def __getattr__(self, name):
+        raise DeviceUnavailable(f"DUALNET_BACKEND=cupy: {self.error}")
+
+
 if os.environ.get("DUALNET_BACKEND"):
-    use(os.environ["DUALNET_BACKEND"].lower())
+    try:
+        use(os.environ["DUALNET_BACKEND"].lower())
+    except DeviceUnavailable as error:
+        xp = _Unavailable(error)

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from . import data, models, rules
+from . import backend, data, models, rules
 from .nn.localmixer import CONFIGS
 from .train import Config, TrainingDiverged, train
 
@@ -66,7 +66,9 @@ def _add_run_arguments(parser):
     parser.add_argument("--normalize", default="standardize", choices=data.NORMALIZATIONS)
     parser.add_argument("--train-limit", type=int, default=0, help="use only the first N training examples")
     parser.add_argument("--diagnostics", action="store_true", help="log cosine to the exact gradient")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        help="default: cuda with DUALNET_BACKEND=cupy, else cpu; with --resume, "
+                             "overrides the run's device (a GPU run can continue on a CPU)")
 
 
 def _config(args, rule, out):
@@ -90,6 +92,8 @@ def cmd_train(args):
             config = Config.from_dict(json.load(f))
         if args.epochs_override is not None:
             config.epochs = args.epochs_override
+        if args.device is not None:
+            config.device = args.device
         return train(config, resume=True)
     args.epochs = args.epochs_override if args.epochs_override is not None else 1
     return train(_config(args, args.rule, args.out))
@@ -156,7 +160,7 @@ def main(argv=None):
         args.epochs_override = args.epochs
     try:
         result = args.func(args)
-    except (ValueError, data.DataError, TrainingDiverged) as error:
+    except (ValueError, data.DataError, TrainingDiverged, backend.DeviceUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if isinstance(result, dict):

@@ -74,9 +74,11 @@ def _targets(op, labels, logits_shape, dtype, module):
         if labels.shape != tuple(logits_shape[:-1]):
             raise ValueError(f"{op}: integer labels must have shape {tuple(logits_shape[:-1])} "
                              f"for logits of shape {tuple(logits_shape)}, got {labels.shape}")
-        if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-            raise ValueError(f"{op}: labels must lie in [0, {classes}) for {classes} classes, got values in "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+        if labels.size:
+            low, high = module.stack([labels.min(), labels.max()]).tolist()  # one host sync on a GPU
+            if low < 0 or high >= classes:
+                raise ValueError(f"{op}: labels must lie in [0, {classes}) for {classes} classes, got values in "
+                                 f"[{low}, {high}]")
         return (labels[..., None] == module.arange(classes)).astype(dtype)
     if labels.dtype.kind == "f":
         if labels.shape != tuple(logits_shape):

@@ -238,7 +238,7 @@ class Optimizer:
                              f"{state_dict.get('optimizer')!r}")
         self.step_count = int(state_dict["step_count"])
         self.state = {name: {key: self._restore(key, value) for key, value in tensor_state.items()}
-                      for name, tensor_state in state_dict["state"].items()}
+                      for name, tensor_state in state_dict.get("state", {}).items()}  # empty: absent in npz
 
     def _restore(self, key, value):
         """Counters back to ``int`` (a checkpoint format may hand them back as 0-d arrays); arrays copied."""

@@ -448,7 +448,8 @@ def _axes_or_reversed(axes, ndim):
 transpose = Primitive(
     "transpose", lambda x, axes=None: x.transpose(axes),
     jvp=(lambda t, out, x, axes=None: t.transpose((0,) + _k(_axes_or_reversed(axes, x.ndim))),),
-    vjp=(lambda g, out, x, axes=None: g.transpose(numpy.argsort(_axes_or_reversed(axes, x.ndim))),))
+    vjp=(lambda g, out, x, axes=None:  # the inverse permutation, as Python ints (CuPy takes a tuple)
+         g.transpose(tuple(numpy.argsort(_axes_or_reversed(axes, x.ndim)).tolist())),))
 broadcast_to = Primitive(
     "broadcast_to", lambda x, shape: ns(x).broadcast_to(x, shape),
     jvp=(lambda t, out, x, shape: ns(t).broadcast_to(lift(t, len(shape)), (t.shape[0],) + tuple(shape)), None),

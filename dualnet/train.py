@@ -49,7 +49,7 @@ class Config:
     train_limit: int = 0      # use only the first N training examples (0: all)
     eval_limit: int = 10000   # training error measured on at most this many examples
     diagnostics: bool = False
-    device: str = "cpu"
+    device: str = None        # 'cpu' or 'cuda'; None: the active backend's (DUALNET_BACKEND, backend.use)
     out: str = "runs/run"
 
     @classmethod
@@ -114,7 +114,8 @@ def _schedule(name, steps_per_epoch, epochs):
 
 
 def _step_rng(seed, epoch, step):
-    return backend.xp.random.default_rng([seed, epoch, step])
+    """The step's Generator on the active backend (noise is drawn on the device)."""
+    return backend.rng([seed, epoch, step])
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,10 +187,19 @@ def load_checkpoint(path):
 def train(config, resume=False, progress=None, on_epoch=None):
     """Run (or resume) the experiment described by ``config``; returns the summary dict.
 
+    The run uses the backend of ``config.device`` ('cpu': NumPy, 'cuda': CuPy; None: the active
+    one) and restores the previous backend afterwards; ``config.json`` records the device used.
+    'cuda' without a usable GPU raises ``backend.DeviceUnavailable`` before anything is written.
     ``on_epoch(metrics)`` is called after every epoch with that epoch's metrics line.
     """
-    if config.device == "cuda":
-        backend.use("cupy")
+    device = config.device or backend.device()
+    if device not in backend.DEVICES:
+        raise ValueError(f"Config.device={device!r}; choose one of {sorted(backend.DEVICES)}")
+    with backend.using(backend.DEVICES[device]):
+        return _run(dataclasses.replace(config, device=device), resume, progress, on_epoch)
+
+
+def _run(config, resume, progress, on_epoch):
     os.makedirs(config.out, exist_ok=True)
     checkpoint = os.path.join(config.out, "checkpoint.npz")
     with open(os.path.join(config.out, "config.json"), "w") as f:

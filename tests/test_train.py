@@ -1,11 +1,13 @@
 """The runner never loses work: exact resume, NaN stops with the checkpoint intact, CLI errors."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from dualnet import cli
+from dualnet import backend, cli
 from dualnet.train import Config, TrainingDiverged, load_checkpoint, train
 
 
@@ -21,9 +23,12 @@ def read_metrics(out):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("rule", ["bp", "lg-fg-a", "fdfa"])
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny_config, rule):
+@pytest.mark.parametrize("rule, optimizer_options", [("bp", None), ("lg-fg-a", None), ("fdfa", None),
+                                                    ("bp", {})])  # {}: plain SGD keeps no state
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny_config, rule, optimizer_options):
     pytest.importorskip("sklearn")
+    if optimizer_options is not None:
+        tiny_config = {**tiny_config, "optimizer_options": optimizer_options}
     full = Config(rule=rule, out=str(tmp_path / "full"), **tiny_config)
     train(full)
     split = Config(rule=rule, out=str(tmp_path / "split"), **{**tiny_config, "epochs": 1})
@@ -89,7 +94,41 @@ def test_cli_train_writes_config_metrics_summary(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     config = json.load(open(out / "config.json"))
     assert config["rule"] == "lg-fg-a" and config["model_options"] == {"config": "S/1/1", "channels": 16}
+    assert config["device"] == "cpu"  # the device actually used is recorded
     assert len(read_metrics(out)) == 1 and (out / "summary.json").exists()
+
+
+@pytest.mark.skipif(backend.cuda_available(), reason="checks the error where no GPU can be used")
+@pytest.mark.parametrize("how", ["--device cuda", "DUALNET_BACKEND=cupy"])
+def test_cuda_without_a_gpu_is_one_clear_error(tmp_path, how):
+    """`python -m dualnet train --device cuda` (or the environment variable) on a CPU-only machine:
+    exit code 1, one line on stderr naming the problem, no traceback, nothing written."""
+    command = [sys.executable, "-m", "dualnet", "train", "--dataset", "digits", "--train-limit", "64",
+               "--out", str(tmp_path / "run")]
+    env = {k: v for k, v in os.environ.items() if k != "DUALNET_BACKEND"}
+    if how == "--device cuda":
+        command += ["--device", "cuda"]
+    else:
+        env["DUALNET_BACKEND"] = "cupy"
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "no usable CUDA device" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(backend.cuda_available(), reason="checks the error where no GPU can be used")
+def test_a_refused_cuda_request_leaves_the_backend_as_it_was():
+    with pytest.raises(backend.DeviceUnavailable, match="no usable CUDA device"):
+        with backend.using("cupy"):
+            pass
+    assert backend.current() == "numpy"
+
+
+def test_an_unknown_device_is_a_clear_error(tmp_path, tiny_config):
+    with pytest.raises(ValueError, match="Config.device='tpu'"):
+        train(Config(rule="bp", device="tpu", out=str(tmp_path / "run"), **tiny_config))
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_unknown_names_suggest_close_ones(capsys):
