@@ -9,7 +9,10 @@ Statistics: each test calls the rule CALLS = 50 times (fresh noise; each call av
 directions) and, per coordinate, compares the sample mean with the exact value in units of the
 standard error estimated from those 50 calls.  With 49 degrees of freedom P(|t| > 5.5) = 1.4e-6,
 so over the ≤ 400 coordinates of a test the chance of a false alarm is < 6e-4 (union bound, valid
-for correlated coordinates).  A bias of 5.5 standard errors is ≈ 1 % of the gradient here.
+for correlated coordinates).  Power: the Monte-Carlo error of the mean, ‖se‖/‖g‖ per weight, is
+0.5–4 % for FG-A / LG-FG-A, 4–5 % for FG-W and 5–10 % for LG-FG-W on the mixer (measured), and
+the biased estimators these tests know give max t ≈ 250 (FG-A's per-example d_n under a later
+BatchNorm, before it was fixed) and min t ≈ 86 (NG against BP).
 """
 import numpy as np
 import pytest
@@ -47,7 +50,7 @@ def backbone(model, tree, tiny):
     ("fg-a", mlp, "global", 2000),
     ("fg-a", mlp_bn, "global", 2000),  # a later BatchNorm couples the examples of block 0
     ("lg-fg-a", mlp_bn_local, "local-greedy", 2000),  # greedy: no coupling across blocks
-    ("lg-fg-a", mixer, "local-greedy", 1000),
+    ("lg-fg-a", mixer, "local-greedy", 500),
     ("lg-fg-w", mixer, "local-greedy", 1000),
 ])
 def test_forward_gradient_mean_equals_its_target_gradient(name, make, target, directions, tiny, monte_carlo):
@@ -107,7 +110,7 @@ def test_fg_a_without_norm_gradient_is_biased_toward_the_norm_free_chain_rule(ti
         if name.endswith(".weight"):
             assert np.linalg.norm(norm_free[name] - exact[name]) > 0.1 * np.linalg.norm(exact[name]), name
 
-    rule = rules.create("fg-a", directions=1000, norm_grad=False)
+    rule = rules.create("fg-a", directions=250, norm_grad=False)
     samples = backbone(model, monte_carlo.samples(rule, model, params, x, labels, CALLS), tiny)
     floor = 1e-9 * max(float(np.abs(g).max()) for g in exact.values())
     assert max(monte_carlo.t_statistics(samples, norm_free, floor).values()) < T_MAX
