@@ -4,9 +4,9 @@ Tasks (512 examples, batch 32, Adam lr 1e-2, float64, seed 0): a fixed random Re
 MLPs, Gaussian class prototypes + noise for the LocalMixer (its read-out sees the patch mean).
 The measure is the mean cross-entropy on all 512 examples before and after training; each rule's
 threshold on after/before is ≥ 1.35 × the ratio measured in that very run (shown next to each
-case), room for BLAS round-off differences between machines.  The heads (read-out, local heads) get exact gradients in every rule, so a
-control trains the heads alone: it must stay above every threshold of its model by 10 %, i.e. no
-case can pass unless the rule's hidden-layer updates learn.
+case), room for BLAS round-off differences between machines.  The heads (read-out, local heads)
+get exact gradients in every rule, so a control trains the heads alone: it must stay above every
+threshold of its model by 10 %, i.e. no case can pass unless the rule's hidden-layer updates learn.
 """
 import numpy as np
 import pytest
