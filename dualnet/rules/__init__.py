@@ -15,6 +15,7 @@ from .backprop import Backprop, FeedbackAlignment
 from .base import Estimate, Rule, exact_gradients
 from .direct import DirectFeedback
 from .forward import ActivityPerturbation, WeightPerturbation
+from .guesses import GradientGuess
 
 RULES = {
     "bp": lambda **o: Backprop(target="global", **o),
@@ -30,6 +31,7 @@ RULES = {
     "lg-fg-w": lambda **o: WeightPerturbation(local=True, **o),
     "fg-a": lambda **o: ActivityPerturbation(local=False, **o),
     "lg-fg-a": lambda **o: ActivityPerturbation(local=True, **o),
+    "guess": lambda **o: GradientGuess(**o),
 }
 
 

@@ -1,0 +1,488 @@
+"""Gradient guesses × gradient targets (Fournier et al. 2023, "Can forward gradient match backprop?").
+
+For every block k, with output y_k = f_k(y_{k−1}; θ_k) [N, ...] and a target loss L_T, a guess G
+is pushed as a tangent through the rest of the network in a genuine forward-mode pass; the
+target's directional derivative ⟨T, G⟩ comes out of that pass — T itself is never computed.
+
+Targets: ``global`` — the model's final loss; ``local`` — block k's auxiliary loss;
+``intermediate`` — block k+1's auxiliary loss.  The last block has no next block: there it
+uses the global target, as Fournier et al. do.
+
+* Activity space: one guess G_n per example at block k's output; the pass gives
+  d_n = ⟨T_n, G_n⟩ with T_n = ∂ℓ_n/∂y_{k,n} (example n's target loss).  The estimate of T_n is
+      random guesses (Gaussian, Rademacher; E[u uᵀ] = I):  ĝ_n = d_n u_n               (unbiased)
+      other guesses (local, NTK, fixed NTK):             ĝ_n = d_n / (‖G_n‖² + ε) · G_n
+  (the best multiple of G_n: a descent direction, ⟨ĝ_n, T_n⟩ = ‖ĝ_n‖² (1 + ε/‖G_n‖²) ≥ 0; for an
+  isotropic random G in ℝ^D it would be biased, E = T/D).  ``projection='span'`` projects T_n on
+  the span of the whole batch's guesses instead:
+      ĝ_n = Gᵀ (G Gᵀ)⁺ A[:, n],   G = [G_1; …; G_N] flattened [N, D],   A[m, n] = ⟨T_n, G_m⟩,
+  with A from one forward pass of N directions (direction m puts G_m at every example).  The
+  cotangent ĝ/N of the batch-mean loss is then carried to θ_k by one reverse pass through
+  block k alone, from its stored input (the paper's "backprop inside the block").
+  Where BatchNorm in training mode lies between block k's output and the target loss
+  (``model.couples_examples_after``), example n's activity reaches every example's loss, and a
+  forward pass only gives the batch total Σ_m d_m = ⟨T, G⟩ with T_n = Σ_m ∂ℓ_m/∂y_{k,n}: the
+  batch is then projected as ONE vector, ĝ = ⟨T, G⟩ / (‖G‖² + ε) · G (random: ⟨T, G⟩ · G, still
+  unbiased), and ``projection='span'`` is refused (it would need N² directions).
+* Weight space: one guess G (all of θ_k's tensors) shared by the batch; D = ⟨∇_{θ_k} L_T, G⟩ is
+  the JVP of the batch-mean target loss with tangent G on θ_k; ĝ = D·G (random guesses) or
+  D / (‖G‖² + ε) · G.
+
+Passes per step: with the sample projection every block's guess rides in ONE forward pass of
+K = (number of blocks) directions — direction k carries block k's guess and is zero at every
+other block, so the contributions separate; the span projection runs one pass per block with
+K = N directions.  Guesses that need activations (local, NTK) add one plain forward pass
+before it.
+
+Guesses: ``gaussian`` / ``rademacher`` are drawn every step, independently per example and
+unit (activity) or per weight (weight).  ``local``: the gradient of block k's trained
+auxiliary loss Σ_n ℓ_aux,n w.r.t. y_k (activity: reverse mode through the aux net) or w.r.t.
+θ_k (weight: the same cotangent carried back through block k).  ``ntk``: the same with an aux
+net re-initialised every step and never trained; ``fixed-ntk``: one random aux net per block,
+drawn once and never trained.
+
+Auxiliary nets — ``aux=None`` (default): the model's own local heads ``blocks.{k}.head.*``
+when it has them (a linear head on MLP / LocalMixer / small CNNs, Fournier's aux nets on
+ResNet-18), trained by the optimiser on their exact gradient like every head (so guess=local ×
+target=local is local greedy backprop), and re-drawn from the model's head initialisers for
+the NTK guesses; a rule-owned ``'linear'`` net when it has none.  ``aux='linear' | 'mlp' |
+'cnn'``: rule-owned nets of that kind (the model's heads, if any, are trained as probes):
+    linear  pooled block output → linear [F → classes]
+    mlp     pooled → [linear → LN → ReLU] × ``aux_depth`` (width ``aux_width``, 1024) → linear
+    cnn     [N, C, H, W] only: 1×1 conv [C → w] → ReLU → [3×3 conv, stride 2, padding 1 → ReLU]
+            × ``aux_depth`` (w = ``aux_width``, 32) → pooled → linear
+Pooling: [N, F] as is, tokens [N, T, C] averaged over T, images [N, C, H, W] adaptively averaged
+to 2×2 and flattened (appendix A.2).  The paper's linear and MLP aux nets use BatchNorm; these
+use per-example layer norm (or none), so that their losses keep examples apart.  Rule-owned
+nets live in ``rule.state`` (``aux.{k}.{i}.weight/bias`` trained, ``ntk.{k}.…`` fixed NTK),
+are created on first use from the setup seed, round-trip through ``state_dict``, and the
+trained ones take a plain SGD step of rate ``aux_lr`` on their exact gradient every step.
+The read-out always gets its exact gradient (heads always backprop).
+
+``diagnostics`` compare with the exact gradient of the objective the rule follows: local greedy
+for target=local on the model's heads, the global loss otherwise (Fournier's alignment measure).
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy
+
+from .. import autodiff, backend, losses
+from .. import primitives as P
+from ..dual import Dual
+from ..nn import init as initialisers
+from ..nn.conv import adaptive_avg_pool2d, conv2d, flatten
+from ..nn.layers import layer_norm, linear, value_of
+from ..nn.model import ParamSpec
+from ..nn.plan import Context, Plan
+from .base import Estimate, Rule, mean_value
+from .forward import _gaussian, _head_grads, _is_head, _tangent
+
+GUESSES = ("gaussian", "rademacher", "local", "ntk", "fixed-ntk")
+RANDOM_GUESSES = ("gaussian", "rademacher")
+TARGETS = ("global", "local", "intermediate")
+SPACES = ("activity", "weight")
+PROJECTIONS = ("sample", "span")
+AUX_NETS = (None, "linear", "mlp", "cnn")
+POOL = 2  # images are pooled to a POOL × POOL grid before an aux net's linear layers
+DEFAULT_AUX_WIDTH = {"linear": None, "mlp": 1024, "cnn": 32}  # the paper's choices (appendix A.2)
+
+
+# ---------------------------------------------------------------------------------------
+# projections of a target on guesses
+# ---------------------------------------------------------------------------------------
+def _scale(derivative, squared_norm, eps, normalised):
+    return derivative / (squared_norm + eps) if normalised else derivative
+
+
+def sample_projection(guesses, derivatives, eps=0.0, normalised=True):
+    """Each sample's target estimated from its own guess.
+
+    ``guesses`` [M, ...] (one guess per sample); ``derivatives`` [M] = ⟨T_m, G_m⟩.  Returns
+    [M, ...]: ⟨T_m, G_m⟩ / (‖G_m‖² + ε) · G_m (``normalised``), or ⟨T_m, G_m⟩ · G_m (random guesses
+    with E[G Gᵀ] = I, unbiased).
+    """
+    flat = guesses.reshape(len(guesses), -1)
+    scale = _scale(derivatives, (flat * flat).sum(axis=1), eps, normalised)
+    return guesses * scale.reshape((-1,) + (1,) * (guesses.ndim - 1))
+
+
+def span_projection(guesses, inner):
+    """Orthogonal projection of every target on the span of all the guesses.
+
+    ``guesses`` [M, ...]; ``inner`` [M, N] with inner[m, n] = ⟨T_n, G_m⟩.  Returns [N, ...]:
+    Gᵀ (G Gᵀ)⁺ inner[:, n] for each n (G flattened [M, D]); singular values of G Gᵀ below
+    max(M, D)·eps(dtype) times the largest count as zero.
+    """
+    xp = backend.namespace(guesses)
+    flat = guesses.reshape(len(guesses), -1)
+    cutoff = max(flat.shape) * float(xp.finfo(flat.dtype).eps)
+    coefficients = xp.linalg.pinv(flat @ flat.T, cutoff, True) @ inner  # [M, N]
+    return (coefficients.T @ flat).reshape((inner.shape[1],) + guesses.shape[1:])
+
+
+def _weight_projection(guess, derivative, eps, normalised):
+    """Weight space: one guess {name: tensor} for a whole block and the scalar D = ⟨T, G⟩."""
+    squared_norm = sum(float((g * g).sum()) for g in guess.values())
+    scale = _scale(derivative, squared_norm, eps, normalised)
+    return {name: scale * g for name, g in guess.items()}
+
+
+def random_guess(kind, rng, shape, dtype):
+    """Gaussian N(0, 1) or Rademacher ±1 entries of ``shape`` in ``dtype`` (E[u uᵀ] = I)."""
+    if kind == "gaussian":
+        return _gaussian(rng, 1, shape, dtype)[0]
+    signs = rng.random(tuple(shape), dtype=dtype) < 0.5
+    return (1 - 2 * signs).astype(dtype)
+
+
+def _one_per_row(row, rows, guess):
+    """A tangent of ``rows`` directions [rows, ...] that carries ``guess`` in direction ``row`` only."""
+    tangent = backend.namespace(guess).zeros((rows,) + guess.shape, guess.dtype)
+    tangent[row] = guess
+    return tangent
+
+
+def _every_example(guesses):
+    """[N, N, ...]: direction m puts example m's guess at every example (the span's ⟨T_n, G_m⟩)."""
+    xp = backend.namespace(guesses)
+    return xp.broadcast_to(guesses[:, None], (len(guesses),) + guesses.shape).copy()
+
+
+# ---------------------------------------------------------------------------------------
+# rule-owned auxiliary nets
+# ---------------------------------------------------------------------------------------
+def pooled_features(h):
+    """A block output as flat per-example features: [N, F] as is; tokens [N, T, C] → mean over T
+    [N, C]; images [N, C, H, W] → adaptive average pool to POOL × POOL, flattened [N, C·POOL²]."""
+    ndim = value_of(h).ndim
+    if ndim == 2:
+        return h
+    if ndim == 3:
+        return P.mean(h, axis=1)
+    if ndim == 4:
+        return flatten(adaptive_avg_pool2d(h, POOL))
+    raise ValueError(f"guess: block outputs of shape {value_of(h).shape} cannot be pooled for an aux net; "
+                     f"allowed: [N, F], [N, T, C] or [N, C, H, W]")
+
+
+def _pooled_width(shape):
+    return {2: shape[-1], 3: shape[-1], 4: shape[1] * POOL * POOL}[len(shape)]
+
+
+def aux_layer_shapes(kind, output_shape, classes, width, depth):
+    """Weight shapes [(shape, fan_in)] of a rule-owned aux net's layers, in order, on block outputs of
+    ``output_shape`` [N, ...]: conv [O, C, k, k] (cnn), then linear [p, q] (mlp hidden, read-out)."""
+    shapes = []
+    if kind == "cnn":
+        channels = output_shape[1]
+        for kernel in [1] + [3] * depth:
+            shapes.append(((width, channels, kernel, kernel), channels * kernel * kernel))
+            channels = width
+        output_shape = (output_shape[0], width, 1, 1)  # only the channel count matters for the pooled width
+    features = _pooled_width(output_shape)
+    for _ in range(depth if kind == "mlp" else 0):
+        shapes.append(((features, width), features))
+        features = width
+    return shapes + [((features, classes), features)]
+
+
+def aux_logits(params, prefix, h, layers):
+    """Logits [N, classes] of a rule-owned aux net ``{prefix}{i}.weight/bias`` on block output h:
+    the 4-D weights are convs (1×1, then 3×3 stride 2) with ReLU, then pooling, then linear layers
+    with LN and ReLU between them."""
+    a, pooled = h, False
+    for i in range(layers):
+        weight, bias = params[f"{prefix}{i}.weight"], params[f"{prefix}{i}.bias"]
+        if value_of(weight).ndim == 4:
+            first = i == 0
+            a = P.relu(conv2d(a, weight, bias, stride=1 if first else 2, padding=0 if first else 1))
+            continue
+        if not pooled:
+            a, pooled = pooled_features(a), True
+        a = linear(a, weight, bias)
+        if i < layers - 1:
+            a = P.relu(layer_norm(a))
+    return a
+
+
+@dataclass
+class AuxNet:
+    """One block's auxiliary classifier: ``net(h, labels)`` is the per-example cross-entropy [N]."""
+    params: dict
+    loss: Callable  # (params, h, labels) -> [N]
+
+    def __call__(self, h, labels):
+        return self.loss(self.params, h, labels)
+
+    def input_gradient(self, h, labels):
+        """∇_h Σ_n ℓ_n [N, ...] at the value h (reverse mode through the net): each example's own
+        aux-loss gradient (with batch-coupled heads, that of the batch total)."""
+        _, pullback = autodiff.vjp(lambda a: P.sum(self(a, labels)), h)
+        return pullback(numpy.ones((), h.dtype))[0]
+
+    def param_gradients(self, h, labels):
+        """Exact gradient of the batch-mean aux loss at the value h w.r.t. the net's parameters."""
+        names = sorted(self.params)
+        _, pullback = autodiff.vjp(lambda *w: P.mean(self.loss(dict(zip(names, w)), h, labels)),
+                                   *[self.params[name] for name in names])
+        return dict(zip(names, pullback(numpy.ones((), h.dtype))))
+
+
+def _block_pullback(model, k, params, names, block_input, state):
+    """Reverse mode through block k alone, from its stored input [N, ...] (values).
+
+    Returns ``cotangent [N, ...] at the block output -> {name: cotangent}`` for the block's
+    parameters ``names``; ``state``: the running statistics the forward pass used.
+    """
+    running = state if state is not None else model.init_state()
+
+    def run(*weights):
+        return model.block(k, {**params, **dict(zip(names, weights))}, block_input,
+                           Context(Plan(record_points=False), running))
+    _, pullback = autodiff.vjp(run, *[params[name] for name in names])
+    return lambda cotangent: dict(zip(names, pullback(cotangent)))
+
+
+def _check_choice(option, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"guess: {option}={value!r}; allowed: {', '.join(map(repr, allowed))}")
+
+
+# ---------------------------------------------------------------------------------------
+# the rule
+# ---------------------------------------------------------------------------------------
+class GradientGuess(Rule):
+    """Fournier et al.'s guesses × targets (see the module docstring for the math and options).
+
+    The option ``target`` is kept as ``target_loss``; ``target`` (the ``Rule`` attribute) names the
+    objective the diagnostics compare with.
+    """
+    name = "guess"
+
+    def __init__(self, guess="local", target="global", space="activity", projection="sample", aux=None,
+                 eps=1e-8, aux_width=None, aux_depth=2, aux_lr=0.05, diagnostics=False):
+        super().__init__(diagnostics)
+        for option, value, allowed in (("guess", guess, GUESSES), ("target", target, TARGETS),
+                                       ("space", space, SPACES), ("projection", projection, PROJECTIONS),
+                                       ("aux", aux, AUX_NETS)):
+            _check_choice(option, value, allowed)
+        if projection == "span" and space != "activity":
+            raise ValueError(f"guess: projection='span' needs space='activity' (the batch's guesses span one "
+                             f"example's activity space); got space={space!r}")
+        if not eps >= 0:
+            raise ValueError(f"guess: eps={eps!r} must be >= 0")
+        for option, value in (("aux_width", aux_width), ("aux_depth", aux_depth)):
+            if value is not None and (int(value) != value or value < 1):
+                raise ValueError(f"guess: {option}={value!r} must be an integer >= 1")
+        if not aux_lr >= 0:
+            raise ValueError(f"guess: aux_lr={aux_lr!r} must be >= 0")
+        self.guess, self.target_loss, self.space, self.projection = guess, target, space, projection
+        self.aux, self.eps, self.aux_depth, self.aux_lr = aux, eps, int(aux_depth), aux_lr
+        self.aux_width = aux_width or DEFAULT_AUX_WIDTH.get(aux)
+        self.normalised = guess not in RANDOM_GUESSES
+        self.seed, self._model = 0, None
+
+    # --- setup and state -------------------------------------------------------------------
+    def setup(self, model, params, seed=0):
+        """Bind to ``model``; rule-owned aux nets are drawn from ``seed`` on first use."""
+        self.seed, self.state = seed, {}
+        self._bind(model)
+
+    def _bind(self, model):
+        self._model = model
+        self._heads_are_aux = self.aux is None and model.has_local_heads
+        self._kind = self.aux or "linear"
+        self._block_params = [sorted(name for name in model.specs if not _is_head(model, name)
+                                     and model.block_of(name) == k) for k in range(model.num_blocks)]
+        self._coupled = [model.couples_examples_after(k, self._target_plan(model, k))
+                         for k in range(model.num_blocks)]
+        if self.projection == "span" and any(self._coupled):
+            k = self._coupled.index(True)
+            raise ValueError(f"guess: projection='span' needs every example's target derivative in every "
+                             f"direction, but {model.name} mixes the batch after block {k}'s output (BatchNorm in "
+                             f"training mode), where a forward pass gives only batch totals; allowed here: "
+                             f"projection='sample'")
+        self.target = "local-greedy" if self.target_loss == "local" and self._heads_are_aux else "global"
+
+    def _target_plan(self, model, k):
+        """The plan whose losses hold block k's target (for ``couples_examples_after``)."""
+        if self.target_loss == "local":
+            return Plan(local_losses=True, greedy=True)
+        if self.target_loss == "intermediate" and k < model.num_blocks - 1:
+            return Plan(local_losses=True)
+        return Plan()
+
+    def _head_names(self, model, k):
+        return sorted(name for name in model.specs if name.startswith(f"blocks.{k}.head."))
+
+    def _draw(self, model, k, h, generator, prefix):
+        """Fresh aux-net parameters for block k's output value h, named ``{prefix}{k}.…``: the model's
+        head ``blocks.{k}.head.…`` re-drawn from its initialisers when the heads are the aux nets,
+        else a rule-owned net (Kaiming-uniform, PyTorch's default)."""
+        if self._heads_are_aux:
+            specs = {name.replace(f"blocks.{k}.", f"{prefix}{k}.", 1): model.specs[name]
+                     for name in self._head_names(model, k)}
+        else:
+            if self._kind == "cnn" and h.ndim != 4:
+                raise ValueError(f"guess: aux='cnn' needs image block outputs [N, C, H, W]; block {k} of {model.name} "
+                                 f"outputs {tuple(h.shape)}; allowed here: aux='linear' or 'mlp'")
+            layers = aux_layer_shapes(self._kind, h.shape, model.specs["head.weight"].shape[-1], self.aux_width,
+                                      self.aux_depth)
+            specs = {}
+            for i, (shape, fan_in) in enumerate(layers):
+                outputs = shape[0] if len(shape) == 4 else shape[1]
+                specs[f"{prefix}{k}.{i}.weight"] = ParamSpec(shape, fan_in, "kaiming_uniform")
+                specs[f"{prefix}{k}.{i}.bias"] = ParamSpec((outputs,), fan_in, "kaiming_uniform")
+        return {name: backend.to_device(initialisers.get(spec.init)(generator, spec.shape, spec.fan_in, h.dtype))
+                for name, spec in specs.items()}
+
+    def _net(self, model, k, arrays, prefix):
+        """An ``AuxNet`` on block k from ``arrays`` named ``{prefix}{k}.…``: the model's local loss with
+        those head weights, or a rule-owned net."""
+        if self._heads_are_aux:
+            def as_heads(p):
+                return {name.replace(f"{prefix}{k}.", f"blocks.{k}.", 1): value for name, value in p.items()}
+            return AuxNet(arrays, lambda p, h, labels: model.local_loss(k, as_heads(p), h, labels, replicated=False))
+        layers, net_prefix = len(arrays) // 2, f"{prefix}{k}."
+        return AuxNet(arrays, lambda p, h, labels: losses.cross_entropy(aux_logits(p, net_prefix, h, layers), labels,
+                                                                         reduction="none"))
+
+    def _stored_net(self, model, k, h, prefix, salt):
+        """A rule-owned net kept in ``self.state`` (created on first use from the setup seed)."""
+        names = [name for name in self.state if name.startswith(f"{prefix}{k}.")]
+        if not names:
+            self.state.update(self._draw(model, k, h, numpy.random.default_rng([self.seed, salt, k]), prefix))
+            names = [name for name in self.state if name.startswith(f"{prefix}{k}.")]
+        return self._net(model, k, {name: self.state[name] for name in names}, prefix)
+
+    def _trained_net(self, model, params, k, h):
+        """Block k's local loss: the model's head, or the rule's trained aux net ``aux.{k}.…``."""
+        if self._heads_are_aux:
+            return self._net(model, k, {name: params[name] for name in self._head_names(model, k)}, "blocks.")
+        return self._stored_net(model, k, h, "aux.", 1)
+
+    def _guess_net(self, model, params, k, h, rng):
+        if self.guess == "local":
+            return self._trained_net(model, params, k, h)
+        if self.guess == "fixed-ntk":
+            return self._stored_net(model, k, h, "ntk.", 2)
+        generator = numpy.random.default_rng(int(rng.integers(0, 2 ** 63 - 1)))  # ntk: a new net every step
+        return self._net(model, k, self._draw(model, k, h, generator, "ntk."), "ntk.")
+
+    def _trained_blocks(self, num_blocks):
+        """Blocks whose trained aux net is used (as a guess or as a target)."""
+        if self.guess == "local" or self.target_loss == "local":
+            return list(range(num_blocks))
+        return list(range(1, num_blocks)) if self.target_loss == "intermediate" else []
+
+    # --- one step --------------------------------------------------------------------------
+    def estimate(self, model, params, x, labels, rng, state):
+        if self._model is not model:
+            self._bind(model)
+        values = None
+        if self.guess not in RANDOM_GUESSES:  # guesses from aux nets need the activations first
+            primal = model.forward(params, x, labels, Plan(record_points=False), state)
+            values = self._block_values(model, x, primal)
+        if self.space == "activity":
+            grads, trace = self._activity(model, params, x, labels, rng, state, values)
+        else:
+            grads, trace = self._weight(model, params, x, labels, rng, state, values)
+        grads.update(_head_grads(model, params, trace, labels, model.has_local_heads))
+        self._train_aux(model, params, [value_of(h) for h in trace.outputs], labels)
+        return Estimate(grads, mean_value(trace.loss), trace.state)
+
+    @staticmethod
+    def _block_values(model, x, trace):
+        """(block inputs, block outputs) as values, one per block."""
+        outputs = [value_of(h) for h in trace.outputs]
+        return [value_of(model.embed(x))] + outputs[:-1], outputs
+
+    def _aux_guesses(self, model, params, labels, rng, outputs):
+        """Activity-space guesses of the aux nets: {k: ∇_{y_k} Σ_n ℓ_aux,n [N, ...]}."""
+        return {k: self._guess_net(model, params, k, h, rng).input_gradient(h, labels) for k, h in enumerate(outputs)}
+
+    def _target_derivatives(self, model, params, trace, k, labels, directions):
+        """[K, N]: the tangent of every example's target loss for block k, from the forward pass."""
+        last = model.num_blocks - 1
+        if self.target_loss == "global" or (self.target_loss == "intermediate" and k == last):
+            return _tangent(trace.loss, directions)
+        j = k if self.target_loss == "local" else k + 1
+        net = self._trained_net(model, params, j, value_of(trace.outputs[j]))
+        return _tangent(net(trace.outputs[j], labels), directions)
+
+    def _activity_estimate(self, k, guess, derivatives, row):
+        """The estimate [N, ...] of block k's per-example targets from the pass's derivatives [K, N]."""
+        if self.projection == "span":
+            return span_projection(guess, derivatives)
+        if self._coupled[k]:  # only the batch total is known: project the batch as one vector
+            return sample_projection(guess[None], derivatives[row].sum()[None], self.eps, self.normalised)[0]
+        return sample_projection(guess, derivatives[row], self.eps, self.normalised)
+
+    def _activity(self, model, params, x, labels, rng, state, values):
+        n = len(labels)
+        guesses = {} if values is None else self._aux_guesses(model, params, labels, rng, values[1])
+        blocks = list(range(model.num_blocks))
+        groups = [blocks] if self.projection == "sample" else [[k] for k in blocks]
+        estimates = {}
+        for group in groups:
+            perturb = self._activity_tangents(group, guesses, rng)
+            trace = model.forward(params, x, labels, Plan(perturb=perturb, record_points=False), state)
+            directions = len(group) if self.projection == "sample" else n
+            for row, k in enumerate(group):
+                derivatives = self._target_derivatives(model, params, trace, k, labels, directions)
+                estimates[k] = self._activity_estimate(k, guesses[k], derivatives, row)
+        inputs = (values or self._block_values(model, x, trace))[0]
+        grads = {}
+        for k, estimate in estimates.items():  # the block-output cotangent ĝ/N, through block k alone
+            pullback = _block_pullback(model, k, params, self._block_params[k], inputs[k], state)
+            grads.update(pullback(estimate / n))
+        return grads, trace
+
+    def _activity_tangents(self, group, guesses, rng):
+        """``Plan.perturb`` putting each block's guess at its output (random guesses drawn here)."""
+        def perturb(site):
+            if site.kind != "output" or site.block not in group:
+                return None
+            if site.block not in guesses:
+                guesses[site.block] = random_guess(self.guess, rng, site.shape, site.dtype)
+            guess = guesses[site.block]
+            return (_one_per_row(group.index(site.block), len(group), guess) if self.projection == "sample"
+                    else _every_example(guess))
+        return perturb
+
+    def _weight_guesses(self, model, params, labels, rng, state, values):
+        """{k: {name: guess}} — one weight-shaped guess per block, shared by the batch."""
+        if values is None:
+            return {k: {name: random_guess(self.guess, rng, params[name].shape, params[name].dtype)
+                        for name in names} for k, names in enumerate(self._block_params)}
+        inputs, outputs = values
+        guesses = {}
+        for k, activity_guess in self._aux_guesses(model, params, labels, rng, outputs).items():
+            # ∇_θ mean_n ℓ_aux,n = (block k's Jacobian)ᵀ (∇_y Σ_n ℓ_aux,n) / N
+            pullback = _block_pullback(model, k, params, self._block_params[k], inputs[k], state)
+            guesses[k] = pullback(activity_guess / len(labels))
+        return guesses
+
+    def _weight(self, model, params, x, labels, rng, state, values):
+        guesses = self._weight_guesses(model, params, labels, rng, state, values)
+        blocks = model.num_blocks
+        perturbed = dict(params)
+        for k, guess in guesses.items():
+            for name, g in guess.items():
+                perturbed[name] = Dual._make(value_of(params[name]), _one_per_row(k, blocks, g))
+        trace = model.forward(perturbed, x, labels, Plan(record_points=False), state)
+        grads = {}
+        for k, guess in guesses.items():
+            derivative = float(self._target_derivatives(model, params, trace, k, labels, blocks)[k].mean())
+            grads.update(_weight_projection(guess, derivative, self.eps, self.normalised))
+        return grads, trace
+
+    def _train_aux(self, model, params, outputs, labels):
+        """Plain SGD on the rule-owned trained aux nets' exact gradients (model heads are in the estimate)."""
+        if self._heads_are_aux:
+            return
+        for k in self._trained_blocks(model.num_blocks):
+            net = self._trained_net(model, params, k, outputs[k])
+            for name, g in net.param_gradients(outputs[k], labels).items():
+                self.state[name] = self.state[name] - self.aux_lr * g
