@@ -106,9 +106,9 @@ class FDFACNN(ConvNet):
 
     def __init__(self, input_shape=(1, 28, 28), num_classes=10, channels=(15, 40), hidden=128, batch_norm=True,
                  local_heads=False, init="kaiming_uniform"):
-        if len(tuple(channels)) != 2 or min(channels) < 1 or hidden < 1:
+        if numpy.shape(channels) != (2,) or min(channels) < 1 or hidden < 1:
             raise ValueError(f"cnn-fdfa: channels={channels!r} and hidden={hidden!r}; allowed: two positive conv "
-                             f"widths and a positive FC width")
+                             f"widths (e.g. --model-opt channels=[15,40]) and a positive FC width")
         c1, c2 = channels
         super().__init__(input_shape, num_classes, [(c1, 5, 0), (c2, 5, 0)], {1}, [hidden], batch_norm,
                          local_heads, init)

@@ -113,6 +113,7 @@ def test_resnet_skip_connection_is_added_before_the_last_relu(rng):
     ("cnn-fdfa", dict(input_shape=(1, 9, 9)), r"input_shape=\(1, 9, 9\) is too small .* at least 10x10"),
     ("cnn-baydin", dict(input_shape=(1, 3, 8)), r"input_shape=\(1, 3, 8\) is too small .* at least 4x4"),
     ("cnn-fdfa", dict(channels=(15,)), r"channels=\(15,\) and hidden=128; allowed: two positive conv widths"),
+    ("cnn-fdfa", dict(channels=15), r"channels=15 and hidden=128; allowed: two positive conv widths"),
     ("cnn-baydin", dict(hidden=0), "hidden=0 must be positive"),
 ])
 def test_invalid_options_name_the_option_value_and_what_is_allowed(name, options, message):
