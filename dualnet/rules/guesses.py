@@ -117,7 +117,7 @@ def span_projection(guesses, inner):
     xp = backend.namespace(guesses)
     flat = guesses.reshape(len(guesses), -1)
     cutoff = max(flat.shape) * float(xp.finfo(flat.dtype).eps)
-    coefficients = xp.linalg.pinv(flat @ flat.T, cutoff, True) @ inner  # [M, N]
+    coefficients = xp.linalg.pinv(flat @ flat.T, cutoff) @ inner  # [M, N] (CuPy's pinv takes (a, rcond) only)
     return (coefficients.T @ flat).reshape((inner.shape[1],) + guesses.shape[1:])
 
 
