@@ -177,17 +177,14 @@ def worker_dualnet(settings):
     backend.use("cupy")
 
     def time_case(name, options, input_shape, rule_name, batch):
+        cupy.get_default_memory_pool().free_all_blocks()  # the previous case's arrays are gone by now
         model, host_params = build(name, options, input_shape)
         params = {k: backend.to_device(v) for k, v in host_params.items()}
         x, y = (backend.to_device(a) for a in batch_data(input_shape, batch))
         rule, sgd, rng, state = rules.create(rule_name), optim.SGD(LR), backend.rng(0), model.init_state()
         rule.setup(model, params, 0)
-        try:
-            return timed(lambda: sgd.step(params, rule(model, params, x, y, rng, state).grads),
-                         cupy.cuda.Device().synchronize, settings["repeats"], settings["warmup"])
-        finally:
-            del params, x, y, rule
-            cupy.get_default_memory_pool().free_all_blocks()
+        return timed(lambda: sgd.step(params, rule(model, params, x, y, rng, state).grads),
+                     cupy.cuda.Device().synchronize, settings["repeats"], settings["warmup"])
     return {**measure_cases(settings, time_case), "device": _cupy_device()}
 
 
@@ -486,6 +483,7 @@ def worker_torch(settings):
     device = torch.device("cuda")
 
     def time_case(name, options, input_shape, rule_name, batch):
+        torch.cuda.empty_cache()  # the previous case's tensors are gone by now
         model, host_params = build(name, options, input_shape)
         estimators, arch = torch_estimators(model)
         estimate = estimators[rule_name]
@@ -503,11 +501,7 @@ def worker_torch(settings):
             with torch.no_grad():
                 for k, g in grads.items():
                     params[k].sub_(LR * g)
-        try:
-            return timed(step, torch.cuda.synchronize, settings["repeats"], settings["warmup"])
-        finally:
-            del params, x
-            torch.cuda.empty_cache()
+        return timed(step, torch.cuda.synchronize, settings["repeats"], settings["warmup"])
     return {**measure_cases(settings, time_case),
             "device": {"name": torch.cuda.get_device_name(0), "torch": torch.__version__}}
 

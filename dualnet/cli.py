@@ -8,7 +8,6 @@
     python -m dualnet info --model localmixer --config M/8/16 --input-shape 3,32,32
 """
 import argparse
-import dataclasses
 import difflib
 import json
 import os

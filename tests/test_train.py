@@ -23,12 +23,16 @@ def read_metrics(out):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("rule, optimizer_options", [("bp", None), ("lg-fg-a", None), ("fdfa", None),
-                                                    ("bp", {})])  # {}: plain SGD keeps no state
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny_config, rule, optimizer_options):
+@pytest.mark.parametrize("rule, optimizer_options, rule_options", [
+    ("bp", None, {}), ("lg-fg-a", None, {}), ("fdfa", None, {}),
+    ("fdfa", None, {"adam": True}),  # the feedback matrices' own Adam state is part of the rule's state
+    ("bp", {}, {})])  # {}: plain SGD keeps no state
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny_config, rule, optimizer_options,
+                                                         rule_options):
     pytest.importorskip("sklearn")
     if optimizer_options is not None:
         tiny_config = {**tiny_config, "optimizer_options": optimizer_options}
+    tiny_config = {**tiny_config, "rule_options": rule_options}
     full = Config(rule=rule, out=str(tmp_path / "full"), **tiny_config)
     train(full)
     split = Config(rule=rule, out=str(tmp_path / "split"), **{**tiny_config, "epochs": 1})

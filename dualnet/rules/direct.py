@@ -17,6 +17,7 @@ import numpy
 from .. import backend
 from ..nn import init as initialisers
 from ..nn.plan import Plan
+from ..optim import Adam
 from .base import Estimate, Rule, mean_value, output_error
 from .forward import _gaussian, _tangent
 
@@ -32,10 +33,26 @@ class DirectFeedback(Rule):
         self.kind, self.alpha, self.feedback_lr = kind, alpha, feedback_lr
         self.weight_decay, self.adam, self.directions = weight_decay, adam, directions
         self.seed = 0
-        self._adam = None
+        self._adam = Adam(lr=feedback_lr) if adam else None
 
     def setup(self, model, params, seed=0):
         self.seed, self.state = seed, {}
+        if self.adam:
+            self._adam = Adam(lr=self.feedback_lr)
+
+    def state_dict(self):
+        """The feedback matrices {'B.…': array}, and the Adam state of their updates under 'adam'."""
+        saved = super().state_dict()
+        if self._adam is not None:
+            saved["adam"] = self._adam.state_dict()
+        return saved
+
+    def load_state_dict(self, state):
+        state = dict(state)
+        adam = state.pop("adam", None)
+        super().load_state_dict(state)
+        if adam is not None:
+            self._adam.load_state_dict(adam)
 
     def _feedback(self, point, classes, dtype):
         key = f"B.{point.block}.{point.name}"
@@ -78,8 +95,5 @@ class DirectFeedback(Rule):
         if not self.adam:
             self.state[key] = (1 - self.alpha) * self.state[key] + self.alpha * sample
             return
-        from ..optim import Adam
-        if self._adam is None:
-            self._adam = Adam(lr=self.feedback_lr)
         residual = {key: self.state[key] - sample}
         self.state.update(self._adam.step({key: self.state[key]}, residual))

@@ -190,7 +190,7 @@ class WeightPerturbation(Rule):
     def estimate(self, model, params, x, labels, rng, state):
         k = self.directions
         names = sorted(name for name in params if not _is_head(model, name))
-        seeds = dict(zip(names, (int(s) for s in rng.integers(0, 2 ** 63 - 1, len(names)))))
+        seeds = dict(zip(names, rng.integers(0, 2 ** 63 - 1, len(names)).tolist()))  # one host transfer
         perturbed = _PerturbedParams(params, seeds, k)
         plan = _plan(self.local, record_points=False, record_outputs=self.local)  # local heads read the outputs
         trace = model.forward(perturbed, x, labels, plan, state)
