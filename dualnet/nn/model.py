@@ -104,7 +104,7 @@ class Model:
             if plan.contrastive and (plan.local_losses or k == self.num_blocks - 1):
                 local.append(self.contrastive_loss(k, params, h, plan.replicated, plan.temperature))
             elif plan.local_losses:
-                local.append(self.local_loss(k, params, h, labels, plan.replicated, plan.feedback))
+                local.append(self.local_loss(k, params, h, labels, plan.replicated, plan.feedback, ctx))
         if plan.contrastive:  # the online linear probe reads view 1 under stop-gradient
             h = ctx.stop(P.getitem(h, slice(0, value_of(h).shape[0] // 2)))
         features = self.pooled_features(ctx.stop(h) if plan.readout_stop_gradient else h)
@@ -124,10 +124,12 @@ class Model:
         features = trace.readout_input
         return {"head.weight": features.T @ error, "head.bias": error.sum(axis=0)}
 
-    def local_loss(self, k, params, h, labels, replicated, feedback=None):
+    def local_loss(self, k, params, h, labels, replicated, feedback=None, ctx=None):
         """Block k's local loss: replicas [N, P, G] or the pooled per-example loss [N].
 
-        ``feedback`` ({weight name: B}) sends the head's reverse pass through B (pooled loss only).
+        ``feedback`` ({weight name: B}) sends the head's reverse pass through B (pooled loss only);
+        ``ctx``: the pass's ``Context`` when called inside ``forward`` (heads with BatchNorm read
+        and update its running statistics; outside a pass they use batch statistics).
         """
         if not self.has_local_heads:
             raise ValueError(f"{self.name}: local losses need local heads; build the model with local_heads=True")

@@ -26,7 +26,6 @@ from .. import primitives as P
 from .aux_heads import KINDS, AuxHead
 from .cnn import check_image
 from .model import Model
-from .plan import Plan
 from .units import Running, Unit, identity
 
 STAGE_WIDTHS = (1, 1, 2, 2, 4, 4, 8, 8)  # basic block i has width·STAGE_WIDTHS[i] channels
@@ -128,7 +127,6 @@ class ResNet18(Model):
         features = self.layout[-1].layers[-1].c_out
         self.add_param("head.weight", (features, num_classes), features, init)
         self.add_param("head.bias", (num_classes,), features, init)
-        self._running = None
 
     @staticmethod
     def _validate(input_shape, blocks, width, aux, aux_width, aux_depth):
@@ -155,16 +153,6 @@ class ResNet18(Model):
                 state.update(unit.running_state(dtype))
             state.update(head.running_state(dtype))
         return state
-
-    def forward(self, params, x, labels=None, plan=None, state=None):
-        """``Model.forward``; the aux heads' BatchNorms read ``state`` too, and their updated
-        running statistics join ``trace.state``."""
-        plan = plan or Plan()
-        state = self.init_state() if state is None else state
-        self._running = Running(state, {}, plan.train)  # read by local_loss, during and after this pass
-        trace = super().forward(params, x, labels, plan, state)
-        trace.state.update(self._running.new_state)
-        return trace
 
     def couples_examples_after(self, block, plan):
         """Whether a later BatchNorm (in training mode) mixes the batch on the way from block
@@ -198,14 +186,14 @@ class ResNet18(Model):
                 points[0].mask = points[-1].mask
         return out
 
-    def local_loss(self, k, params, h, labels, replicated, feedback=None):
+    def local_loss(self, k, params, h, labels, replicated, feedback=None, ctx=None):
         """Block k's aux-net cross-entropy per example [N].
 
         An aux net reads the whole block output, so there are no per-patch or per-group replicas
         (Ren's replicated losses do not apply to CNNs): ``replicated=True`` gets the same loss as
         one replica per example, [N, 1, 1] — exactly the pooled loss.
         """
-        running = self._running or Running(self.init_state(), {}, True)
+        running = Running.of(ctx) if ctx is not None else Running(self.init_state(), {}, True)
         logits = self.aux_heads[k](params, h, running, feedback)
         loss = losses.cross_entropy(logits, labels, reduction="none")
         return P.reshape(loss, (-1, 1, 1)) if replicated else loss
