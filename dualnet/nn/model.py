@@ -229,7 +229,7 @@ def _weight_grads(fn, normalize, x, z, weights, norm_weights, names, norm_names)
             delta, *norm_grads = back(delta)
             grads.update(zip(norm_names, norm_grads))
         pullback = getattr(fn, "param_pullback", None)
-        if pullback is not None and len(weights) == 2:
+        if pullback is not None:  # [W̄, b̄]; a layer without a bias takes W̄ only
             grads.update(zip(names, pullback(x, delta)))
         else:
             _, back = autodiff.vjp(lambda *w: fn(x, *w), *weights)
