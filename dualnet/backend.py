@@ -114,40 +114,6 @@ def rng(seed=None):
     return xp.random.default_rng(seed)
 
 
-PARALLEL_DRAW_MIN = 1 << 16
-"""NumPy draws of at least this many numbers are split in two halves drawn on two threads."""
-_draw_pool = None
-
-
-def standard_normal(generator, shape, dtype):
-    """N(0, 1) draws of ``shape`` generated directly in ``dtype`` from ``generator``.
-
-    A large draw from a NumPy Generator fills its two halves on two threads (NumPy releases the
-    GIL while filling), each from its own child of ``generator`` (``Generator.spawn``): the
-    numbers depend only on the generator's state and the shape, never on timing.  If the helper
-    thread has not started by the time the first half is done, the caller draws the second half
-    itself.  CuPy generators draw on the GPU in one call.
-    """
-    global _draw_pool
-    shape = tuple(shape)
-    size = int(numpy.prod(shape))
-    if not isinstance(generator, numpy.random.Generator) or size < PARALLEL_DRAW_MIN:
-        return generator.standard_normal(shape, dtype=dtype)
-    if _draw_pool is None:
-        import concurrent.futures
-        _draw_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dualnet-draw")
-    first, second = generator.spawn(2)
-    out = numpy.empty(size, dtype)
-    half = size // 2
-    pending = _draw_pool.submit(second.standard_normal, dtype=dtype, out=out[half:])
-    first.standard_normal(dtype=dtype, out=out[:half])
-    if pending.cancel():
-        second.standard_normal(dtype=dtype, out=out[half:])
-    else:
-        pending.result()
-    return out.reshape(shape)
-
-
 def scatter_add(target, index, values):
     """``target[index] += values`` with repeated indices accumulated (NumPy ``add.at``)."""
     module = namespace(target)

@@ -41,7 +41,7 @@ def _tangent(x, k):
 
 def _gaussian(rng, k, shape, dtype):
     """Standard normal draws [K, *shape] generated directly in ``dtype`` (float32 or float64)."""
-    return backend.standard_normal(rng, (k,) + tuple(shape), dtype)
+    return rng.standard_normal((k,) + tuple(shape), dtype=dtype)
 
 
 def _seeded_noise(seed, k, kind):
