@@ -71,7 +71,7 @@ def _normalize(value, tangent, bias, bias_tangent, shift, shift_tangent, groups,
         v = value[(g * rows + m) * width:(g * rows + m + 1) * width]
         b = bias[g * width:(g + 1) * width]
         o = out[flat * width:(flat + 1) * width]
-        s = shift[flat * width:(flat + 1) * width] if has_shift else o
+        s = shift[flat * width:(flat + 1) * width] if has_shift else v  # never o: an alias would stop vectorising
         mean = _sum(v, b) / width
         std = np.sqrt(_centred_squares(v, b, mean) / width + eps)
         inverse = 1.0 / std
