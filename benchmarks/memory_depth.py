@@ -14,6 +14,7 @@ what the *method* needs on top of the model.  Prints a JSON object and writes
 """
 import argparse
 import json
+import os
 import time
 import tracemalloc
 
@@ -64,8 +65,13 @@ def plot(result, depths, path):
     for name in RULES:
         memory.plot(depths, [result[f"{name}_{d}"]["peak_mb"] for d in depths], marker="o", label=name)
         speed.plot(depths, [result[f"{name}_{d}"]["ms"] for d in depths], marker="o", label=name)
-    memory.set(xlabel="layers", ylabel="peak memory beyond params+grads (MB)", xscale="log")
-    speed.set(xlabel="layers", ylabel="ms per step", xscale="log")
+    memory.set(ylabel="peak memory beyond params+grads (MB)")
+    speed.set(ylabel="ms per step")
+    for axes in (memory, speed):
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(depths, [str(d) for d in depths])
+        axes.minorticks_off()
+        axes.set_xlabel("layers")
     memory.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -74,7 +80,8 @@ def plot(result, depths, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="memory_depth.png")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory_depth.png"),
+                        help="the plot (default: beside this script, shown in benchmarks/README.md)")
     args = parser.parse_args()
     depths = [2, 4, 8, 16, 32]
     repeats = 1 if args.quick else 3
