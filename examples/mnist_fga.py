@@ -28,9 +28,20 @@ def pick_dataset(name, data_dir):
     except data.DataError as error:
         bar = "!" * 78
         print(f"{bar}\n{name} is not available here:\n{error}\n\nFalling back to the bundled 'digits' dataset "
-              f"(1,797 real 8x8 handwritten digits from scikit-learn) so the example still runs.\n{bar}",
-              file=sys.stderr)
+              f"(1,797 real 8x8 handwritten digits from scikit-learn) so the example still runs.{_other_hint(name)}"
+              f"\n{bar}", file=sys.stderr)
         return "digits"
+
+
+def _other_hint(name):
+    """Point at Fashion-MNIST when MNIST is missing but Fashion-MNIST is on disk (e.g. Debian's package)."""
+    if name != "mnist":
+        return ""
+    try:
+        data.load("fashion-mnist", download=False)
+    except data.DataError:
+        return ""
+    return "\nFashion-MNIST is on this machine: `python examples/mnist_fga.py --dataset fashion-mnist` uses it."
 
 
 def run(rule, args, dataset, out):

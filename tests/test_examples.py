@@ -3,6 +3,7 @@
 Every ``CHECK`` line an example prints must end in ``OK``, and the checks that carry each
 example's message must be among them.
 """
+import os
 import pathlib
 import subprocess
 import sys
@@ -42,3 +43,21 @@ def test_example_prints_its_conclusions(name):
         assert any(line.startswith(fragment) for line in checks), f"{name} did not print {fragment!r}"
     assert result.stdout.rstrip().endswith("ALL CHECKS OK")
 
+
+
+def test_mnist_fga_falls_back_to_digits_when_mnist_is_missing_and_offline(tmp_path):
+    """The README's first command on a fresh offline machine: it says loudly that MNIST is missing
+    and what to do, then still trains LG-FG-A and BP end to end on the bundled digits."""
+    pytest.importorskip("sklearn")
+    env = {**os.environ, "DUALNET_OFFLINE": "1", "DUALNET_DATA": str(tmp_path / "empty"),
+           "XDG_CACHE_HOME": str(tmp_path / "cache"), "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, str(EXAMPLES / "mnist_fga.py"), "--epochs", "2", "--out",
+                             str(tmp_path / "run")], capture_output=True, text=True, timeout=180, env=env,
+                            cwd=EXAMPLES.parent)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "mnist is not available here" in result.stderr and "--data-dir" in result.stderr
+    assert "Falling back to the bundled 'digits' dataset" in result.stderr
+    assert "LocalMixer M/1/16 on digits" in result.stdout
+    errors = [float(line.split("test error")[1].split("%")[0]) for line in result.stdout.splitlines()
+              if line.lstrip().startswith(("LG-FG-A", "BP "))]
+    assert len(errors) == 2 and max(errors) < 60, result.stdout  # 10 classes: chance is 90% error
