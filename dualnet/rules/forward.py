@@ -118,13 +118,14 @@ class ActivityPerturbation(Rule):
         derivatives = {}
 
         def layer_grads(point, u):
-            if point.block not in derivatives:
-                derivatives[point.block] = self._loss_derivatives(model, plan, trace, point.block)
-            d = expand_replicas(derivatives[point.block], point.h.shape, point.replica)
-            site_grad = (d * u).mean(axis=0) / n
+            if point.block not in derivatives:  # scaled by 1/(K·N): the mean over directions and examples
+                derivatives[point.block] = self._loss_derivatives(model, plan, trace, point.block) / (len(u) * n)
+            products = expand_replicas(derivatives[point.block], point.h.shape, point.replica) * u  # [K, N, ...]
+            site_grad = products[0] if len(u) == 1 else products.sum(axis=0)
             # 'pre': the ReLU-sparsity trick (zero where the unit is off, unbiased since the true
             # gradient is zero there); 'post': the chain rule from the post-activation back to h.
-            return point.weight_grads(site_grad * point.mask, through_norm=self.norm_grad)
+            site_grad *= point.mask
+            return point.weight_grads(site_grad, through_norm=self.norm_grad)
 
         grads = {}
         if recompute:  # the same values again; each layer is used and dropped, its noise drawn again
