@@ -9,6 +9,7 @@ checkpoint at the last finished step; a NaN/inf loss stops the run (``TrainingDi
 naming the step) and leaves the last good checkpoint untouched.
 """
 import dataclasses
+import inspect
 import json
 import os
 import sys
@@ -78,10 +79,13 @@ def prepare_data(config):
 
 
 def build_model(config, dataset):
+    """The model of ``config`` for ``dataset``'s input shape and classes; local rules get local
+    heads on models where they are optional (mlp, cnn-fdfa, cnn-baydin)."""
     options = dict(config.model_options)
     options.setdefault("input_shape", dataset.input_shape)
     options.setdefault("num_classes", dataset.num_classes)
-    if config.model == "mlp" and config.rule in LOCAL_RULES:
+    model_class = models.MODELS.get(config.model)
+    if config.rule in LOCAL_RULES and model_class and "local_heads" in inspect.signature(model_class).parameters:
         options.setdefault("local_heads", True)
     return models.create(config.model, **options)
 

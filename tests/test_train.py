@@ -3,12 +3,13 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 
 from dualnet import backend, cli
-from dualnet.train import Config, TrainingDiverged, load_checkpoint, train
+from dualnet.train import Config, TrainingDiverged, build_model, load_checkpoint, train
 
 
 @pytest.fixture
@@ -157,3 +158,12 @@ def test_missing_dataset_is_one_clear_error(tmp_path, capsys, monkeypatch):
     code = cli.main(["train", "--dataset", "cifar10", "--out", str(tmp_path / "run")])
     assert code == 1
     assert "--data-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model, local", [("mlp", True), ("cnn-baydin", True), ("mlp", False)])
+def test_local_rules_get_local_heads_where_they_are_optional(model, local):
+    dataset = types.SimpleNamespace(input_shape=(1, 8, 8), num_classes=10)
+    config = Config(model=model, rule="lg-fg-a" if local else "fg-a")
+    assert build_model(config, dataset).has_local_heads is local
+    explicit = Config(model=model, rule="lg-fg-a", model_options={"local_heads": False})
+    assert not build_model(explicit, dataset).has_local_heads  # an explicit choice is kept
