@@ -13,7 +13,9 @@ exact gradients from their own layer alone ("always backprop" for the last layer
   at the site is d·u ⊙ relu_mask, pulled back through the exact norm Jacobian (``norm_grad``;
   False is the paper's "NG") and turned into ΔW = xᵀδ / N by the layer alone.  Where a later
   BatchNorm mixes the batch (``model.couples_examples_after``), example n's units reach every
-  example's loss, so d_n is replaced by the batch total Σ_m d_m (unbiased, higher variance).
+  example's loss, so d_n is replaced by the batch total Σ_m d_m (unbiased, higher variance);
+  ``batch_coupling='own'`` keeps d_n there (lower variance, biased: it misses the cross-example
+  terms of the batch statistics).
   ``memory='recompute'``: the forward-mode pass keeps no layer; each site's noise comes from its
   own seed, and once the loss tangents are known a second, value-only pass regenerates every
   layer's input, mask and noise and forms its update on the spot — the same estimate, one more
@@ -91,8 +93,12 @@ class ActivityPerturbation(Rule):
     """FG-A (``local=False``) and LG-FG-A (``local=True``)."""
 
     def __init__(self, local=False, directions=1, norm_grad=True, site="pre", contrastive=False, temperature=0.5,
-                 memory="store", diagnostics=False):
+                 memory="store", batch_coupling="total", diagnostics=False):
         super().__init__(diagnostics)
+        if batch_coupling not in ("total", "own"):
+            raise ValueError(f"fg-a: batch_coupling={batch_coupling!r}; allowed: 'total' (Σ_m d_m where a later "
+                             f"BatchNorm mixes the batch; unbiased) or 'own' (d_n only; biased, lower variance)")
+        self.batch_coupling = batch_coupling
         self.contrastive, self.temperature = contrastive, temperature
         if memory not in ("store", "recompute"):
             raise ValueError(f"fg-a: memory={memory!r}; allowed: 'store' (keep every layer for the update) or "
@@ -150,7 +156,7 @@ class ActivityPerturbation(Rule):
     def _loss_derivatives(self, model, plan, trace, block):
         """d [K, N] (or replicas [K, N, P, G]) that block ``block``'s noise reaches."""
         d = _tangent(trace.local_losses[block] if self.local else trace.loss, self.directions)
-        if model.couples_examples_after(block, plan):  # E[d_m u_n] = ∂ℓ_m/∂h_n ≠ 0 for m ≠ n
+        if self.batch_coupling == "total" and model.couples_examples_after(block, plan):  # E[d_m u_n] = ∂ℓ_m/∂h_n
             d = backend.namespace(d).broadcast_to(d.sum(axis=1, keepdims=True), d.shape)
         if self.contrastive:  # replica derivatives reach the units of both views
             d = backend.namespace(d).concatenate([d, d], axis=1)

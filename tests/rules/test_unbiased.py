@@ -117,3 +117,26 @@ def test_fg_a_without_norm_gradient_is_biased_toward_the_norm_free_chain_rule(ti
     # the same samples reject the BP gradient by far more than the unbiasedness tests' threshold
     against_bp = monte_carlo.t_statistics(samples, exact, floor)
     assert min(t for name, t in against_bp.items() if name.endswith(".weight")) > 10 * T_MAX, against_bp
+
+
+def test_own_batch_coupling_is_the_biased_per_example_estimator(tiny, monte_carlo):
+    """``batch_coupling='own'`` keeps each example's own d_n under a later BatchNorm: the lower-variance
+    estimator that misses the batch statistics' cross-example terms.  Without BatchNorm it is the
+    default estimator exactly; with it, its mean is rejected as the BP gradient (t far above T_MAX)."""
+    plain, coupled = tiny.mlp(), tiny.mlp(batch_norm=True)
+    params = tiny.params(plain)
+    x, labels = tiny.batch(plain, 4)
+    own, total = rules.create("fg-a", batch_coupling="own"), rules.create("fg-a")
+    a, b = (rule(plain, params, x, labels, np.random.default_rng(5)).grads for rule in (own, total))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    params = tiny.params(coupled)
+    state = coupled.init_state(np.float64)
+    exact, _ = exact_gradients(coupled, params, x, labels, "global", state)
+    rule = rules.create("fg-a", batch_coupling="own", directions=2000)
+    samples = monte_carlo.samples(rule, coupled, params, x, labels, CALLS, state)
+    floor = 1e-9 * max(float(np.abs(g).max()) for g in exact.values())
+    t = monte_carlo.t_statistics(backbone(coupled, samples, tiny), exact, floor)
+    assert max(t.values()) > 10 * T_MAX, t
+    with pytest.raises(ValueError, match="batch_coupling='mixed'.*'total'.*'own'"):
+        rules.create("fg-a", batch_coupling="mixed")
