@@ -4,6 +4,8 @@
     python benchmarks/reproduce/run.py fdfa --dataset fashion-mnist --layers 3 --epochs 3
     # Ren et al. (LocalMixer) Table 3 rows, REFERENCE.md §1.1
     python benchmarks/reproduce/run.py ren --dataset fashion-mnist --config S/1/1 --epochs 3
+    # one rule with an option
+    python benchmarks/reproduce/run.py fdfa --layers 3 --epochs 10 --rules fg-a --rule-opt batch_coupling=own
 
 Each rule is trained with the paper's optimiser settings (FDFA: Adam, lr 1e-4 weights and
 feedback, batch 64, inputs in [-1, 1], ×0.95 per epoch; FG-W lr 1e-3.  Ren: SGD lr 0.01,
@@ -13,6 +15,7 @@ numbers are printed next to the paper's as a markdown table (also written to ``-
 import argparse
 import os
 
+from dualnet.cli import _key_values as key_values
 from dualnet.train import Config, train
 
 FDFA_RULES = ["bp", "fg-w", "fg-a", "lg-fg-a", "dfa", "dkp", "fdfa"]
@@ -36,21 +39,26 @@ REN_PAPER = {  # MNIST test error %, config -> rule -> error
 DATASET_COLUMN = {"mnist": 0, "fashion-mnist": 1, "cifar10": 2}
 
 
+def _run_name(prefix, rule, args):
+    return f"{prefix}-{rule}" + "".join(f"-{key}={value}" for key, value in sorted(args.rule_options.items()))
+
+
 def fdfa_config(rule, args):
     options = {"hidden": 1000 if args.dataset == "cifar10" else 800, "layers": args.layers,
                "batch_norm": rule != "fg-w"}  # FG-W without BatchNorm (DESIGN.md §4)
     rule_options = {"feedback_lr": 1e-4} if rule in ("dkp", "fdfa") else {}
-    return Config(model="mlp", model_options=options, rule=rule, rule_options=rule_options, dataset=args.dataset,
-                  data_dir=args.data_dir, epochs=args.epochs, batch_size=64, optimizer="adam",
+    return Config(model="mlp", model_options=options, rule=rule, rule_options={**rule_options, **args.rule_options},
+                  dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs, batch_size=64, optimizer="adam",
                   lr=1e-3 if rule == "fg-w" else 1e-4, schedule="epoch_decay", normalize="symmetric",
-                  seed=args.seed, train_limit=args.train_limit, out=os.path.join(args.out, f"fdfa-{rule}"))
+                  seed=args.seed, train_limit=args.train_limit, out=os.path.join(args.out, _run_name("fdfa", rule, args)))
 
 
 def ren_config(rule, args):
-    return Config(model="localmixer", model_options={"config": args.config}, rule=rule, dataset=args.dataset,
-                  data_dir=args.data_dir, epochs=args.epochs, batch_size=128, optimizer="sgd", lr=0.01,
-                  optimizer_options={"momentum": 0.9}, schedule="linear", seed=args.seed,
-                  train_limit=args.train_limit, out=os.path.join(args.out, f"ren-{rule}"))
+    return Config(model="localmixer", model_options={"config": args.config}, rule=rule,
+                  rule_options=dict(args.rule_options), dataset=args.dataset, data_dir=args.data_dir,
+                  epochs=args.epochs, batch_size=128, optimizer="sgd", lr=0.01, optimizer_options={"momentum": 0.9},
+                  schedule="linear", seed=args.seed, train_limit=args.train_limit,
+                  out=os.path.join(args.out, _run_name("ren", rule, args)))
 
 
 def main():
@@ -64,8 +72,11 @@ def main():
     parser.add_argument("--rules", help="comma-separated subset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-limit", type=int, default=0)
+    parser.add_argument("--rule-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option for every rule of the run, e.g. --rules fg-a --rule-opt batch_coupling=own")
     parser.add_argument("--out", default="runs/reproduce")
     args = parser.parse_args()
+    args.rule_options = key_values(args.rule_opt, "--rule-opt")
     if args.table == "fdfa":
         names = [r for r in FDFA_RULES if (args.layers, r) in FDFA_PAPER]
         make, title = fdfa_config, f"FDFA fully-connected, {args.layers} layers, {args.dataset}"
@@ -80,7 +91,8 @@ def main():
              "| rule | test acc % | train acc % | paper | wall s |", "|---|---|---|---|---|"]
     for rule in names:
         s = train(make(rule, args))
-        lines.append(f"| {rule} | {100 * s['test_acc']:.2f} | {100 * (1 - s['train_error']):.2f} | {paper(rule)} "
+        label = rule + "".join(f" {key}={value}" for key, value in sorted(args.rule_options.items()))
+        lines.append(f"| {label} | {100 * s['test_acc']:.2f} | {100 * (1 - s['train_error']):.2f} | {paper(rule)} "
                      f"| {s['wall_s']:.0f} |")
         print(lines[-1], flush=True)
     os.makedirs(args.out, exist_ok=True)
