@@ -95,22 +95,21 @@ class ActivityPerturbation(Rule):
     def __init__(self, local=False, directions=1, norm_grad=True, site="pre", contrastive=False, temperature=0.5,
                  memory="store", batch_coupling="total", diagnostics=False):
         super().__init__(diagnostics)
-        if batch_coupling not in ("total", "own"):
-            raise ValueError(f"fg-a: batch_coupling={batch_coupling!r}; allowed: 'total' (Σ_m d_m where a later "
-                             f"BatchNorm mixes the batch; unbiased) or 'own' (d_n only; biased, lower variance)")
-        self.batch_coupling = batch_coupling
-        self.contrastive, self.temperature = contrastive, temperature
-        if memory not in ("store", "recompute"):
-            raise ValueError(f"fg-a: memory={memory!r}; allowed: 'store' (keep every layer for the update) or "
-                             f"'recompute' (a second, value-only pass; peak memory flat in depth)")
-        self.memory = memory
         if contrastive and not local:
             raise ValueError("fg-a: contrastive=True is Ren's local setting; use lg-fg-a")
         if site not in ("pre", "post"):
             raise ValueError(f"fg-a: site={site!r}; allowed: 'pre' (normalised pre-activation) or 'post'")
         if directions < 1:
             raise ValueError(f"fg-a: directions={directions} must be >= 1")
+        if memory not in ("store", "recompute"):
+            raise ValueError(f"fg-a: memory={memory!r}; allowed: 'store' (keep every layer for the update) or "
+                             f"'recompute' (a second, value-only pass; peak memory flat in depth)")
+        if batch_coupling not in ("total", "own"):
+            raise ValueError(f"fg-a: batch_coupling={batch_coupling!r}; allowed: 'total' (Σ_m d_m where a later "
+                             f"BatchNorm mixes the batch; unbiased) or 'own' (d_n only; biased, lower variance)")
         self.local, self.directions, self.norm_grad, self.site = local, directions, norm_grad, site
+        self.contrastive, self.temperature = contrastive, temperature
+        self.memory, self.batch_coupling = memory, batch_coupling
         self.target = "local-greedy" if local else "global"
 
     def estimate(self, model, params, x, labels, rng, state):
