@@ -71,6 +71,7 @@ from .. import autodiff, backend, losses
 from .. import primitives as P
 from ..dual import Dual
 from ..nn import init as initialisers
+from ..nn.aux_heads import POOL  # images are pooled to POOL × POOL before an aux net's linear layers
 from ..nn.conv import adaptive_avg_pool2d, conv2d, flatten
 from ..nn.layers import layer_norm, linear, value_of
 from ..nn.model import ParamSpec
@@ -84,7 +85,6 @@ TARGETS = ("global", "local", "intermediate")
 SPACES = ("activity", "weight")
 PROJECTIONS = ("sample", "span")
 AUX_NETS = (None, "linear", "mlp", "cnn")
-POOL = 2  # images are pooled to a POOL × POOL grid before an aux net's linear layers
 DEFAULT_AUX_WIDTH = {"linear": None, "mlp": 1024, "cnn": 32}  # the paper's choices (appendix A.2)
 
 
