@@ -5,7 +5,8 @@ With e = ∂L/∂y the error at the output logits [N, classes] (exact), every hi
 read-out gets its exact gradient.  B_l is [classes, units_l]:
 
 * DFA: fixed random (Kaiming-uniform);
-* DKP: starts at 0 and learns B_l ← B_l − η_B (eᵀ h_l + λ B_l) (Kolen-Pollack, direct);
+* DKP: starts at 0 and learns B_l ← B_l − η_B (eᵀ h_l + λ B_l) (Kolen-Pollack, direct), or by
+  Adam on that gradient (``adam=True``, the authors' code: Adam 1e-4 for the feedback matrices);
 * FDFA: starts at 0 and learns the output Jacobian from forward gradients: one forward pass
   perturbs every hidden post-activation with u_l ~ N(0, I) per example; the output tangent is
   d = Σ_m J_m u_m, and B_l ← (1−α) B_l + α mean_n(d_n u_{l,n}ᵀ) (an EMA, unbiased for E[J_l]
@@ -30,6 +31,9 @@ class DirectFeedback(Rule):
             raise ValueError(f"direct feedback: kind={kind!r}; allowed: 'dfa', 'dkp', 'fdfa'")
         if not 0 < alpha <= 1:
             raise ValueError(f"fdfa: alpha={alpha} must be in (0, 1]")
+        if adam and kind == "dfa":
+            raise ValueError("dfa: adam=True has nothing to train (DFA's feedback matrices are fixed); "
+                             "allowed with 'dkp' and 'fdfa'")
         self.kind, self.alpha, self.feedback_lr = kind, alpha, feedback_lr
         self.weight_decay, self.adam, self.directions = weight_decay, adam, directions
         self.seed = 0
@@ -86,14 +90,17 @@ class DirectFeedback(Rule):
             grads.update(point.weight_grads(delta))
             if self.kind == "dkp":
                 activity = point.post.reshape(n, -1)
-                self.state[key] = self.state[key] - self.feedback_lr * (
-                    error.T @ activity + self.weight_decay * self.state[key])
+                self._descend(key, error.T @ activity + self.weight_decay * self.state[key], self.feedback_lr)
         return Estimate(grads, mean_value(trace.loss), trace.state)
 
     def _learn_jacobian(self, key, sample):
-        """FDFA's update of B toward the one-sample Jacobian estimate ``sample`` = mean_n d_n u_nᵀ."""
-        if not self.adam:
-            self.state[key] = (1 - self.alpha) * self.state[key] + self.alpha * sample
-            return
-        residual = {key: self.state[key] - sample}
-        self.state.update(self._adam.step({key: self.state[key]}, residual))
+        """FDFA: B toward the one-sample Jacobian estimate ``sample`` = mean_n d_n u_nᵀ (the residual's step)."""
+        self._descend(key, self.state[key] - sample, self.alpha)
+
+    def _descend(self, key, gradient, rate):
+        """One step of B along −``gradient``: Adam with rate ``feedback_lr`` (``adam=True``), else
+        B − rate·gradient (for FDFA with rate α this is the EMA (1−α)B + α·sample)."""
+        if self.adam:
+            self.state.update(self._adam.step({key: self.state[key]}, {key: gradient}))
+        else:
+            self.state[key] = self.state[key] - rate * gradient

@@ -43,3 +43,26 @@ def test_update_is_a_descent_direction_but_not_the_gradient(name, tiny):
 def test_backprop_passes_the_same_measurement_with_cosine_one(tiny):
     cosines = cosines_after_training("bp", tiny)
     assert min(cosines.values()) > 1 - 1e-12, cosines
+
+
+def test_dkp_with_adam_takes_adam_steps_on_the_kolen_pollack_gradient(tiny):
+    """``adam=True``: DKP's B moves by Adam on eᵀh_l — its first step is lr·g/(|g| + ε) per entry
+    (Adam's bias-corrected moments are g and g²), ±lr but for the ε — not by SGD (−lr·g)."""
+    model = tiny.mlp(hidden=16)
+    params = model.init(0, dtype=np.float64)
+    x, labels = tiny.teacher(model, 32)
+    steps = {}
+    for adam in (False, True):
+        rule = rules.create("dkp", adam=adam, feedback_lr=1e-3)
+        rule.setup(model, params, 0)
+        rule(model, params, x, labels, np.random.default_rng(0))
+        steps[adam] = {key: value for key, value in rule.state.items() if key.startswith("B.")}
+    for key, moved in steps[True].items():
+        gradient = -steps[False][key] / 1e-3  # B started at 0: SGD's B is −lr·g
+        np.testing.assert_allclose(moved, -1e-3 * gradient / (np.abs(gradient) + 1e-8), rtol=1e-9, atol=1e-15)
+        assert np.std(np.abs(gradient[gradient != 0])) > 0  # so the two steps differ
+
+
+def test_dfa_refuses_adam_it_has_nothing_to_train():
+    with pytest.raises(ValueError, match="dfa: adam=True has nothing to train"):
+        rules.create("dfa", adam=True)
