@@ -39,7 +39,7 @@ class ConvNet(Model):
         super().__init__()
         check_image(self.name, input_shape)
         self.input_shape, self.num_classes = tuple(input_shape), num_classes
-        self.has_local_heads, self.pools = local_heads, frozenset(pools)
+        self.has_local_heads, self.pools, self.use_batch_norm = local_heads, frozenset(pools), batch_norm
         channels, self.units = self.input_shape[0], []
         for width, kernel, padding in convs:
             self.units.append(Unit(f"blocks.{len(self.units)}.conv", channels, width, kernel, padding=padding,
@@ -81,10 +81,6 @@ class ConvNet(Model):
     def init_state(self, dtype=backend.DEFAULT_DTYPE):
         """BatchNorm running (mean, variance) per layer: ``state['blocks.{k}.{conv|linear}.bn']``."""
         return {key: value for unit in self.units for key, value in unit.running_state(dtype).items()}
-
-    def couples_examples_after(self, block, plan):
-        """The BatchNorms of later blocks mix the batch (training mode, without a greedy stop)."""
-        return self.units[0].norm and plan.train and not plan.greedy and block < self.num_blocks - 1
 
     def embed(self, x):
         return x

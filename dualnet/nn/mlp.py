@@ -45,11 +45,6 @@ class MLP(Model):
         return {f"blocks.{k}.bn": (xp.zeros(self.hidden_width, dtype), xp.ones(self.hidden_width, dtype))
                 for k in range(self.num_blocks)} if self.use_batch_norm else {}
 
-    def couples_examples_after(self, block, plan):
-        """Block k's units reach every example's loss through the BatchNorm of blocks k+1, ... (in
-        training mode, unless a greedy plan stops the path at the next block's input)."""
-        return self.use_batch_norm and plan.train and not plan.greedy and block < self.num_blocks - 1
-
     def embed(self, x):
         return P.reshape(x, (x.shape[0], -1))
 

@@ -50,6 +50,7 @@ class Model:
     name = "model"
     num_blocks = 0
     has_local_heads = False
+    use_batch_norm = False  # a BatchNorm in every block (see ``couples_examples_after``)
 
     def __init__(self):
         self.specs = {}
@@ -160,8 +161,11 @@ class Model:
     def couples_examples_after(self, block, plan):
         """Whether the loss of one example depends on other examples' units of ``block`` (a later
         BatchNorm in training mode mixes the batch).  Then the per-example loss derivative d_n no
-        longer isolates example n's path, and FG-A must use the batch total Σ_m d_m to stay unbiased."""
-        return False
+        longer isolates example n's path, and FG-A must use the batch total Σ_m d_m to stay unbiased.
+
+        With a BatchNorm in every block (``use_batch_norm``): the later blocks' BatchNorms, in training
+        mode, unless a greedy plan stops the path at the next block's input."""
+        return self.use_batch_norm and plan.train and not plan.greedy and block < self.num_blocks - 1
 
     # --- hidden layers -----------------------------------------------------------------
     def hidden(self, ctx, k, name, fn, x, params, param_names, normalize=None, norm_param_names=(),
