@@ -2,39 +2,75 @@
 
     python -m dualnet train --model localmixer --config M/1/16 --rule lg-fg-a --dataset mnist \\
         --epochs 5 --batch-size 128 --optimizer sgd --lr 0.01 --out runs/fga
-    python -m dualnet train --resume runs/fga --epochs 10
+    python -m dualnet train --resume runs/fga --epochs 10       # extend to 10 epochs in all
     python -m dualnet compare --rules bp,fg-a,lg-fg-a,fdfa --model mlp --dataset fashion-mnist --epochs 2
     python -m dualnet list
     python -m dualnet info --model localmixer --config M/8/16 --input-shape 3,32,32
+
+Every error is one line on stderr and a non-zero exit (1; 2 for a malformed command line; 130
+after Ctrl-C, which writes a checkpoint first).
 """
 import argparse
 import difflib
+import inspect
 import json
+import math
 import os
 import sys
 
-from . import backend, data, models, rules
+from . import backend, data, models, optim, rules
 from .nn.localmixer import CONFIGS
-from .train import Config, TrainingDiverged, train
+from .train import SCHEDULES, Config, Interrupted, RunError, default_out, epoch_line, read_config, train
 
 MODEL_FLAGS = {"config": str, "hidden": int, "layers": int, "blocks": int, "patches": int, "channels": int,
                "groups": int, "aux": str}
+RESUME_FLAGS = {"resume", "epochs", "lr", "device", "max_steps", "progress"}
+"""What ``train --resume`` accepts; any other flag given with it is refused by name."""
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
-def _parse_value(text):
+# ---------------------------------------------------------------------------------------
+# values
+# ---------------------------------------------------------------------------------------
+def parse_option(owner, key, text, default):
+    """``text`` parsed as the type of the option's ``default``: bool (true/false/1/0/yes/no, any
+    case), int, float, str; an option without a typed default takes JSON (``[15,40]``) or text."""
+    kind = type(default)
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in TRUE or lowered in FALSE:
+            return lowered in TRUE
+        raise ValueError(f"{owner} option {key}={text!r}: expected a boolean (true/false, 1/0, yes/no)")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{owner} option {key}={text!r}: expected an integer") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{owner} option {key}={text!r}: expected a number") from None
+    if kind is str:
+        return text
     try:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
 
 
-def _key_values(pairs, flag):
+def key_values(pairs, flag, owner, accepted):
+    """``KEY=VALUE`` pairs of ``flag`` parsed against ``accepted`` ({option: default})."""
     options = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"{flag}: expected key=value, got {pair!r}")
+            raise ValueError(f"{flag}: expected KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
-        options[key.replace("-", "_")] = _parse_value(value)
+        key = key.strip().replace("-", "_")
+        if key not in accepted:
+            valid = ", ".join(accepted) or "(none)"
+            raise ValueError(f"{flag} {key}: {owner} has no such option; valid: {valid}")
+        options[key] = parse_option(owner, key, value, accepted[key])
     return options
 
 
@@ -45,79 +81,218 @@ def _check_name(kind, name, valid):
         raise SystemExit(f"unknown {kind} {name!r}; valid: {', '.join(valid)}.{hint}")
 
 
+def _whole(minimum):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+    parse.__name__ = f"whole number >= {minimum}"
+    return parse
+
+
+def _rate(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# the parser
+# ---------------------------------------------------------------------------------------
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default (where it has one) and keeps the description's layout."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = not (action.default is None or action.default is False or action.default == argparse.SUPPRESS)
+        if shown and action.option_strings and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _add_run_arguments(parser):
-    parser.add_argument("--model", default="mlp")
+    parser.add_argument("--model", default="mlp", help=f"one of: {', '.join(models.names())}")
     for flag, kind in MODEL_FLAGS.items():
-        parser.add_argument(f"--{flag}", type=kind, help=f"model option {flag}")
-    parser.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="any other model option")
+        parser.add_argument(f"--{flag}", type=kind, help=f"model option {flag}" + (
+            f" (localmixer: {', '.join(CONFIGS)})" if flag == "config" else ""))
+    parser.add_argument("--model-opt", action="append", metavar="KEY=VALUE",
+                        help="any other model option, parsed by the option's type")
     parser.add_argument("--rule-opt", action="append", metavar="KEY=VALUE",
-                        help="rule option, e.g. directions=4, norm_grad=false, alpha=0.1")
-    parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--data-dir")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--optimizer", default="sgd")
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--momentum", type=float)
-    parser.add_argument("--weight-decay", type=float)
-    parser.add_argument("--schedule", default="constant")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--normalize", default="standardize", choices=data.NORMALIZATIONS)
-    parser.add_argument("--train-limit", type=int, default=0, help="use only the first N training examples")
-    parser.add_argument("--diagnostics", action="store_true", help="log cosine to the exact gradient")
+                        help="rule option, parsed by its type: e.g. directions=4, norm_grad=false, alpha=0.1")
+    parser.add_argument("--dataset", default="digits", help=f"one of: {', '.join(data.available())}")
+    parser.add_argument("--data-dir", help="where to look for the dataset first")
+    parser.add_argument("--epochs", type=_whole(1), default=1,
+                        help="number of epochs; with --resume, the new total (more extends the run)")
+    parser.add_argument("--batch-size", type=_whole(1), default=128, help="examples per step")
+    parser.add_argument("--optimizer", default="sgd", choices=sorted(optim.OPTIMIZERS), help="the optimiser")
+    parser.add_argument("--lr", type=_rate, default=0.01,
+                        help="learning rate; with --resume, the rate the rest of the run starts from")
+    parser.add_argument("--momentum", type=_rate, help="sgd and lars only")
+    parser.add_argument("--weight-decay", type=_rate, help="L2 weight decay")
+    parser.add_argument("--schedule", default="constant", choices=SCHEDULES,
+                        help="learning-rate schedule (linear and warmup_cosine span the run's epochs)")
+    parser.add_argument("--lr-decay-rate", type=_rate, metavar="K",
+                        help="per-step rate of --schedule exponential: lr_t = lr exp(-K t)")
+    parser.add_argument("--seed", type=_whole(0), default=0, help="initialisation, batch order and noise")
+    parser.add_argument("--normalize", default="standardize", choices=data.NORMALIZATIONS,
+                        help="input normalisation")
+    parser.add_argument("--train-limit", type=_whole(0), default=0,
+                        help="use only the first N training examples (0: all)")
+    parser.add_argument("--eval-limit", type=_whole(0), default=10000,
+                        help="measure the training error on at most N examples (0: all)")
+    parser.add_argument("--max-steps", type=_whole(1),
+                        help="stop after N training steps (a checkpoint is written; --resume continues)")
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="log each tensor's cosine to the exact gradient of the rule's own objective "
+                             "(metrics.jsonl, 'cosine'); costs one backward pass per step")
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         help="default: cuda with DUALNET_BACKEND=cupy, else cpu; with --resume, "
                              "overrides the run's device (a GPU run can continue on a CPU)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar on stderr (default: when stderr is a terminal)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+
+
+def build_parser():
+    """The ``python -m dualnet`` parser."""
+    parser = _Parser(prog="python -m dualnet", description=__doc__, formatter_class=_Help)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = commands.add_parser("train", help="train one rule on one model", formatter_class=_Help)
+    _add_run_arguments(p)
+    p.add_argument("--rule", default="bp", help=f"one of: {', '.join(rules.names())}")
+    p.add_argument("--out", help="run directory (default: a fresh runs/<model>-<rule>-<time>)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR itself; only --epochs, --lr, --device, --max-steps apply")
+    p.set_defaults(func=cmd_train)
+    p = commands.add_parser("compare", help="train several rules with the same data and seed",
+                            formatter_class=_Help)
+    _add_run_arguments(p)
+    p.add_argument("--rules", help="comma-separated, e.g. bp,fg-a,lg-fg-a,fdfa")
+    p.add_argument("--out", help="comparison directory (default: a fresh runs/compare-<model>-<time>)")
+    p.add_argument("--resume", metavar="DIR", help="finish the comparison in DIR: rules that finished are kept")
+    p.set_defaults(func=cmd_compare)
+    p = commands.add_parser("list", help="models, configs, rules and datasets", formatter_class=_Help)
+    p.set_defaults(func=cmd_list)
+    p = commands.add_parser("info", help="parameter counts per block", formatter_class=_Help)
+    p.add_argument("--model", default="mlp", help=f"one of: {', '.join(models.names())}")
+    for flag, kind in MODEL_FLAGS.items():
+        p.add_argument(f"--{flag}", type=kind, help=f"model option {flag}")
+    p.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="any other model option")
+    p.add_argument("--input-shape", help="C,H,W (default: the model's)")
+    p.add_argument("--num-classes", type=_whole(1), default=10)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------
+def _optimizer_options(args):
+    accepted = inspect.signature(optim.OPTIMIZERS[args.optimizer]).parameters
+    options = {}
+    for key in ("momentum", "weight_decay"):
+        value = getattr(args, key)
+        if value is None:
+            continue
+        if key not in accepted:
+            raise ValueError(f"--{key.replace('_', '-')} does not apply to --optimizer {args.optimizer}; "
+                             f"drop it (it applies to: {', '.join(n for n, c in optim.OPTIMIZERS.items() if key in inspect.signature(c).parameters)})")
+        options[key] = value
+    return options
+
+
+def _model_options(args):
+    accepted = models.options(args.model)
+    options = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
+    for key in options:
+        if key not in accepted:
+            raise ValueError(f"--{key} is not an option of model {args.model!r}; its options: "
+                             f"{', '.join(k for k in accepted if k not in ('input_shape', 'num_classes'))}")
+    options.update(key_values(args.model_opt, "--model-opt", f"model {args.model!r}", accepted))
+    return options
 
 
 def _config(args, rule, out):
     _check_name("model", args.model, models.names())
     _check_name("rule", rule, rules.names())
-    model_options = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
-    model_options.update(_key_values(args.model_opt, "--model-opt"))
-    optimizer_options = {k: v for k, v in (("momentum", args.momentum), ("weight_decay", args.weight_decay))
-                         if v is not None}
-    return Config(model=args.model, model_options=model_options, rule=rule,
-                  rule_options=_key_values(args.rule_opt, "--rule-opt"), dataset=args.dataset,
-                  data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size,
-                  optimizer=args.optimizer, lr=args.lr, optimizer_options=optimizer_options,
-                  schedule=args.schedule, seed=args.seed, normalize=args.normalize, train_limit=args.train_limit,
+    return Config(model=args.model, model_options=_model_options(args), rule=rule,
+                  rule_options=key_values(args.rule_opt, "--rule-opt", f"rule {rule!r}", rules.options(rule)),
+                  dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size,
+                  optimizer=args.optimizer, lr=args.lr, optimizer_options=_optimizer_options(args),
+                  schedule=args.schedule, lr_decay_rate=args.lr_decay_rate, seed=args.seed,
+                  normalize=args.normalize, train_limit=args.train_limit, eval_limit=args.eval_limit,
                   diagnostics=args.diagnostics, device=args.device, out=out)
 
 
-def cmd_train(args):
+def _report(epochs):
+    def on_epoch(metrics):
+        print(epoch_line(metrics, epochs), file=sys.stderr, flush=True)
+    return on_epoch
+
+
+def _report_rule(config, metrics):
+    print(f"{config.rule}: {epoch_line(metrics, config.epochs)}", file=sys.stderr, flush=True)
+
+
+def cmd_train(args, given):
     if args.resume:
-        with open(os.path.join(args.resume, "config.json")) as f:
-            config = Config.from_dict(json.load(f))
-        if args.epochs_override is not None:
-            config.epochs = args.epochs_override
-        if args.device is not None:
-            config.device = args.device
-        return train(config, resume=True)
-    args.epochs = args.epochs_override if args.epochs_override is not None else 1
-    return train(_config(args, args.rule, args.out))
+        refused = sorted(set(given) - RESUME_FLAGS)
+        if refused:
+            flag = "--" + refused[0].replace("_", "-")
+            raise ValueError(f"{flag} cannot be given with --resume (the run keeps its own; only --epochs, "
+                             f"--lr, --device and --max-steps apply); start a new run with --out to change it")
+        stored = read_config(args.resume)
+        config = Config(**{**stored.__dict__, **{k: getattr(args, k) for k in ("epochs", "lr", "device")
+                                                  if k in given}})
+        return train(config, resume=True, progress=args.progress, on_epoch=_report(config.epochs),
+                     max_steps=args.max_steps)
+    out = args.out or default_out(args.model, args.rule)
+    config = _config(args, args.rule, out)
+    return train(config, progress=args.progress, on_epoch=_report(config.epochs), overwrite=args.overwrite,
+                 max_steps=args.max_steps)
 
 
-def cmd_compare(args):
-    from .compare import compare
+def cmd_compare(args, given):
+    from .compare import compare, resume_compare
+    if args.resume:
+        refused = sorted(set(given) - {"resume", "progress"})
+        if refused:
+            raise ValueError(f"--{refused[0].replace('_', '-')} cannot be given with compare --resume "
+                             f"(the comparison keeps its own settings)")
+        return resume_compare(args.resume, progress=args.progress, on_epoch=_report_rule)
+    if not args.rules:
+        raise ValueError("compare needs --rules, e.g. --rules bp,fg-a,lg-fg-a")
     chosen = [r.strip() for r in args.rules.split(",") if r.strip()]
     for rule in chosen:
         _check_name("rule", rule, rules.names())
-    configs = [_config(args, rule, os.path.join(args.out, rule)) for rule in chosen]
-    return compare(configs, args.out)
+    out = args.out or default_out("compare", args.model)
+    configs = [_config(args, rule, os.path.join(out, rule)) for rule in chosen]
+    return compare(configs, out, overwrite=args.overwrite, progress=args.progress, on_epoch=_report_rule)
 
 
-def cmd_list(args):
+def cmd_list(args, given):
     print("models:   " + ", ".join(models.names()))
     print("  localmixer configs: " + ", ".join(CONFIGS))
     print("rules:    " + ", ".join(rules.names()))
     print("datasets: " + ", ".join(data.available()))
 
 
-def cmd_info(args):
+def cmd_info(args, given):
     _check_name("model", args.model, models.names())
-    options = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
-    options.update(_key_values(args.model_opt, "--model-opt"))
+    options = _model_options(args)
     if args.input_shape:
         options["input_shape"] = tuple(int(v) for v in args.input_shape.split(","))
     options.setdefault("num_classes", args.num_classes)
@@ -128,39 +303,33 @@ def cmd_info(args):
     print(f"  {'total':>10}: {model.num_params():,}")
 
 
+def given_flags(argv):
+    """The destinations of the options present on the command line ``argv`` (not defaulted)."""
+    parser = build_parser()
+    for subparsers in (a for a in parser._actions if isinstance(a, argparse._SubParsersAction)):
+        for sub in subparsers.choices.values():
+            for action in sub._actions:
+                action.default = argparse.SUPPRESS
+            sub._defaults.clear()
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m dualnet", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("train", help="train one rule on one model")
-    _add_run_arguments(p)
-    p.set_defaults(epochs=None)
-    p.add_argument("--rule", default="bp")
-    p.add_argument("--out", default="runs/run")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    p.set_defaults(func=cmd_train)
-    p = commands.add_parser("compare", help="train several rules with the same data and seed")
-    _add_run_arguments(p)
-    p.add_argument("--rules", required=True, help="comma-separated, e.g. bp,fg-a,lg-fg-a,fdfa")
-    p.add_argument("--out", default="runs/compare")
-    p.set_defaults(func=cmd_compare)
-    p = commands.add_parser("list", help="models, configs, rules and datasets")
-    p.set_defaults(func=cmd_list)
-    p = commands.add_parser("info", help="parameter counts per block")
-    p.add_argument("--model", default="mlp")
-    for flag, kind in MODEL_FLAGS.items():
-        p.add_argument(f"--{flag}", type=kind)
-    p.add_argument("--model-opt", action="append", metavar="KEY=VALUE")
-    p.add_argument("--input-shape", help="C,H,W (default: the model's)")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.set_defaults(func=cmd_info)
-    args = parser.parse_args(argv)
-    if args.command == "train":
-        args.epochs_override = args.epochs
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    given = given_flags(argv)
     try:
-        result = args.func(args)
-    except (ValueError, data.DataError, TrainingDiverged, backend.DeviceUnavailable) as error:
+        result = args.func(args, given)
+    except Interrupted as stop:
+        print(f"\n{stop}", file=sys.stderr)
+        return 130
+    except (ValueError, RunError, data.DataError, backend.DeviceUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        where = f" {error.filename}" if error.filename else ""
+        print(f"error: cannot write{where}: {error.strerror or error}; choose a writable --out with free space",
+              file=sys.stderr)
         return 1
     if isinstance(result, dict):
         print(json.dumps(result, indent=2))

@@ -1,5 +1,6 @@
 """Model registry: ``dualnet.models.create(name, **options)``."""
 import difflib
+import inspect
 
 from .nn.cnn import BaydinCNN, FDFACNN
 from .nn.localmixer import CONFIGS as LOCALMIXER_CONFIGS
@@ -31,3 +32,12 @@ def create(name, **options):
 
 def names():
     return sorted(MODELS)
+
+
+def options(name):
+    """``{option: default}`` of model ``name``'s keyword arguments (``inspect.Parameter.empty`` when
+    it has none); the CLI parses ``--model-opt`` values by the default's type."""
+    if name not in MODELS:
+        raise ValueError(f"models.options: unknown model {name!r}; available: {sorted(MODELS)}")
+    return {p.name: p.default for p in inspect.signature(MODELS[name]).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}

@@ -1,20 +1,38 @@
-"""The experiment runner: one run = one directory that never loses work.
+"""The experiment runner: one run = one directory that is never overwritten, mixed up or lost.
 
-``train(config)`` writes ``config.json``, ``metrics.jsonl`` (one line per epoch), atomic
-checkpoints (``checkpoint.npz``: parameters, running statistics, optimiser and rule state,
-position in the epoch) and ``summary.json``.  ``train(config, resume=True)`` continues from the
-checkpoint and ends bit-identical to an uninterrupted run: the batch order depends only on
-(seed, epoch) and each step's random draws only on (seed, epoch, step).  Ctrl-C writes a
-checkpoint at the last finished step; a NaN/inf loss stops the run (``TrainingDiverged``,
-naming the step) and leaves the last good checkpoint untouched.
+``train(config)`` starts a run in ``config.out`` and writes ``config.json``, ``checkpoint.npz``
+(parameters, running statistics, optimiser and rule state, the position in the epoch, the epoch
+metrics so far, the learning-rate schedule), ``metrics.jsonl`` (one line per finished epoch,
+always the checkpoint's own history) and ``summary.json``.  A directory that already holds a run
+is refused unless ``overwrite=True``.
+
+``train(config, resume=True)`` continues the run stored in ``config.out`` (that directory itself,
+wherever it was moved or copied) and ends bit-identical to an uninterrupted run: the batch order
+depends only on (seed, epoch) and each step's random draws only on (seed, epoch, step).  On
+resume only ``epochs`` (the new total), ``lr`` and ``device`` may differ from the stored run; the
+changes are recorded in ``config.json`` under ``changes``.  Any other difference is an error.
+
+Learning-rate schedules are piecewise: the run starts with one segment spanning all its steps.
+Extending a run (more ``epochs``) with a schedule sized to the run's length (``linear``,
+``warmup_cosine``) adds a segment that starts from the learning rate the run has reached and
+decays over the new remaining steps, so the rate never jumps back up; a new ``lr`` on resume
+starts a segment at that rate.
+
+Ctrl-C (SIGINT) is deferred to the end of the current step (or of the epoch's evaluation): a
+checkpoint is written there and ``Interrupted`` is raised.  A NaN or infinite loss or gradient
+stops the run (``TrainingDiverged``) and leaves the last good checkpoint untouched.
 """
+import contextlib
 import dataclasses
-import inspect
 import json
+import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy
@@ -24,10 +42,27 @@ from .nn.layers import value_of
 from .nn.plan import Plan
 
 LOCAL_RULES = {"l-bp", "lg-bp", "l-fa", "lg-fa", "lg-fg-w", "lg-fg-a", "guess"}
+SCHEDULES = ("constant", "linear", "warmup_cosine", "epoch_decay", "step", "exponential")
+HORIZON_SCHEDULES = ("linear", "warmup_cosine")
+"""Schedules sized to the run's total number of steps (extending a run adds a segment)."""
+RESUMABLE_FIELDS = ("epochs", "lr", "device")
+"""The only ``Config`` fields a resumed run may change (recorded under ``changes``)."""
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is intact."""
+class RunError(Exception):
+    """A run cannot start or continue; the message says why and what to do."""
+
+
+class RunExists(RunError):
+    """The output directory already holds a run."""
+
+
+class TrainingDiverged(RunError):
+    """The loss or a gradient became NaN or infinite; the last good checkpoint is intact."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C: a checkpoint was written; ``str()`` says where and how to resume."""
 
 
 @dataclass
@@ -45,13 +80,15 @@ class Config:
     lr: float = 0.01
     optimizer_options: dict = field(default_factory=dict)
     schedule: str = "constant"
+    lr_decay_rate: float = None  # the per-step rate k of schedule 'exponential' (lr_t = lr e^{-k t})
     seed: int = 0
     normalize: str = "standardize"
     train_limit: int = 0      # use only the first N training examples (0: all)
     eval_limit: int = 10000   # training error measured on at most this many examples
     diagnostics: bool = False
     device: str = None        # 'cpu' or 'cuda'; None: the active backend's (DUALNET_BACKEND, backend.use)
-    out: str = "runs/run"
+    out: str = "runs/run"     # where the run lives; never read back from config.json (a run resumes in place)
+    changes: list = field(default_factory=list)  # what each resume changed (epochs, lr, device), in order
 
     @classmethod
     def from_dict(cls, values):
@@ -60,6 +97,27 @@ class Config:
         if unknown:
             raise ValueError(f"Config: unknown fields {sorted(unknown)}; known: {sorted(names)}")
         return cls(**values)
+
+    def check(self):
+        """Raise ``ValueError`` naming the first field whose value cannot make a run."""
+        positive = (("epochs", self.epochs), ("batch_size", self.batch_size))
+        for name, value in positive:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be a whole number >= 1")
+        for name, value in (("train_limit", self.train_limit), ("eval_limit", self.eval_limit)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r}: must be a whole number >= 0 (0: no limit)")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr >= 0):
+            raise ValueError(f"lr={self.lr!r}: the learning rate must be a finite number >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.schedule == "exponential" and self.lr_decay_rate is None:
+            raise ValueError("schedule 'exponential' needs its per-step rate: give --lr-decay-rate K "
+                             "(lr_t = lr * exp(-K t))")
+        if self.schedule != "exponential" and self.lr_decay_rate is not None:
+            raise ValueError(f"--lr-decay-rate applies to --schedule exponential only, not {self.schedule!r}")
+        if self.normalize not in data.NORMALIZATIONS:
+            raise ValueError(f"normalize={self.normalize!r}; choose one of {', '.join(data.NORMALIZATIONS)}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -84,10 +142,20 @@ def build_model(config, dataset):
     options = dict(config.model_options)
     options.setdefault("input_shape", dataset.input_shape)
     options.setdefault("num_classes", dataset.num_classes)
-    model_class = models.MODELS.get(config.model)
-    if config.rule in LOCAL_RULES and model_class and "local_heads" in inspect.signature(model_class).parameters:
+    if config.rule in LOCAL_RULES and "local_heads" in models.options(config.model):
         options.setdefault("local_heads", True)
     return models.create(config.model, **options)
+
+
+def build_optimizer(config, segments):
+    """The optimiser of ``config`` with the piecewise schedule ``segments``; its options are checked
+    (an option the optimiser does not take is one clear error)."""
+    try:
+        return optim.create(config.optimizer, lr=config.lr, schedule=Segments(segments, config.schedule,
+                                                                              config.lr_decay_rate),
+                            **config.optimizer_options)
+    except TypeError as error:
+        raise ValueError(str(error)) from None
 
 
 def evaluate(model, params, state, x, y, batch_size=1000):
@@ -102,19 +170,17 @@ def evaluate(model, params, state, x, y, batch_size=1000):
     return total_loss / len(y), wrong / len(y)
 
 
-def _schedule(name, steps_per_epoch, epochs):
-    """The papers' schedules, sized to the run: linear decay to 0 (Ren), ×0.95 per epoch
-    (FDFA's code), ×0.2 every 30 epochs (Fournier), warm-up + cosine, or constant."""
-    total = steps_per_epoch * epochs
-    if name == "linear":
-        return optim.make_schedule("linear", total_steps=total)
-    if name == "warmup_cosine":
-        return optim.make_schedule("warmup_cosine", total_steps=total, warmup_steps=min(steps_per_epoch, total // 10))
-    if name == "epoch_decay":
-        return optim.make_schedule("step", gamma=0.95, every=steps_per_epoch)
-    if name == "step":
-        return optim.make_schedule("step", gamma=0.2, every=30 * steps_per_epoch)
-    return optim.make_schedule(name)
+def _warm_up_kernels():
+    """Compile the Numba kernels before the first step, saying so on stderr when they are not in
+    Numba's on-disk cache yet (the first run on a machine)."""
+    from . import fused
+    from .kernels import cpu
+    if backend.kernels_mode() != "auto" or backend.current() != "numpy" or not cpu.available():
+        return
+    if not cpu.cached():
+        print("dualnet: compiling the Numba kernels once (a minute or so); later runs load them from the cache",
+              file=sys.stderr, flush=True)
+    fused.warm_up(("float32",))
 
 
 def _step_rng(seed, epoch, step):
@@ -123,8 +189,135 @@ def _step_rng(seed, epoch, step):
 
 
 # ---------------------------------------------------------------------------------------
-# checkpoints: flat npz, written atomically
+# the learning-rate schedule: segments
 # ---------------------------------------------------------------------------------------
+class Segments(optim.Schedule):
+    """A piecewise schedule: ``segments`` is a list of ``{"start", "steps", "scale"}`` (global step
+    where a piece starts, its length in steps, its multiplier at its start).  At global step t in
+    the piece starting at s, the multiplier is ``scale * shape(t - s)``, with ``shape`` the named
+    schedule sized to the piece: linear and warm-up + cosine decay over the piece's ``steps``
+    (warm-up only in the first piece), ×0.95 per epoch ('epoch_decay', FDFA's code), ×0.2 every
+    30 epochs ('step', Fournier), exp(−k t) ('exponential', Baydin), or 1 ('constant').
+    """
+
+    def __init__(self, segments, name, rate=None):
+        self.segments, self.name, self.rate = [dict(s) for s in segments], name, rate
+        self._shapes = [self._shape(i, piece) for i, piece in enumerate(self.segments)]
+
+    def _shape(self, index, piece):
+        steps, per_epoch = max(int(piece["steps"]), 1), int(piece["steps_per_epoch"])
+        if self.name == "linear":
+            return optim.make_schedule("linear", total_steps=steps)
+        if self.name == "warmup_cosine":
+            warmup = min(per_epoch, steps // 10) if index == 0 else 0
+            return optim.make_schedule("warmup_cosine", total_steps=steps, warmup_steps=warmup)
+        if self.name == "epoch_decay":
+            return optim.make_schedule("step", gamma=0.95, every=per_epoch)
+        if self.name == "step":
+            return optim.make_schedule("step", gamma=0.2, every=30 * per_epoch)
+        if self.name == "exponential":
+            return optim.make_schedule("exponential", rate=self.rate)
+        return optim.make_schedule("constant")
+
+    def __call__(self, step):
+        index = max(i for i, piece in enumerate(self.segments) if piece["start"] <= step or i == 0)
+        piece = self.segments[index]
+        return piece["scale"] * self._shapes[index](step - piece["start"])
+
+    def __repr__(self):
+        return f"Segments({self.name!r}, {self.segments})"
+
+
+def first_segments(config, steps_per_epoch):
+    """The schedule of a new run: one piece over all its steps."""
+    return [{"start": 0, "steps": steps_per_epoch * config.epochs, "scale": 1.0, "steps_per_epoch": steps_per_epoch}]
+
+
+def resumed_segments(segments, config, steps_per_epoch, done_steps, extended, new_lr):
+    """The schedule after a resume at global step ``done_steps``: a new piece starts there when the
+    run is extended under a schedule sized to its length (from the multiplier reached) or when
+    the learning rate changes (from the new rate); otherwise the schedule is unchanged."""
+    if not (new_lr is not None or (extended and config.schedule in HORIZON_SCHEDULES)):
+        return segments
+    total = steps_per_epoch * config.epochs
+    if new_lr is not None:
+        if config.lr == 0:
+            raise RunError("the run was started with lr 0, so a new --lr cannot scale its schedule; start a new run")
+        scale = new_lr / config.lr
+    else:
+        scale = Segments(segments, config.schedule, config.lr_decay_rate)(done_steps)
+        if scale == 0.0:
+            raise RunError(f"the {config.schedule} schedule of this run has decayed the learning rate to 0; "
+                           f"extending it would train at 0. Give --lr for the added epochs")
+    kept = [piece for piece in segments if piece["start"] < done_steps]
+    return kept + [{"start": done_steps, "steps": max(total - done_steps, 1), "scale": scale,
+                    "steps_per_epoch": steps_per_epoch}]
+
+
+# ---------------------------------------------------------------------------------------
+# the run directory: atomic files, checkpoints as flat npz
+# ---------------------------------------------------------------------------------------
+RUN_FILES = ("config.json", "checkpoint.npz", "metrics.jsonl", "summary.json")
+
+
+def holds_run(out):
+    """True when ``out`` already holds a run (a config.json or checkpoint.npz)."""
+    return any(os.path.exists(os.path.join(out, name)) for name in ("config.json", "checkpoint.npz"))
+
+
+def default_out(model, rule, root="runs"):
+    """A fresh run directory ``runs/<model>-<rule>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``... if taken)."""
+    stem = os.path.join(root, f"{model}-{rule}-{time.strftime('%Y%m%d-%H%M%S')}")
+    path, n = stem, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{stem}-{n}"
+    return path
+
+
+def _write_atomic(path, write):
+    """Write ``path`` through a temporary file in the same directory, then rename: a reader (or a
+    crash, a full disk) never sees a half-written file, and the old one survives any failure."""
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_json(path, value):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=2)
+    _write_atomic(path, write)
+
+
+def _write_metrics(out, history):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            for line in history:
+                f.write(json.dumps(line) + "\n")
+    _write_atomic(os.path.join(out, "metrics.jsonl"), write)
+
+
+def read_config(out):
+    """The ``Config`` stored in ``out/config.json``, with ``out`` set to that directory."""
+    path = os.path.join(out, "config.json")
+    if not os.path.isfile(path):
+        raise RunError(f"{path}: not found; --resume needs the directory of an existing run")
+    try:
+        with open(path) as f:
+            values = json.load(f)
+        values.pop("out", None)
+        return dataclasses.replace(Config.from_dict(values), out=out)
+    except (ValueError, TypeError, OSError) as error:
+        raise RunError(f"{path} is damaged ({error}); the run cannot be resumed from it") from None
+
+
 def _flatten(tree, prefix=""):
     if isinstance(tree, dict):
         out = {}
@@ -160,140 +353,301 @@ def _lists(tree):
     return tree
 
 
-def save_checkpoint(path, params, state, optimizer, rule, position, history):
+def save_checkpoint(path, params, state, optimizer, rule, position, history, segments=None):
+    """Write the checkpoint atomically: parameters, running statistics, optimiser and rule state, and
+    a JSON ``meta`` entry with the position, the epoch history and the schedule segments."""
     flat = {}
     for name, tree in (("params", params), ("state", state), ("optimizer", optimizer.state_dict()),
                        ("rule", rule.state_dict())):
         flat.update(_flatten(tree, f"{name}/"))
-    flat["meta"] = numpy.asarray(json.dumps({"position": position, "history": history}))
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp.npz")
-    os.close(handle)
-    try:
-        numpy.savez(tmp, **flat)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    flat["meta"] = numpy.asarray(json.dumps({"position": position, "history": history, "segments": segments}))
+    _write_atomic(path, lambda tmp: numpy.savez(tmp, **flat))
 
 
 def load_checkpoint(path):
-    with numpy.load(path, allow_pickle=False) as archive:
-        flat = {k: archive[k] for k in archive.files}
-    meta = json.loads(str(flat.pop("meta")))
-    parts = {name: _unflatten(flat, f"{name}/") for name in ("params", "state", "optimizer", "rule")}
+    """``(parts, position, history)``; a missing, truncated or damaged file is a ``RunError`` naming it."""
+    parts, meta = _read_checkpoint(path)
     return parts, meta["position"], meta["history"]
+
+
+def _read_checkpoint(path):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise RunError(f"{path}: not found; the run stopped before its first checkpoint (start it again "
+                       f"with --overwrite)")
+    try:
+        with numpy.load(path, allow_pickle=False) as archive:
+            flat = {k: archive[k] for k in archive.files}
+        meta = json.loads(str(flat.pop("meta")))
+        parts = {name: _unflatten(flat, f"{name}/") for name in ("params", "state", "optimizer", "rule")}
+        meta["position"], meta["history"]  # noqa: B018 (both must be present)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise RunError(f"{path} is damaged or truncated ({type(error).__name__}: {error}); "
+                       f"the run cannot be resumed from it") from None
+    return parts, meta
+
+
+def _check_checkpoint_fits(path, saved, params):
+    """The saved parameters must be exactly the model's (names and shapes)."""
+    missing = sorted(set(params) - set(saved))
+    unexpected = sorted(set(saved) - set(params))
+    shapes = sorted(name for name in set(params) & set(saved)
+                    if tuple(numpy.shape(saved[name])) != tuple(params[name].shape))
+    if missing or unexpected or shapes:
+        detail = "; ".join(f"{label}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+                           for label, names in (("missing", missing), ("unexpected", unexpected),
+                                                ("other shape", shapes)) if names)
+        raise RunError(f"{path} belongs to another model than config.json's ({detail})")
+
+
+# ---------------------------------------------------------------------------------------
+# Ctrl-C at safe points
+# ---------------------------------------------------------------------------------------
+class _InterruptRequest:
+    """Set by SIGINT; the loop stops at the next safe point.  A second Ctrl-C stops at once (the
+    last checkpoint on disk stays consistent: every file is written atomically)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+@contextlib.contextmanager
+def _deferred_interrupts():
+    request = _InterruptRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request  # signals reach the main thread only: a plain KeyboardInterrupt still works
+        return
+    previous = signal.signal(signal.SIGINT, request)
+    try:
+        yield request
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ---------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------
-def train(config, resume=False, progress=None, on_epoch=None):
+def train(config, resume=False, progress=None, on_epoch=None, overwrite=False, max_steps=None):
     """Run (or resume) the experiment described by ``config``; returns the summary dict.
 
-    The run uses the backend of ``config.device`` ('cpu': NumPy, 'cuda': CuPy; None: the active
-    one) and restores the previous backend afterwards; ``config.json`` records the device used.
-    'cuda' without a usable GPU raises ``backend.DeviceUnavailable`` before anything is written.
-    ``on_epoch(metrics)`` is called after every epoch with that epoch's metrics line.
+    ``resume=True`` continues the run in ``config.out``; ``config`` may differ from the stored one
+    only in ``RESUMABLE_FIELDS`` (``epochs`` is the new total).  ``overwrite=True`` replaces a run
+    already in ``config.out`` (refused otherwise).  ``max_steps`` stops after that many training
+    steps in this call (a checkpoint is written; the run resumes from there).  ``on_epoch(metrics)``
+    is called after every epoch with that epoch's metrics line.  The run uses the backend of
+    ``config.device`` ('cpu': NumPy, 'cuda': CuPy; None: the active one); 'cuda' without a usable
+    GPU raises ``backend.DeviceUnavailable`` before anything is written.
     """
     device = config.device or backend.device()
     if device not in backend.DEVICES:
         raise ValueError(f"Config.device={device!r}; choose one of {sorted(backend.DEVICES)}")
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"max_steps={max_steps!r}: must be a whole number >= 1")
+    config = dataclasses.replace(config, device=device, data_dir=config.data_dir and os.path.abspath(config.data_dir))
+    config.check()
     with backend.using(backend.DEVICES[device]):
-        return _run(dataclasses.replace(config, device=device), resume, progress, on_epoch)
+        return _Run(config, resume, overwrite).loop(progress, on_epoch, max_steps)
 
 
-def _run(config, resume, progress, on_epoch):
-    os.makedirs(config.out, exist_ok=True)
-    checkpoint = os.path.join(config.out, "checkpoint.npz")
-    with open(os.path.join(config.out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=2)
-    dataset, train_x, train_y, test_x, test_y = prepare_data(config)
-    model = build_model(config, dataset)
-    rule = rules.create(config.rule, diagnostics=config.diagnostics, **config.rule_options)
-    params, state = model.init(config.seed), model.init_state()
-    rule.setup(model, params, config.seed)
-    steps_per_epoch = data.num_batches(len(train_y), config.batch_size)
-    optimizer = optim.create(config.optimizer, lr=config.lr,
-                             schedule=_schedule(config.schedule, steps_per_epoch, config.epochs),
-                             **config.optimizer_options)
-    position, history = {"epoch": 0, "step": 0, "wall_s": 0.0}, []
-    if resume:
-        if not os.path.exists(checkpoint):
-            raise FileNotFoundError(f"train --resume: no checkpoint at {checkpoint}")
-        parts, position, history = load_checkpoint(checkpoint)
+def _resumed_config(config):
+    """The stored run's config with the allowed changes of ``config`` applied and recorded."""
+    stored = read_config(config.out)
+    differing = [f.name for f in dataclasses.fields(Config)
+                 if f.name not in RESUMABLE_FIELDS + ("out", "changes", "data_dir")
+                 and getattr(config, f.name) != getattr(stored, f.name)]
+    if differing:
+        name = differing[0]
+        raise RunError(f"resume: {name} cannot change ({getattr(stored, name)!r} in {config.out}/config.json, "
+                       f"{getattr(config, name)!r} given); start a new run with --out")
+    changes = [{"field": name, "from": getattr(stored, name), "to": getattr(config, name)}
+               for name in RESUMABLE_FIELDS if getattr(config, name) != getattr(stored, name)]
+    # the optimiser keeps the run's first lr: a new lr starts a schedule piece scaled to it
+    return dataclasses.replace(stored, epochs=config.epochs, device=config.device,
+                               data_dir=config.data_dir or stored.data_dir), changes
+
+
+class _Run:
+    """One run's objects; ``loop`` trains.  Everything written goes through atomic replaces."""
+
+    def __init__(self, config, resume, overwrite):
+        self.out = config.out
+        self.checkpoint = os.path.join(self.out, "checkpoint.npz")
+        changes = []
+        if resume:
+            config, changes = _resumed_config(config)
+            parts, meta = _read_checkpoint(self.checkpoint)
+        elif holds_run(self.out) and not overwrite:
+            raise RunExists(f"{self.out} already holds a run; choose another --out, continue it with "
+                            f"--resume {self.out}, or replace it with --overwrite")
+        self.config = config
+        self.dataset, self.train_x, self.train_y, self.test_x, self.test_y = prepare_data(config)
+        self.model = build_model(config, self.dataset)
+        self.rule = rules.create(config.rule, diagnostics=config.diagnostics, **config.rule_options)
+        self.params, self.state = self.model.init(config.seed), self.model.init_state()
+        self.rule.setup(self.model, self.params, config.seed)
+        self.steps_per_epoch = data.num_batches(len(self.train_y), config.batch_size)
+        self.position = {"epoch": 0, "step": 0, "wall_s": 0.0, "loss_sum": 0.0, "diagnostics": {}}
+        self.history, segments = [], first_segments(config, self.steps_per_epoch)
+        self.has_checkpoint = False
+        if resume:
+            self._restore(parts, meta)
+            segments = self._resumed_schedule(meta.get("segments") or segments, changes)
+        self.segments = segments
+        self.optimizer = build_optimizer(self.config, segments)
+        if resume:
+            self.optimizer.load_state_dict(parts["optimizer"])
+            self.rule.load_state_dict(parts["rule"])
+        self._prepare_directory(overwrite and not resume)
+        _warm_up_kernels()
+
+    def _resumed_schedule(self, segments, changes):
+        """Check the new total of epochs, extend the schedule, and record the changes in the config."""
+        config, position = self.config, self.position
+        if config.epochs < position["epoch"]:
+            raise RunError(f"resume: the run has already trained {position['epoch']} epochs; --epochs is the "
+                           f"new total and must be >= {position['epoch']}")
+        done = position["epoch"] * self.steps_per_epoch + position["step"]
+        extended = any(c["field"] == "epochs" and c["to"] > c["from"] for c in changes)
+        new_lr = next((c["to"] for c in changes if c["field"] == "lr"), None)
+        segments = resumed_segments(segments, config, self.steps_per_epoch, done, extended, new_lr)
+        at = {"epoch": position["epoch"], "step": position["step"]}
+        self.config = dataclasses.replace(config, changes=config.changes + [{**c, "at": at} for c in changes])
+        return segments
+
+    def _restore(self, parts, meta):
+        _check_checkpoint_fits(self.checkpoint, parts["params"], self.params)
         to = backend.to_device
-        params = {k: to(v) for k, v in parts["params"].items()}
-        state = {k: tuple(to(a) for a in v) for k, v in parts["state"].items()}
-        optimizer.load_state_dict(parts["optimizer"])
-        rule.load_state_dict(parts["rule"])
-    _write_metrics(config.out, history)
-    started = time.perf_counter() - position["wall_s"]
-    epoch, step = position["epoch"], position["step"]
-    try:
-        while epoch < config.epochs:
-            losses = []
-            bar = _progress(progress, steps_per_epoch, step, f"epoch {epoch + 1}/{config.epochs}")
-            for xb, yb in data.batches(train_x, train_y, config.batch_size, config.seed, epoch=epoch, start=step):
-                if rule.contrastive:  # two augmented views, stacked: [view 1; view 2]
-                    xb = backend.namespace(xb).concatenate(
-                        data.two_views(xb, (config.seed, epoch, step, 1)), axis=0)
-                estimate = rule(model, params, xb, yb, _step_rng(config.seed, epoch, step), state)
-                if not numpy.isfinite(estimate.loss):
-                    raise TrainingDiverged(
-                        f"loss became {estimate.loss} at epoch {epoch + 1}, step {step + 1}; stopped. "
-                        f"The last good checkpoint is {checkpoint}")
-                params = optimizer.step(params, estimate.grads)
-                state = estimate.state or state
-                losses.append(estimate.loss)
-                step += 1
-                bar.update(1)
-            bar.close()
-            epoch, step = epoch + 1, 0
-            history.append(_epoch_metrics(model, params, state, config, epoch, losses, optimizer,
-                                          train_x, train_y, test_x, test_y, time.perf_counter() - started))
-            _append_metrics(config.out, history[-1])
-            if on_epoch is not None:
-                on_epoch(history[-1])
-            save_checkpoint(checkpoint, params, state, optimizer, rule,
-                            {"epoch": epoch, "step": 0, "wall_s": time.perf_counter() - started}, history)
-    except KeyboardInterrupt:
-        save_checkpoint(checkpoint, params, state, optimizer, rule,
-                        {"epoch": epoch, "step": step, "wall_s": time.perf_counter() - started}, history)
-        print(f"\ninterrupted: checkpoint written to {checkpoint}; continue with "
-              f"`python -m dualnet train --resume {config.out}`", file=sys.stderr)
-        raise
-    summary = _summary(history, config)
-    with open(os.path.join(config.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+        self.params = {k: to(v) for k, v in parts["params"].items()}
+        self.state = {k: tuple(to(a) for a in v) for k, v in parts["state"].items()}
+        self.position = {"loss_sum": 0.0, "diagnostics": {}, **meta["position"]}
+        self.history = meta["history"]
+        self.has_checkpoint = True
+
+    def _prepare_directory(self, replace):
+        """Create the directory (or clear the replaced run's files) and write config.json."""
+        os.makedirs(self.out, exist_ok=True)
+        if replace:
+            for name in RUN_FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.out, name))
+        _write_json(os.path.join(self.out, "config.json"), dataclasses.asdict(self.config))
+        _write_metrics(self.out, self.history)
+
+    def _save(self):
+        save_checkpoint(self.checkpoint, self.params, self.state, self.optimizer, self.rule, self.position,
+                        self.history, self.segments)
+        _write_metrics(self.out, self.history)
+        self.has_checkpoint = True
+
+    def _diverged(self, what, value):
+        position = self.position
+        where = f"epoch {position['epoch'] + 1}, step {position['step'] + 1}"
+        if self.has_checkpoint:
+            last = f"the last good checkpoint is {self.checkpoint} (epoch {position['epoch']} done)"
+        else:
+            last = "no checkpoint was written (the run diverged before its first)"
+        return TrainingDiverged(f"{what} became {value} at {where}; stopped: {last}. Try a lower --lr")
+
+    def _finite_gradients(self, grads):
+        arrays = [g for g in grads.values() if g is not None]
+        if not arrays:
+            return True
+        return bool(numpy.isfinite(sum(float(backend.namespace(g).sum(g, dtype=g.dtype)) for g in arrays)))
+
+    def loop(self, progress, on_epoch, max_steps):
+        config, position = self.config, self.position
+        started = time.perf_counter() - position["wall_s"]
+        steps_this_call = 0
+        with _deferred_interrupts() as interrupt:
+            try:
+                while position["epoch"] < config.epochs:
+                    epoch = position["epoch"]
+                    bar = _progress(progress, self.steps_per_epoch, position["step"],
+                                    f"epoch {epoch + 1}/{config.epochs}")
+                    for xb, yb in data.batches(self.train_x, self.train_y, config.batch_size, config.seed,
+                                               epoch=epoch, start=position["step"]):
+                        self._train_step(xb, yb, epoch, position["step"])
+                        steps_this_call += 1
+                        position["wall_s"] = time.perf_counter() - started
+                        bar.update(1)
+                        if interrupt.requested or steps_this_call == max_steps:
+                            break
+                    bar.close()
+                    if position["step"] == self.steps_per_epoch:
+                        self._finish_epoch(time.perf_counter() - started, on_epoch)
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
+                    if steps_this_call == max_steps and position["epoch"] < config.epochs:
+                        if position["step"]:
+                            self._save()
+                        return self._write_summary(stopped=f"max_steps {max_steps}")
+            except KeyboardInterrupt:
+                position["wall_s"] = time.perf_counter() - started
+                self._save()
+                raise Interrupted(f"interrupted at epoch {position['epoch'] + 1}, step {position['step']}: "
+                                  f"checkpoint written to {self.checkpoint}; continue with "
+                                  f"`python -m dualnet train --resume {self.out}`") from None
+        return self._write_summary()
+
+    def _train_step(self, xb, yb, epoch, step):
+        config, position = self.config, self.position
+        if self.rule.contrastive:  # two augmented views, stacked: [view 1; view 2]
+            xb = backend.namespace(xb).concatenate(data.two_views(xb, (config.seed, epoch, step, 1)), axis=0)
+        estimate = self.rule(self.model, self.params, xb, yb, _step_rng(config.seed, epoch, step), self.state)
+        if not math.isfinite(estimate.loss):
+            raise self._diverged("the loss", estimate.loss)
+        if not self._finite_gradients(estimate.grads):
+            raise self._diverged("a gradient", "non-finite")
+        self.params = self.optimizer.step(self.params, estimate.grads)
+        self.state = estimate.state or self.state
+        position["loss_sum"] += float(estimate.loss)
+        for name, report in estimate.diagnostics.items():
+            position["diagnostics"][name] = position["diagnostics"].get(name, 0.0) + report["cosine"]
+        position["step"] = step + 1
+
+    def _finish_epoch(self, wall, on_epoch):
+        position = self.position
+        self.history.append(self._epoch_metrics(wall))
+        position.update(epoch=position["epoch"] + 1, step=0, loss_sum=0.0, diagnostics={}, wall_s=wall)
+        self._save()
+        if on_epoch is not None:
+            on_epoch(self.history[-1])
+
+    def _epoch_metrics(self, wall):
+        config, position, steps = self.config, self.position, self.steps_per_epoch
+        limit = config.eval_limit or len(self.train_y)
+        _, train_error = evaluate(self.model, self.params, self.state, self.train_x[:limit], self.train_y[:limit])
+        test_loss, test_error = evaluate(self.model, self.params, self.state, self.test_x, self.test_y)
+        line = {"epoch": position["epoch"] + 1, "loss": position["loss_sum"] / steps,
+                "train_error": train_error, "test_error": test_error, "test_acc": 1 - test_error,
+                "test_loss": test_loss, "lr": float(self.optimizer.learning_rate()), "wall_s": wall}
+        if config.diagnostics:
+            line["cosine"] = {name: total / steps for name, total in sorted(position["diagnostics"].items())}
+        return line
+
+    def _write_summary(self, stopped=None):
+        config, history = self.config, self.history
+        last = history[-1] if history else {}
+        summary = {"test_acc": last.get("test_acc"), "test_error": last.get("test_error"),
+                   "train_error": last.get("train_error"), "epochs": len(history), "wall_s": last.get("wall_s"),
+                   "rule": config.rule, "model": config.model, "dataset": config.dataset, "out": self.out}
+        if stopped:
+            summary["stopped"] = (f"{stopped}: at epoch {self.position['epoch'] + 1}, step {self.position['step']} "
+                                  f"of {self.steps_per_epoch}; continue with --resume {self.out}")
+        _write_json(os.path.join(self.out, "summary.json"), summary)
+        return summary
 
 
-def _epoch_metrics(model, params, state, config, epoch, losses, optimizer, train_x, train_y, test_x, test_y, wall):
-    limit = config.eval_limit or len(train_y)
-    _, train_error = evaluate(model, params, state, train_x[:limit], train_y[:limit])
-    test_loss, test_error = evaluate(model, params, state, test_x, test_y)
-    return {"epoch": epoch, "loss": float(numpy.mean(losses)) if losses else float("nan"),
-            "train_error": train_error, "test_error": test_error, "test_acc": 1 - test_error,
-            "test_loss": test_loss, "lr": float(optimizer.learning_rate()), "wall_s": wall}
-
-
-def _summary(history, config):
-    last = history[-1] if history else {}
-    return {"test_acc": last.get("test_acc"), "test_error": last.get("test_error"),
-            "train_error": last.get("train_error"), "epochs": len(history), "wall_s": last.get("wall_s"),
-            "rule": config.rule, "model": config.model, "dataset": config.dataset}
-
-
-def _write_metrics(out, history):
-    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
-        for line in history:
-            f.write(json.dumps(line) + "\n")
-
-
-def _append_metrics(out, line):
-    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(line) + "\n")
+def epoch_line(metrics, epochs):
+    """One line per epoch for stderr: epoch, loss, train and test error, lr, seconds."""
+    return (f"epoch {metrics['epoch']}/{epochs}  loss {metrics['loss']:.4f}  "
+            f"train error {100 * metrics['train_error']:.2f}%  test error {100 * metrics['test_error']:.2f}%  "
+            f"lr {metrics['lr']:.3g}  {metrics['wall_s']:.1f} s")
 
 
 class _Silent:
@@ -305,8 +659,9 @@ class _Silent:
 
 
 def _progress(enabled, total, initial, description):
-    """A tqdm bar on stderr when stderr is a terminal (or when asked), else nothing."""
+    """A tqdm bar on stderr when stderr is a terminal (or when asked), else nothing; it stays
+    visible after its epoch."""
     if enabled is False or (enabled is None and not sys.stderr.isatty()):
         return _Silent()
     from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=description, file=sys.stderr, leave=False)
+    return tqdm(total=total, initial=initial, desc=description, file=sys.stderr, leave=True)

@@ -13,10 +13,13 @@ If MNIST can be neither found nor downloaded, the example says so and falls back
 scikit-learn's bundled 8x8 digits so that it still runs end to end.
 """
 import argparse
+import json
+import os
 import sys
 import tempfile
 
 from dualnet import data
+from dualnet.compare import plot_curves
 from dualnet.train import Config, train
 
 
@@ -81,6 +84,12 @@ def main(argv=None):
     print("\nsame budget, same data and seed:")
     print(f"  LG-FG-A (forward mode only): test error {100 * fga['test_error']:.2f}%  ({fga['wall_s']:.0f} s)")
     print(f"  BP (backprop oracle)       : test error {100 * bp['test_error']:.2f}%  ({bp['wall_s']:.0f} s)")
+    curves = {rule: [json.loads(line) for line in open(os.path.join(out, rule, "metrics.jsonl"))]
+              for rule in ("lg-fg-a", "bp")}
+    plot = os.path.join(out, "curves.png")
+    plot_curves(curves, plot, f"LocalMixer {args.config} on {dataset}")
+    if os.path.exists(plot):
+        print(f"learning curves of both rules: {plot}")
     return 0
 
 

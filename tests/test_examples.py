@@ -3,6 +3,7 @@
 Every ``CHECK`` line an example prints must end in ``OK``, and the checks that carry each
 example's message must be among them.
 """
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -61,3 +62,6 @@ def test_mnist_fga_falls_back_to_digits_when_mnist_is_missing_and_offline(tmp_pa
     errors = [float(line.split("test error")[1].split("%")[0]) for line in result.stdout.splitlines()
               if line.lstrip().startswith(("LG-FG-A", "BP "))]
     assert len(errors) == 2 and max(errors) < 60, result.stdout  # 10 classes: chance is 90% error
+    if importlib.util.find_spec("matplotlib"):
+        assert f"learning curves of both rules: {tmp_path / 'run' / 'curves.png'}" in result.stdout
+        assert (tmp_path / "run" / "curves.png").stat().st_size > 0

@@ -1,4 +1,5 @@
 """The runner never loses work: exact resume, NaN stops with the checkpoint intact, CLI errors."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -167,3 +168,197 @@ def test_local_rules_get_local_heads_where_they_are_optional(model, local):
     assert build_model(config, dataset).has_local_heads is local
     explicit = Config(model=model, rule="lg-fg-a", model_options={"local_heads": False})
     assert not build_model(explicit, dataset).has_local_heads  # an explicit choice is kept
+
+
+# ---------------------------------------------------------------------------- consistency under interrupts
+def _without_wall(lines):
+    return [{k: v for k, v in m.items() if k != "wall_s"} for m in lines]
+
+
+def _same_params(a_dir, b_dir):
+    a, _, _ = load_checkpoint(a_dir / "checkpoint.npz")
+    b, _, _ = load_checkpoint(b_dir / "checkpoint.npz")
+    return all(np.array_equal(a["params"][name], b["params"][name]) for name in a["params"])
+
+
+def test_an_interrupt_during_evaluation_loses_no_metrics(tmp_path, tiny_config, monkeypatch):
+    """The original failure: Ctrl-C during the end-of-epoch evaluation left a checkpoint at epoch 2
+    with one history line; epoch 2's metrics were lost and summary.json said 2 epochs after 3."""
+    pytest.importorskip("sklearn")
+    import dualnet.train as runner
+    train(Config(rule="bp", out=str(tmp_path / "full"), **tiny_config))
+    real_evaluate, calls = runner.evaluate, {"n": 0}
+
+    def evaluate_then_interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # epoch 2's first evaluation
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+    monkeypatch.setattr(runner, "evaluate", evaluate_then_interrupt)
+    cut = Config(rule="bp", out=str(tmp_path / "cut"), **tiny_config)
+    with pytest.raises(runner.Interrupted):
+        train(cut)
+    _, position, history = load_checkpoint(tmp_path / "cut" / "checkpoint.npz")
+    assert (position["epoch"], position["step"], len(history)) == (1, 4, 1)
+    assert len(read_metrics(tmp_path / "cut")) == 1  # metrics.jsonl is the checkpoint's own history
+    monkeypatch.setattr(runner, "evaluate", real_evaluate)
+    summary = train(cut, resume=True)
+    assert summary["epochs"] == 3
+    assert _without_wall(read_metrics(tmp_path / "cut")) == _without_wall(read_metrics(tmp_path / "full"))
+    assert _same_params(tmp_path / "full", tmp_path / "cut")
+
+
+def test_ctrl_c_between_the_update_and_the_step_counter_resumes_bit_identically(tmp_path, tiny_config, monkeypatch):
+    """SIGINT is deferred to the end of the step: the in-place update and the step counter are
+    committed together, and the interrupted epoch's loss covers all of its steps."""
+    pytest.importorskip("sklearn")
+    import signal
+
+    import dualnet.train as runner
+    config = {**tiny_config, "rule": "fg-a"}
+    train(Config(out=str(tmp_path / "full"), **config))
+    real_step, calls = runner.optim.SGD.step, {"n": 0}
+
+    def step_with_ctrl_c(self, params, grads):
+        calls["n"] += 1
+        result = real_step(self, params, grads)
+        if calls["n"] == 6:  # epoch 2, step 2; the counter is not yet advanced
+            signal.raise_signal(signal.SIGINT)
+        return result
+    monkeypatch.setattr(runner.optim.SGD, "step", step_with_ctrl_c)
+    cut = Config(out=str(tmp_path / "cut"), **config)
+    with pytest.raises(runner.Interrupted, match="--resume"):
+        train(cut)
+    _, position, _ = load_checkpoint(tmp_path / "cut" / "checkpoint.npz")
+    assert (position["epoch"], position["step"]) == (1, 2)
+    monkeypatch.setattr(runner.optim.SGD, "step", real_step)
+    train(cut, resume=True)
+    assert _same_params(tmp_path / "full", tmp_path / "cut")
+    assert _without_wall(read_metrics(tmp_path / "cut")) == _without_wall(read_metrics(tmp_path / "full"))
+
+
+def test_max_steps_stops_with_a_checkpoint_and_resumes_exactly(tmp_path, tiny_config):
+    pytest.importorskip("sklearn")
+    train(Config(rule="bp", out=str(tmp_path / "full"), **tiny_config))
+    cut = Config(rule="bp", out=str(tmp_path / "cut"), **tiny_config)
+    summary = train(cut, max_steps=5)
+    assert "max_steps 5" in summary["stopped"] and summary["epochs"] == 1
+    _, position, _ = load_checkpoint(tmp_path / "cut" / "checkpoint.npz")
+    assert (position["epoch"], position["step"]) == (1, 1)
+    train(cut, resume=True)
+    assert _same_params(tmp_path / "full", tmp_path / "cut")
+    assert _without_wall(read_metrics(tmp_path / "cut")) == _without_wall(read_metrics(tmp_path / "full"))
+
+
+# ---------------------------------------------------------------------------- schedules on resume
+def _lrs(out):
+    return [m["lr"] for m in read_metrics(out)]
+
+
+def test_extending_a_decaying_run_never_raises_the_learning_rate(tmp_path, tiny_config):
+    """The original failure: linear 0.005 -> 0.0, then 0.0025 -> 0.0 after --resume --epochs."""
+    pytest.importorskip("sklearn")
+    for schedule in ("linear", "warmup_cosine"):
+        out = tmp_path / schedule
+        config = Config(rule="bp", out=str(out), **{**tiny_config, "epochs": 3, "schedule": schedule, "lr": 0.005})
+        train(config, max_steps=8)  # two of three epochs
+        before = _lrs(out)
+        train(dataclasses.replace(config, epochs=6), resume=True)
+        lrs = _lrs(out)
+        assert lrs[:2] == before and len(lrs) == 6
+        assert all(b <= a for a, b in zip(lrs[1:], lrs[2:])), (schedule, lrs)
+        assert lrs[2] > 0.5 * lrs[1] and lrs[5] == pytest.approx(0.0, abs=1e-12)  # it decays over the new end
+
+
+def test_extending_a_fully_decayed_run_asks_for_a_learning_rate(tmp_path, tiny_config):
+    pytest.importorskip("sklearn")
+    from dualnet.train import RunError
+    config = Config(rule="bp", out=str(tmp_path / "run"), **{**tiny_config, "epochs": 2, "schedule": "linear",
+                                                             "lr": 0.005})
+    train(config)
+    before = open(tmp_path / "run" / "checkpoint.npz", "rb").read()
+    with pytest.raises(RunError, match="decayed the learning rate to 0.*--lr"):
+        train(dataclasses.replace(config, epochs=4), resume=True)
+    assert open(tmp_path / "run" / "checkpoint.npz", "rb").read() == before
+    train(dataclasses.replace(config, epochs=4, lr=0.0025), resume=True)
+    lrs = _lrs(tmp_path / "run")  # the lr after each epoch: the new piece decays 0.0025 -> 0 over 2 epochs
+    assert lrs[2] == pytest.approx(0.00125) and lrs[3] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_resume_without_changes_keeps_the_schedule(tmp_path, tiny_config):
+    pytest.importorskip("sklearn")
+    config = {**tiny_config, "schedule": "linear"}
+    train(Config(rule="bp", out=str(tmp_path / "full"), **config))
+    cut = Config(rule="bp", out=str(tmp_path / "cut"), **config)
+    train(cut, max_steps=6)
+    train(cut, resume=True)
+    assert _lrs(tmp_path / "cut") == _lrs(tmp_path / "full")
+
+
+def test_resume_refuses_a_changed_field(tmp_path, tiny_config):
+    pytest.importorskip("sklearn")
+    from dualnet.train import RunError
+    config = Config(rule="bp", out=str(tmp_path / "run"), **{**tiny_config, "epochs": 1})
+    train(config)
+    with pytest.raises(RunError, match="rule cannot change"):
+        train(dataclasses.replace(config, rule="fa"), resume=True)
+
+
+# ---------------------------------------------------------------------------- divergence
+def test_divergence_before_any_checkpoint_says_none_was_written(tmp_path, tiny_config):
+    pytest.importorskip("sklearn")
+    config = Config(rule="bp", out=str(tmp_path / "run"), **{**tiny_config, "lr": 1e12})
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written") as error:
+        train(config)
+    assert "checkpoint.npz" not in str(error.value)
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()
+
+
+def test_a_non_finite_gradient_stops_the_run(tmp_path, tiny_config, monkeypatch):
+    pytest.importorskip("sklearn")
+    from dualnet.rules.backprop import Backprop
+    real_estimate = Backprop.estimate
+
+    def poisoned(self, *args):
+        estimate = real_estimate(self, *args)
+        name = sorted(estimate.grads)[0]
+        estimate.grads[name] = estimate.grads[name] * np.inf
+        return estimate
+    config = Config(rule="bp", out=str(tmp_path / "run"), **{**tiny_config, "epochs": 1})
+    train(config)
+    before = open(tmp_path / "run" / "checkpoint.npz", "rb").read()
+    monkeypatch.setattr(Backprop, "estimate", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"a gradient became non-finite at epoch 2, step 1.*epoch 1 done"):
+        train(dataclasses.replace(config, epochs=2), resume=True)
+    assert open(tmp_path / "run" / "checkpoint.npz", "rb").read() == before
+
+
+# ---------------------------------------------------------------------------- what a run records
+def test_diagnostics_are_written_every_epoch(tmp_path, tiny_config):
+    pytest.importorskip("sklearn")
+    train(Config(rule="bp", diagnostics=True, out=str(tmp_path / "bp"), **{**tiny_config, "epochs": 2}))
+    train(Config(rule="fg-a", diagnostics=True, out=str(tmp_path / "fga"), **{**tiny_config, "epochs": 2}))
+    for line in read_metrics(tmp_path / "bp"):  # BP is its own objective's exact gradient (weights: a
+        # bias before BatchNorm has a zero gradient, whose cosine is rounding noise)
+        weights = {name: c for name, c in line["cosine"].items() if name.endswith("weight")}
+        assert len(weights) == 3 and all(c == pytest.approx(1.0, abs=1e-6) for c in weights.values())
+    for line in read_metrics(tmp_path / "fga"):
+        cosines = line["cosine"]
+        assert cosines["head.weight"] == pytest.approx(1.0, abs=1e-6)  # FG-A's read-out gradient is exact
+        assert all(abs(c) <= 1 + 1e-6 for c in cosines.values())
+        assert min(cosines.values()) < 0.9  # the hidden layers' estimates are noisy
+
+
+def test_every_training_step_draws_fresh_noise(tmp_path, tiny_config, monkeypatch):
+    """A runner that reused one draw for a whole epoch would pass every other test."""
+    pytest.importorskip("sklearn")
+    import dualnet.train as runner
+    real_rng, states = runner._step_rng, []
+
+    def recording_rng(*args):
+        generator = real_rng(*args)
+        states.append(generator.standard_normal(4).tobytes())
+        return real_rng(*args)
+    monkeypatch.setattr(runner, "_step_rng", recording_rng)
+    train(Config(rule="fg-a", out=str(tmp_path / "run"), **tiny_config))
+    assert len(states) == 12 and len(set(states)) == 12

@@ -15,7 +15,8 @@ numbers are printed next to the paper's as a markdown table (also written to ``-
 import argparse
 import os
 
-from dualnet.cli import _key_values as key_values
+from dualnet import rules as rule_registry
+from dualnet.cli import key_values
 from dualnet.train import Config, train
 
 FDFA_RULES = ["bp", "fg-w", "fg-a", "lg-fg-a", "dfa", "dkp", "fdfa"]
@@ -75,8 +76,8 @@ def main():
     parser.add_argument("--rule-opt", action="append", default=[], metavar="KEY=VALUE",
                         help="an option for every rule of the run, e.g. --rules fg-a --rule-opt batch_coupling=own")
     parser.add_argument("--out", default="runs/reproduce")
+    parser.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier reproduction")
     args = parser.parse_args()
-    args.rule_options = key_values(args.rule_opt, "--rule-opt")
     if args.table == "fdfa":
         names = [r for r in FDFA_RULES if (args.layers, r) in FDFA_PAPER]
         make, title = fdfa_config, f"FDFA fully-connected, {args.layers} layers, {args.dataset}"
@@ -90,7 +91,8 @@ def main():
     lines = [f"### {title}, {args.epochs} epochs (paper: full budget)", "",
              "| rule | test acc % | train acc % | paper | wall s |", "|---|---|---|---|---|"]
     for rule in names:
-        s = train(make(rule, args))
+        args.rule_options = key_values(args.rule_opt, "--rule-opt", f"rule {rule!r}", rule_registry.options(rule))
+        s = train(make(rule, args), overwrite=args.overwrite)
         label = rule + "".join(f" {key}={value}" for key, value in sorted(args.rule_options.items()))
         lines.append(f"| {label} | {100 * s['test_acc']:.2f} | {100 * (1 - s['train_error']):.2f} | {paper(rule)} "
                      f"| {s['wall_s']:.0f} |")

@@ -10,6 +10,8 @@
 | guess | guesses | Fournier et al.'s gradient guesses × targets |
 """
 import difflib
+import functools
+import inspect
 
 from .backprop import Backprop, FeedbackAlignment
 from .base import Estimate, Rule, exact_gradients
@@ -18,20 +20,20 @@ from .forward import ActivityPerturbation, WeightPerturbation
 from .guesses import GradientGuess
 
 RULES = {
-    "bp": lambda **o: Backprop(target="global", **o),
-    "l-bp": lambda **o: Backprop(target="local", **o),
-    "lg-bp": lambda **o: Backprop(target="local-greedy", **o),
-    "fa": lambda **o: FeedbackAlignment(target="global", **o),
-    "l-fa": lambda **o: FeedbackAlignment(target="local", **o),
-    "lg-fa": lambda **o: FeedbackAlignment(target="local-greedy", **o),
-    "dfa": lambda **o: DirectFeedback(kind="dfa", **o),
-    "dkp": lambda **o: DirectFeedback(kind="dkp", **o),
-    "fdfa": lambda **o: DirectFeedback(kind="fdfa", **o),
-    "fg-w": lambda **o: WeightPerturbation(local=False, **o),
-    "lg-fg-w": lambda **o: WeightPerturbation(local=True, **o),
-    "fg-a": lambda **o: ActivityPerturbation(local=False, **o),
-    "lg-fg-a": lambda **o: ActivityPerturbation(local=True, **o),
-    "guess": lambda **o: GradientGuess(**o),
+    "bp": functools.partial(Backprop, target="global"),
+    "l-bp": functools.partial(Backprop, target="local"),
+    "lg-bp": functools.partial(Backprop, target="local-greedy"),
+    "fa": functools.partial(FeedbackAlignment, target="global"),
+    "l-fa": functools.partial(FeedbackAlignment, target="local"),
+    "lg-fa": functools.partial(FeedbackAlignment, target="local-greedy"),
+    "dfa": functools.partial(DirectFeedback, kind="dfa"),
+    "dkp": functools.partial(DirectFeedback, kind="dkp"),
+    "fdfa": functools.partial(DirectFeedback, kind="fdfa"),
+    "fg-w": functools.partial(WeightPerturbation, local=False),
+    "lg-fg-w": functools.partial(WeightPerturbation, local=True),
+    "fg-a": functools.partial(ActivityPerturbation, local=False),
+    "lg-fg-a": functools.partial(ActivityPerturbation, local=True),
+    "guess": GradientGuess,
 }
 
 
@@ -51,3 +53,13 @@ def create(name, **options):
 
 def names():
     return list(RULES)
+
+
+def options(name):
+    """``{option: default}`` of rule ``name``'s options (what ``create(name, **options)`` accepts,
+    besides ``diagnostics``); the CLI parses ``--rule-opt`` values by the default's type."""
+    if name not in RULES:
+        raise ValueError(f"rules.options: unknown rule {name!r}; available: {', '.join(RULES)}")
+    fixed = set(getattr(RULES[name], "keywords", {})) | {"diagnostics"}
+    return {p.name: p.default for p in inspect.signature(RULES[name]).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in fixed}

@@ -13,6 +13,7 @@ kernel to its reference), accept arrays of any layout and float32/float64 dtype,
 import contextlib
 import importlib
 import importlib.util
+import pathlib
 
 MODULES = (
     "layer_norm",        # local layer norm: value + K tangents in one pass, Jacobian product (pull-back)
@@ -28,6 +29,20 @@ busy 2-core machine) for its worker.  ``NUMBA_NUM_THREADS=1`` makes every call s
 def available():
     """True when Numba can be imported (checked without importing it)."""
     return importlib.util.find_spec("numba") is not None
+
+
+def cached(names=MODULES):
+    """True when Numba's on-disk cache (``__pycache__`` beside the sources) holds an index for every
+    kernel the modules of ``names`` define: a run then starts without compiling."""
+    from numba.core.registry import CPUDispatcher
+    cache = pathlib.Path(__file__).parent / "__pycache__"
+    for name in names:
+        module = load(name)
+        for kernel in vars(module).values():
+            if isinstance(kernel, CPUDispatcher) and kernel.py_func.__module__ == module.__name__:
+                if not any(cache.glob(f"{name}.{kernel.py_func.__qualname__}-*.nbi")):
+                    return False
+    return True
 
 
 def load(name):
