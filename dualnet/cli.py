@@ -272,15 +272,22 @@ def cmd_compare(args, given):
         if refused:
             raise ValueError(f"--{refused[0].replace('_', '-')} cannot be given with compare --resume "
                              f"(the comparison keeps its own settings)")
-        return resume_compare(args.resume, progress=args.progress, on_epoch=_report_rule)
-    if not args.rules:
-        raise ValueError("compare needs --rules, e.g. --rules bp,fg-a,lg-fg-a")
-    chosen = [r.strip() for r in args.rules.split(",") if r.strip()]
-    for rule in chosen:
-        _check_name("rule", rule, rules.names())
-    out = args.out or default_out("compare", args.model)
-    configs = [_config(args, rule, os.path.join(out, rule)) for rule in chosen]
-    return compare(configs, out, overwrite=args.overwrite, progress=args.progress, on_epoch=_report_rule)
+        out, run = args.resume, lambda: resume_compare(args.resume, progress=args.progress, on_epoch=_report_rule)
+    else:
+        if not args.rules:
+            raise ValueError("compare needs --rules, e.g. --rules bp,fg-a,lg-fg-a")
+        chosen = [r.strip() for r in args.rules.split(",") if r.strip()]
+        for rule in chosen:
+            _check_name("rule", rule, rules.names())
+        out = args.out or default_out("compare", args.model)
+        configs = [_config(args, rule, os.path.join(out, rule)) for rule in chosen]
+        run = lambda: compare(configs, out, overwrite=args.overwrite, progress=args.progress,  # noqa: E731
+                              on_epoch=_report_rule)
+    try:
+        return run()
+    except Interrupted as stop:
+        raise Interrupted(f"{str(stop).split(';')[0]}; finish the comparison with "
+                          f"`python -m dualnet compare --resume {out}`") from None
 
 
 def cmd_list(args, given):
@@ -322,6 +329,9 @@ def main(argv=None):
         result = args.func(args, given)
     except Interrupted as stop:
         print(f"\n{stop}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; every file on disk is a complete one
+        print("\nstopped at once (second Ctrl-C); the run's last checkpoint is intact", file=sys.stderr)
         return 130
     except (ValueError, RunError, data.DataError, backend.DeviceUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
