@@ -18,13 +18,13 @@ import math
 import os
 import sys
 
-from . import backend, data, models, optim, rules
+from . import backend, data, distributed, models, optim, rules
 from .nn.localmixer import CONFIGS
 from .train import SCHEDULES, Config, Interrupted, RunError, default_out, epoch_line, read_config, train
 
 MODEL_FLAGS = {"config": str, "hidden": int, "layers": int, "blocks": int, "patches": int, "channels": int,
                "groups": int, "aux": str}
-RESUME_FLAGS = {"resume", "epochs", "lr", "device", "max_steps", "progress"}
+RESUME_FLAGS = {"resume", "epochs", "lr", "device", "parallel", "max_steps", "progress"}
 """What ``train --resume`` accepts; any other flag given with it is refused by name."""
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -161,6 +161,8 @@ def _add_run_arguments(parser):
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         help="default: cuda with DUALNET_BACKEND=cupy, else cpu; with --resume, "
                              "overrides the run's device (a GPU run can continue on a CPU)")
+    parser.add_argument("--parallel", choices=("data",),
+                        help="under mpiexec -n P: 'data' splits every batch over the P ranks (needs the mpi extra)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar on stderr (default: when stderr is a terminal)")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -234,7 +236,7 @@ def _config(args, rule, out):
                   optimizer=args.optimizer, lr=args.lr, optimizer_options=_optimizer_options(args),
                   schedule=args.schedule, lr_decay_rate=args.lr_decay_rate, seed=args.seed,
                   normalize=args.normalize, train_limit=args.train_limit, eval_limit=args.eval_limit,
-                  diagnostics=args.diagnostics, device=args.device, out=out)
+                  diagnostics=args.diagnostics, device=args.device, parallel=args.parallel, out=out)
 
 
 def _report(epochs):
@@ -253,9 +255,10 @@ def cmd_train(args, given):
         if refused:
             flag = "--" + refused[0].replace("_", "-")
             raise ValueError(f"{flag} cannot be given with --resume (the run keeps its own; only --epochs, "
-                             f"--lr, --device and --max-steps apply); start a new run with --out to change it")
+                             f"--lr, --device, --parallel and --max-steps apply); start a new run with --out to "
+                             f"change it")
         stored = read_config(args.resume)
-        config = Config(**{**stored.__dict__, **{k: getattr(args, k) for k in ("epochs", "lr", "device")
+        config = Config(**{**stored.__dict__, **{k: getattr(args, k) for k in ("epochs", "lr", "device", "parallel")
                                                   if k in given}})
         return train(config, resume=True, progress=args.progress, on_epoch=_report(config.epochs),
                      max_steps=args.max_steps)
@@ -325,6 +328,13 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     given = given_flags(argv)
+    try:
+        rank = distributed.world(getattr(args, "parallel", None)).rank
+    except ImportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if rank:  # under mpiexec, rank 0 speaks for every rank
+        sys.stderr = sys.stdout = open(os.devnull, "w")
     try:
         result = args.func(args, given)
     except Interrupted as stop:

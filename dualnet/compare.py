@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from . import data
+from . import data, distributed
 from .train import Config, RunError, TrainingDiverged, holds_run, read_config, train
 
 # One fixed colour and marker per rule, so every comparison plot reads the same.
@@ -31,9 +31,10 @@ def compare(configs, out, overwrite=False, progress=None, on_epoch=None):
     if os.path.exists(os.path.join(out, "compare.json")) and not overwrite:
         raise RunError(f"{out} already holds a comparison; choose another --out, finish it with "
                        f"compare --resume {out}, or replace it with --overwrite")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "compare.json"), "w") as f:
-        json.dump([dataclasses.asdict(c) for c in configs], f, indent=2)
+    if distributed.world(configs[0].parallel).rank == 0:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "compare.json"), "w") as f:
+            json.dump([dataclasses.asdict(c) for c in configs], f, indent=2)
     return _run_all(configs, out, {c.rule: overwrite for c in configs}, progress, on_epoch)
 
 
@@ -58,6 +59,8 @@ def _run_all(configs, out, overwrite, progress, on_epoch):
         report = (lambda metrics, config=config: on_epoch(config, metrics)) if on_epoch else None
         summaries.append(_run_one(config, overwrite.get(config.rule, False), progress, report))
         curves[config.rule] = _read_metrics(config.out)
+    if distributed.world(configs[0].parallel).rank:  # rank 0 writes the comparison
+        return {"results": os.path.join(out, "results.md"), "summaries": summaries}
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(render_table(summaries, configs[0]))
     plot_curves(curves, os.path.join(out, "curves.png"), f"{configs[0].model} on {configs[0].dataset}")

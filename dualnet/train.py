@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy
 
-from . import backend, data, models, optim, rules
+from . import backend, data, distributed, models, optim, rules
 from .nn.layers import value_of
 from .nn.plan import Plan
 
@@ -45,7 +45,7 @@ LOCAL_RULES = {"l-bp", "lg-bp", "l-fa", "lg-fa", "lg-fg-w", "lg-fg-a", "guess"}
 SCHEDULES = ("constant", "linear", "warmup_cosine", "epoch_decay", "step", "exponential")
 HORIZON_SCHEDULES = ("linear", "warmup_cosine")
 """Schedules sized to the run's total number of steps (extending a run adds a segment)."""
-RESUMABLE_FIELDS = ("epochs", "lr", "device")
+RESUMABLE_FIELDS = ("epochs", "lr", "device", "parallel")
 """The only ``Config`` fields a resumed run may change (recorded under ``changes``)."""
 
 
@@ -87,6 +87,7 @@ class Config:
     eval_limit: int = 10000   # training error measured on at most this many examples
     diagnostics: bool = False
     device: str = None        # 'cpu' or 'cuda'; None: the active backend's (DUALNET_BACKEND, backend.use)
+    parallel: str = None      # 'data': the ranks of mpiexec split every batch (dualnet.distributed); None: one process
     out: str = "runs/run"     # where the run lives; never read back from config.json (a run resumes in place)
     changes: list = field(default_factory=list)  # what each resume changed (epochs, lr, device), in order
 
@@ -170,14 +171,14 @@ def evaluate(model, params, state, x, y, batch_size=1000):
     return total_loss / len(y), wrong / len(y)
 
 
-def _warm_up_kernels():
+def _warm_up_kernels(announce=True):
     """Compile the Numba kernels before the first step, saying so on stderr when they are not in
     Numba's on-disk cache yet (the first run on a machine)."""
     from . import fused
     from .kernels import cpu
     if backend.kernels_mode() != "auto" or backend.current() != "numpy" or not cpu.available():
         return
-    if not cpu.cached():
+    if announce and not cpu.cached():
         print("dualnet: compiling the Numba kernels once (a minute or so); later runs load them from the cache",
               file=sys.stderr, flush=True)
     fused.warm_up(("float32",))
@@ -450,8 +451,9 @@ def train(config, resume=False, progress=None, on_epoch=None, overwrite=False, m
         raise ValueError(f"max_steps={max_steps!r}: must be a whole number >= 1")
     config = dataclasses.replace(config, device=device, data_dir=config.data_dir and os.path.abspath(config.data_dir))
     config.check()
+    world = distributed.world(config.parallel)
     with backend.using(backend.DEVICES[device]):
-        return _Run(config, resume, overwrite).loop(progress, on_epoch, max_steps)
+        return _Run(config, resume, overwrite, world).loop(progress, on_epoch, max_steps)
 
 
 def _resumed_config(config):
@@ -467,15 +469,15 @@ def _resumed_config(config):
     changes = [{"field": name, "from": getattr(stored, name), "to": getattr(config, name)}
                for name in RESUMABLE_FIELDS if getattr(config, name) != getattr(stored, name)]
     # the optimiser keeps the run's first lr: a new lr starts a schedule piece scaled to it
-    return dataclasses.replace(stored, epochs=config.epochs, device=config.device,
+    return dataclasses.replace(stored, epochs=config.epochs, device=config.device, parallel=config.parallel,
                                data_dir=config.data_dir or stored.data_dir), changes
 
 
 class _Run:
     """One run's objects; ``loop`` trains.  Everything written goes through atomic replaces."""
 
-    def __init__(self, config, resume, overwrite):
-        self.out = config.out
+    def __init__(self, config, resume, overwrite, world):
+        self.out, self.world, self.writes = config.out, world, world.rank == 0
         self.checkpoint = os.path.join(self.out, "checkpoint.npz")
         changes = []
         if resume:
@@ -502,8 +504,12 @@ class _Run:
         if resume:
             self.optimizer.load_state_dict(parts["optimizer"])
             self.rule.load_state_dict(parts["rule"])
-        self._prepare_directory(overwrite and not resume)
-        _warm_up_kernels()
+        if world.size > 1 and config.batch_size < world.size:
+            raise RunError(f"--batch-size {config.batch_size} is smaller than the {world.size} ranks; each rank "
+                           f"needs at least one example of every batch")
+        if self.writes:
+            self._prepare_directory(overwrite and not resume)
+        _warm_up_kernels(announce=self.writes)
 
     def _resumed_schedule(self, segments, changes):
         """Check the new total of epochs, extend the schedule, and record the changes in the config."""
@@ -539,10 +545,22 @@ class _Run:
         _write_metrics(self.out, self.history)
 
     def _save(self):
+        self._check_ranks_agree()
+        if not self.writes:
+            self.has_checkpoint = True
+            return
         save_checkpoint(self.checkpoint, self.params, self.state, self.optimizer, self.rule, self.position,
                         self.history, self.segments)
         _write_metrics(self.out, self.history)
         self.has_checkpoint = True
+
+    def _check_ranks_agree(self):
+        """Every rank applied the same updates: their parameter checksums are equal."""
+        if self.world.size > 1:
+            sums = self.world.allgather(distributed.data_parallel.checksum(self.params))
+            if len(set(sums)) > 1:
+                raise RunError(f"the ranks' parameters differ (checksums {sums}) at epoch "
+                               f"{self.position['epoch']}, step {self.position['step']}; stopped")
 
     def _diverged(self, what, value):
         position = self.position
@@ -562,25 +580,28 @@ class _Run:
     def loop(self, progress, on_epoch, max_steps):
         config, position = self.config, self.position
         started = time.perf_counter() - position["wall_s"]
-        steps_this_call = 0
+        steps_this_call = self._steps = 0
         with _deferred_interrupts() as interrupt:
             try:
                 while position["epoch"] < config.epochs:
-                    epoch = position["epoch"]
-                    bar = _progress(progress, self.steps_per_epoch, position["step"],
+                    epoch, stop = position["epoch"], False
+                    bar = _progress(progress if self.writes else False, self.steps_per_epoch, position["step"],
                                     f"epoch {epoch + 1}/{config.epochs}")
                     for xb, yb in data.batches(self.train_x, self.train_y, config.batch_size, config.seed,
                                                epoch=epoch, start=position["step"]):
-                        self._train_step(xb, yb, epoch, position["step"])
+                        stop = self._train_step(xb, yb, epoch, position["step"], interrupt.requested)
+                        stop = stop or (self.world.size == 1 and interrupt.requested)
                         steps_this_call += 1
+                        self._steps = steps_this_call
                         position["wall_s"] = time.perf_counter() - started
                         bar.update(1)
-                        if interrupt.requested or steps_this_call == max_steps:
+                        if stop or steps_this_call == max_steps:
                             break
                     bar.close()
                     if position["step"] == self.steps_per_epoch:
                         self._finish_epoch(time.perf_counter() - started, on_epoch)
-                    if interrupt.requested:
+                        stop = self._agreed(interrupt.requested)  # Ctrl-C during the evaluation
+                    if stop:
                         raise KeyboardInterrupt
                     if steps_this_call == max_steps and position["epoch"] < config.epochs:
                         if position["step"]:
@@ -594,28 +615,46 @@ class _Run:
                                   f"`python -m dualnet train --resume {self.out}`") from None
         return self._write_summary()
 
-    def _train_step(self, xb, yb, epoch, step):
-        config, position = self.config, self.position
-        if self.rule.contrastive:  # two augmented views, stacked: [view 1; view 2]
-            xb = backend.namespace(xb).concatenate(data.two_views(xb, (config.seed, epoch, step, 1)), axis=0)
+    def _agreed(self, flag):
+        """True on every rank when any rank's ``flag`` is set (the ranks stop at the same point)."""
+        if self.world.size == 1:
+            return bool(flag)
+        return bool(self.world.allreduce(numpy.array([float(flag)]))[0] > 0)
+
+    def _train_step(self, xb, yb, epoch, step, interrupted):
+        """One update from the batch (xb, yb); returns whether any rank was interrupted."""
+        config, position, world = self.config, self.position, self.world
+        rows, weight = distributed.shard(len(yb), world.rank, world.size), 1.0
+        if world.size > 1:
+            weight = (rows.stop - rows.start) / len(yb)
+            if weight == 0:  # a last batch smaller than the ranks: this rank computes on a row and adds nothing
+                rows = slice(0, 1)
+        views = None
+        if self.rule.contrastive:  # two augmented views of the whole batch, this rank's rows of each
+            views = data.two_views(xb, (config.seed, epoch, step, 1))
+        xb, yb = xb[rows], yb[rows]
+        if views is not None:  # stacked: [view 1; view 2]
+            xb = backend.namespace(xb).concatenate([views[0][rows], views[1][rows]], axis=0)
         estimate = self.rule(self.model, self.params, xb, yb, _step_rng(config.seed, epoch, step), self.state)
-        if not math.isfinite(estimate.loss):
-            raise self._diverged("the loss", estimate.loss)
-        if not self._finite_gradients(estimate.grads):
+        grads, loss, state, flag = distributed.combine(world, estimate, weight, float(interrupted))
+        if not math.isfinite(loss):
+            raise self._diverged("the loss", loss)
+        if not self._finite_gradients(grads):
             raise self._diverged("a gradient", "non-finite")
-        self.params = self.optimizer.step(self.params, estimate.grads)
-        self.state = estimate.state or self.state
-        position["loss_sum"] += float(estimate.loss)
-        for name, report in estimate.diagnostics.items():
+        self.params = self.optimizer.step(self.params, grads)
+        self.state = state or self.state
+        position["loss_sum"] += float(loss)
+        for name, report in estimate.diagnostics.items():  # this rank's shard
             position["diagnostics"][name] = position["diagnostics"].get(name, 0.0) + report["cosine"]
         position["step"] = step + 1
+        return flag > 0
 
     def _finish_epoch(self, wall, on_epoch):
         position = self.position
         self.history.append(self._epoch_metrics(wall))
         position.update(epoch=position["epoch"] + 1, step=0, loss_sum=0.0, diagnostics={}, wall_s=wall)
         self._save()
-        if on_epoch is not None:
+        if on_epoch is not None and self.writes:
             on_epoch(self.history[-1])
 
     def _epoch_metrics(self, wall):
@@ -636,6 +675,10 @@ class _Run:
         summary = {"test_acc": last.get("test_acc"), "test_error": last.get("test_error"),
                    "train_error": last.get("train_error"), "epochs": len(history), "wall_s": last.get("wall_s"),
                    "rule": config.rule, "model": config.model, "dataset": config.dataset, "out": self.out}
+        if self.world.size > 1:
+            summary.update(ranks=self.world.size, bytes_sent_per_step=self.world.bytes_sent / max(self._steps, 1))
+        if not self.writes:
+            return summary
         if stopped:
             summary["stopped"] = (f"{stopped}: at epoch {self.position['epoch'] + 1}, step {self.position['step']} "
                                   f"of {self.steps_per_epoch}; continue with --resume {self.out}")

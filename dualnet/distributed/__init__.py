@@ -1,0 +1,11 @@
+"""Scale-out over MPI: one small communication layer (``World``) and the data-parallel split.
+
+A plain run never imports MPI: ``world(None)`` is the single process, ``world("data")`` the
+processes ``mpiexec`` started (mpi4py's ``COMM_WORLD``).  Collectives are plain Allreduce /
+Allgather / Bcast on NumPy buffers, counted in ``bytes_sent`` so that benchmarks can report the
+exact traffic of a step.
+"""
+from .world import MPIWorld, SingleProcess, world
+from .data_parallel import combine, shard
+
+__all__ = ["MPIWorld", "SingleProcess", "world", "combine", "shard"]

@@ -1,0 +1,58 @@
+"""Data parallelism: each rank estimates on its shard of the global batch; one Allreduce of the
+weighted estimates gives the full-batch estimate on every rank.
+
+Rule estimates are means over the examples of a batch, ĝ = (1/N) Σ_n c_n, so with shards S_r of
+sizes N_r, ĝ = Σ_r (N_r/N) ĝ_r: each rank scales its shard's estimate by N_r/N and the ranks sum.
+That needs every per-example term c_n to be the one the single process computes: noise is keyed
+by the global example index (FG-A) or shared by all ranks (FG-W's per-tensor draws), and a
+BatchNorm uses its shard's statistics (as PyTorch's DistributedDataParallel does), so a model
+with BatchNorm trains as with "ghost batches" of size N_r.
+"""
+import numpy
+
+from .. import backend
+
+
+def shard(n, rank, size):
+    """Rows of rank ``rank`` of a batch of ``n``: contiguous, sizes differing by at most one
+    (the first ``n % size`` ranks hold one more), as ``numpy.array_split`` splits."""
+    base, extra = divmod(n, size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+def combine(world, estimate, weight, flag=0.0):
+    """The full-batch (grads, loss, state, flag) from every rank's shard ``estimate`` weighted by
+    ``weight`` = N_r/N: one Allreduce of one float64 buffer holding the weighted gradients (in
+    sorted name order), the weighted loss, the weighted BatchNorm running statistics and
+    ``flag`` (summed: any rank's Ctrl-C stops every rank at the same step).  With one process,
+    the estimate is returned as it is."""
+    if world.size == 1:
+        return estimate.grads, estimate.loss, estimate.state, flag
+    names = sorted(name for name, g in estimate.grads.items() if g is not None)
+    states = sorted(estimate.state or {})
+    parts = [backend.to_numpy(estimate.grads[name]).ravel() for name in names]
+    parts += [backend.to_numpy(a).ravel() for key in states for a in estimate.state[key]]
+    buffer = numpy.concatenate([numpy.asarray(p, numpy.float64) for p in parts] + [numpy.zeros(2)]) * weight
+    buffer[-2], buffer[-1] = weight * estimate.loss, flag
+    total = world.allreduce(buffer)
+    grads, offset = {}, 0
+    for name in names:
+        g = estimate.grads[name]
+        grads[name] = backend.namespace(g).asarray(total[offset:offset + g.size].reshape(g.shape), dtype=g.dtype)
+        offset += g.size
+    state = {}
+    for key in states:
+        arrays = []
+        for a in estimate.state[key]:
+            arrays.append(backend.namespace(a).asarray(total[offset:offset + a.size].reshape(a.shape), dtype=a.dtype))
+            offset += a.size
+        state[key] = tuple(arrays)
+    return grads, float(total[-2]), state or estimate.state, float(total[-1])
+
+
+def checksum(params):
+    """A float64 sum of every parameter's values and of their squares: equal on every rank while
+    the ranks apply the same updates."""
+    return sum(float((backend.to_numpy(p).astype(numpy.float64) ** 2).sum() + backend.to_numpy(p).sum())
+               for _, p in sorted(params.items()))
