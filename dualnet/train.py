@@ -41,7 +41,6 @@ from . import backend, data, distributed, models, optim, rules
 from .nn.layers import value_of
 from .nn.plan import Plan
 
-LOCAL_RULES = {"l-bp", "lg-bp", "l-fa", "lg-fa", "lg-fg-w", "lg-fg-a", "guess"}
 SCHEDULES = ("constant", "linear", "warmup_cosine", "epoch_decay", "step", "exponential")
 HORIZON_SCHEDULES = ("linear", "warmup_cosine")
 """Schedules sized to the run's total number of steps (extending a run adds a segment)."""
@@ -138,12 +137,14 @@ def prepare_data(config):
 
 
 def build_model(config, dataset):
-    """The model of ``config`` for ``dataset``'s input shape and classes; local rules get local
-    heads on models where they are optional (mlp, cnn-fdfa, cnn-baydin)."""
+    """The model of ``config`` for ``dataset``'s input shape and classes; a rule that needs local
+    heads (``Rule.needs_local_heads``) gets them on models where they are optional (mlp, cnn-fdfa,
+    cnn-baydin)."""
     options = dict(config.model_options)
     options.setdefault("input_shape", dataset.input_shape)
     options.setdefault("num_classes", dataset.num_classes)
-    if config.rule in LOCAL_RULES and "local_heads" in models.options(config.model):
+    needs_local_heads = rules.create(config.rule, **config.rule_options).needs_local_heads
+    if needs_local_heads and "local_heads" in models.options(config.model):
         options.setdefault("local_heads", True)
     return models.create(config.model, **options)
 

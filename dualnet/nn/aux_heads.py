@@ -41,11 +41,12 @@ class AuxHead:
     def has_norm(self):
         return self.kind in ("linear", "mlp")
 
-    def declare(self, model, init):
+    def declare(self, model, init, block):
+        """Declare the net's parameters on ``model`` as block ``block``'s local head."""
         if self.kind == "linear":
-            declare_norm(model, self.prefix, self.channels)
+            declare_norm(model, self.prefix, self.channels, block=block, local_head=True)
         for unit in self.convs + self.fcs + [self.out]:
-            unit.declare(model, init)
+            unit.declare(model, init, block=block, local_head=True)
 
     def running_state(self, dtype):
         state = norm_state(self.prefix, self.channels, dtype) if self.kind == "linear" else {}

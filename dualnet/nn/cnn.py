@@ -57,13 +57,10 @@ class ConvNet(Model):
             features = width
         self.num_blocks = len(self.units)
         for k, unit in enumerate(self.units):
-            unit.declare(self, init)
+            unit.declare(self, init, block=k)
             if local_heads:
-                width = int(numpy.prod(self.shapes[k]))
-                self.add_param(f"blocks.{k}.head.weight", (width, num_classes), width, init)
-                self.add_param(f"blocks.{k}.head.bias", (num_classes,), width, init)
-        self.add_param("head.weight", (features, num_classes), features, init)
-        self.add_param("head.bias", (num_classes,), features, init)
+                self.add_linear_head(f"blocks.{k}.head", int(numpy.prod(self.shapes[k])), num_classes, init, block=k)
+        self.add_linear_head("head", features, num_classes, init)
 
     def _conv_shapes(self, height, width):
         """[(C, H, W)] after each conv block (its pool included), or None where a map comes out empty.

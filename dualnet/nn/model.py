@@ -3,10 +3,17 @@
 A model is an ordered list of blocks, local heads (one per block, optional), and a final
 read-out.  ``Model.forward(params, x, labels, plan)`` runs them in one pass and returns a
 ``Trace``: logits, per-example losses, local losses, the perturbation points of every hidden
-layer and the block outputs.  Parameters are a flat dict ``{name: array}``; names start with
-``blocks.{k}.`` (block k, its local head under ``blocks.{k}.head.``) or ``head.`` (read-out).
+layer and the block outputs.  Parameters are a flat dict ``{name: array}``.
+
+What a parameter *is* — which block it belongs to, whether it is part of a local head or of
+the read-out, its group axis, whether feedback alignment gives it a feedback matrix — is
+declared by the model in its ``ParamSpec`` (``model.specs[name]``), and asked of it by rules,
+the runner and the partitioners of scale-out (``model.blocks()``, ``model.parameters_of(k)``).
+Names are labels (checkpoint keys, the plan's feedback keys); nothing outside a model reads
+structure from them.  See docs/architecture.md.
 """
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy
 
@@ -17,11 +24,53 @@ from .layers import feedback_alignment, linear, value_of
 from .plan import Context, Plan, Point
 
 
-@dataclass
+ROLES = ("weight", "bias", "norm")
+
+
+@dataclass(frozen=True)
 class ParamSpec:
+    """One parameter as its model declares it.
+
+    ``shape``, ``fan_in``, ``init``: what the initialiser ``init`` draws it from.
+    ``block``: the index of the block it belongs to (blocks run in index order), or ``None`` for
+    the read-out.
+    ``role``: ``'weight'`` — the weight of a linear map (dense [p, q], token mixing [P, P],
+    grouped [G, c_in, c_out], conv [c_out, c_in, k, k]); ``'bias'``; ``'norm'`` — a normalisation's
+    scale or shift.
+    ``local_head``: part of block ``block``'s local head (a linear head or an aux net), not of its
+    backbone.
+    ``group_axis``: for a grouped layer's tensors, the axis that indexes the groups (slice g acts on
+    group g's units only); ``None`` otherwise.
+    """
     shape: tuple
     fan_in: int
     init: str
+    block: Optional[int]
+    role: str
+    local_head: bool = False
+    group_axis: Optional[int] = None
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"ParamSpec: role={self.role!r}; allowed: {', '.join(ROLES)}")
+        if self.local_head and self.block is None:
+            raise ValueError("ParamSpec: a local head belongs to a block; the read-out has block=None")
+
+    @property
+    def readout(self):
+        """Part of the final read-out."""
+        return self.block is None
+
+    @property
+    def head(self):
+        """A head (the read-out or a local head): every rule trains it on its exact gradient."""
+        return self.readout or self.local_head
+
+    @property
+    def feedback(self):
+        """Whether feedback alignment sends this tensor's layer's reverse pass through a fixed random
+        matrix of its shape: true for the weights of linear maps."""
+        return self.role == "weight"
 
 
 @dataclass
@@ -56,8 +105,19 @@ class Model:
         self.specs = {}
 
     # --- parameters --------------------------------------------------------------------
-    def add_param(self, name, shape, fan_in, init):
-        self.specs[name] = ParamSpec(tuple(shape), int(fan_in), init)
+    def add_param(self, name, shape, fan_in, init, *, block, role, local_head=False, group_axis=None):
+        """Declare parameter ``name`` (see ``ParamSpec``); declaration order is the parameters' order."""
+        if name in self.specs:
+            raise ValueError(f"{self.name}: parameter {name!r} is declared twice")
+        self.specs[name] = ParamSpec(tuple(shape), int(fan_in), init, block, role, local_head, group_axis)
+
+    def add_linear_head(self, prefix, features, classes, init, block=None, bias_init=None):
+        """A linear head ``{prefix}.weight`` [features, classes] and ``{prefix}.bias`` [classes]
+        (initialised by ``bias_init``, default ``init``): block ``block``'s local head, or the read-out
+        (``block=None``)."""
+        where = dict(block=block, local_head=block is not None)
+        self.add_param(f"{prefix}.weight", (features, classes), features, init, role="weight", **where)
+        self.add_param(f"{prefix}.bias", (classes,), features, bias_init or init, role="bias", **where)
 
     def init(self, seed=0, dtype=backend.DEFAULT_DTYPE):
         """Fresh parameters ``{name: array}`` drawn from ``seed`` (deterministic)."""
@@ -72,12 +132,23 @@ class Model:
     def num_params(self):
         return int(sum(numpy.prod(s.shape) for s in self.specs.values()))
 
+    def blocks(self):
+        """The block indices, in the order a forward pass runs them."""
+        return range(self.num_blocks)
+
+    def parameters_of(self, block, local_head=None):
+        """Names of block ``block``'s parameters (``None``: the read-out's), in declaration order;
+        ``local_head=True`` / ``False`` keeps only its local head's / only its backbone's."""
+        return [name for name, spec in self.specs.items()
+                if spec.block == block and (local_head is None or spec.local_head == local_head)]
+
     def block_of(self, name):
         """Block index of a parameter, ``'head'`` for the read-out."""
-        return int(name.split(".")[1]) if name.startswith("blocks.") else "head"
+        block = self.specs[name].block
+        return "head" if block is None else block
 
     def is_local_head(self, name):
-        return ".head." in name
+        return self.specs[name].local_head
 
     def param_counts(self):
         """Parameter count per block (local heads included) and for the read-out."""

@@ -120,13 +120,11 @@ class ResNet18(Model):
         default_width = 16 * width if aux == "mlp" else max(1, width // 2)  # 1024 and 32 at width 64
         self.aux_heads = [AuxHead(aux, f"blocks.{k}.head", spec.layers[-1].c_out, num_classes,
                                   aux_width or default_width, aux_depth or 2) for k, spec in enumerate(self.layout)]
-        for spec, head in zip(self.layout, self.aux_heads):
+        for k, (spec, head) in enumerate(zip(self.layout, self.aux_heads)):
             for unit in spec.units:
-                unit.declare(self, init)
-            head.declare(self, init)
-        features = self.layout[-1].layers[-1].c_out
-        self.add_param("head.weight", (features, num_classes), features, init)
-        self.add_param("head.bias", (num_classes,), features, init)
+                unit.declare(self, init, block=k)
+            head.declare(self, init, block=k)
+        self.add_linear_head("head", self.layout[-1].layers[-1].c_out, num_classes, init)
 
     @staticmethod
     def _validate(input_shape, blocks, width, aux, aux_width, aux_depth):

@@ -36,10 +36,11 @@ class Running:
         return normalize
 
 
-def declare_norm(model, prefix, width):
-    """BatchNorm parameters ``{prefix}.bn.gamma`` (ones) and ``.beta`` (zeros) of ``width`` channels."""
-    model.add_param(f"{prefix}.bn.gamma", (width,), width, "ones")
-    model.add_param(f"{prefix}.bn.beta", (width,), width, "zeros")
+def declare_norm(model, prefix, width, block, local_head=False):
+    """BatchNorm parameters ``{prefix}.bn.gamma`` (ones) and ``.beta`` (zeros) of ``width`` channels,
+    of block ``block`` (its local head's with ``local_head``)."""
+    model.add_param(f"{prefix}.bn.gamma", (width,), width, "ones", block=block, role="norm", local_head=local_head)
+    model.add_param(f"{prefix}.bn.beta", (width,), width, "zeros", block=block, role="norm", local_head=local_head)
 
 
 def norm_state(prefix, width, dtype):
@@ -77,14 +78,17 @@ class Unit:
     def fn(self):
         return linear if self.kernel == 0 else conv_layer(self.kernel, self.stride, self.padding)
 
-    def declare(self, model, init):
+    def declare(self, model, init, block, local_head=False):
+        """Declare the unit's parameters on ``model``, in block ``block`` (its local head's with
+        ``local_head``)."""
         fan_in = self.c_in * max(self.kernel, 1) ** 2
         shape = (self.c_in, self.c_out) if self.kernel == 0 else (self.c_out, self.c_in, self.kernel, self.kernel)
-        model.add_param(f"{self.prefix}.weight", shape, fan_in, init)
+        where = dict(block=block, local_head=local_head)
+        model.add_param(f"{self.prefix}.weight", shape, fan_in, init, role="weight", **where)
         if self.bias:
-            model.add_param(f"{self.prefix}.bias", (self.c_out,), fan_in, init)
+            model.add_param(f"{self.prefix}.bias", (self.c_out,), fan_in, init, role="bias", **where)
         if self.norm:
-            declare_norm(model, self.prefix, self.c_out)
+            declare_norm(model, self.prefix, self.c_out, **where)
 
     def running_state(self, dtype):
         return norm_state(self.prefix, self.c_out, dtype) if self.norm else {}

@@ -39,7 +39,7 @@ class FeedbackAlignment(Rule):
         rng = numpy.random.default_rng(seed + 7919)
         self.state = {}
         for name, spec in model.specs.items():
-            if name.endswith(".weight") and len(spec.shape) >= 2:
+            if spec.feedback:
                 init = initialisers.kaiming_uniform if spec.init == "zeros" else initialisers.get(spec.init)
                 self.state[name] = backend.to_device(init(rng, spec.shape, spec.fan_in, params[name].dtype))
 
