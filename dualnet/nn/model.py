@@ -20,7 +20,7 @@ import numpy
 from .. import autodiff, backend, losses
 from .. import primitives as P
 from . import init as initialisers
-from .layers import feedback_alignment, linear, value_of
+from .layers import linear, linear_map, value_of
 from .plan import Context, Plan, Point
 
 
@@ -186,10 +186,8 @@ class Model:
         return Trace(logits, loss, local, ctx.points, outputs, output_tangents, value_of(features), state)
 
     def readout(self, params, features, ctx):
-        weight = params["head.weight"]
-        if "head.weight" in ctx.plan.feedback:
-            return feedback_alignment(linear)(features, weight, ctx.plan.feedback["head.weight"], params["head.bias"])
-        return linear(features, weight, params["head.bias"])
+        return linear_map(linear, features, [params["head.weight"], params["head.bias"]],
+                          ctx.plan.feedback.get("head.weight"))
 
     def readout_grads(self, trace, error):
         """Exact read-out gradients from the logits' cotangent ``error`` [N, classes]."""
@@ -210,11 +208,7 @@ class Model:
         if replicated:
             return losses.replicated_cross_entropy(grid, weight, bias, labels)
         pooled = P.reshape(P.mean(grid, axis=1), (value_of(grid).shape[0], -1))
-        name = f"blocks.{k}.head.weight"
-        if feedback and name in feedback:
-            logits = feedback_alignment(linear)(pooled, weight, feedback[name], bias)
-        else:
-            logits = linear(pooled, weight, bias)
+        logits = linear_map(linear, pooled, [weight, bias], (feedback or {}).get(f"blocks.{k}.head.weight"))
         return losses.cross_entropy(logits, labels, reduction="none")
 
     def contrastive_loss(self, k, params, h, replicated, temperature=0.5):
@@ -249,11 +243,7 @@ class Model:
         """
         weights = [params[p] for p in param_names]
         norm_weights = [params[p] for p in norm_param_names]
-        feedback = ctx.plan.feedback.get(param_names[0])
-        if feedback is not None:
-            z = feedback_alignment(fn)(x, weights[0], feedback, *weights[1:])
-        else:
-            z = fn(x, *weights)
+        z = linear_map(fn, x, weights, ctx.plan.feedback.get(param_names[0]))
         h = normalize(z, *norm_weights) if normalize is not None else z
         h, u_pre = ctx.inject(k, name, "pre", h)
         pre_activation = h if residual is None else h + residual

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from .. import backend
 from .. import primitives as P
 from .conv import conv_layer, flatten, output_size
-from .layers import batch_norm, feedback_alignment, linear, value_of
+from .layers import batch_norm, linear, linear_map, value_of
 
 
 def identity(a):
@@ -108,12 +108,8 @@ class Unit:
 
     def apply(self, x, params, running, feedback=None, activation=P.relu):
         """Directly, without a ``Point`` (auxiliary heads); ``feedback`` {weight name: B} as in FA."""
-        weight, *rest = [params[name] for name in self.param_names]
-        x, name = self._input(x), self.param_names[0]
-        if feedback and name in feedback:
-            z = feedback_alignment(self.fn)(x, weight, feedback[name], *rest)
-        else:
-            z = self.fn(x, weight, *rest)
+        z = linear_map(self.fn, self._input(x), [params[name] for name in self.param_names],
+                       (feedback or {}).get(self.param_names[0]))
         if self.norm:
             z = running.normalizer(f"{self.prefix}.bn")(z, *[params[name] for name in self.norm_names])
         return activation(z)
