@@ -13,7 +13,7 @@ import numpy
 
 from .. import backend
 from ..nn import init as initialisers
-from .base import Estimate, Rule, exact_gradients, mean_value
+from .base import Estimate, Rule, exact_gradients, mean_value, stream_rng
 
 
 class Backprop(Rule):
@@ -36,7 +36,7 @@ class FeedbackAlignment(Rule):
 
     def setup(self, model, params, seed=0):
         """One fixed random B per weight matrix, drawn like the weight's own initialiser."""
-        rng = numpy.random.default_rng(seed + 7919)
+        rng = stream_rng(seed, "feedback-alignment")
         self.state = {}
         for name, spec in model.specs.items():
             if spec.feedback:

@@ -26,6 +26,19 @@ class Estimate:
     diagnostics: dict = field(default_factory=dict)
 
 
+# Named seed streams of the rules' own tensors: a rule seeded with ``seed`` draws stream s's
+# i-th tensor from numpy.random.default_rng(seed + SEED_STREAMS[s] + i), apart from the other streams.
+SEED_STREAMS = {
+    "feedback-alignment": 7919,  # FA: one fixed B per weight, drawn in declaration order
+    "direct-feedback": 104729,   # DFA: B_l of the i-th hidden layer met
+}
+
+
+def stream_rng(seed, stream, index=0):
+    """The NumPy generator of tensor ``index`` of the named seed ``stream`` (see ``SEED_STREAMS``)."""
+    return numpy.random.default_rng(seed + SEED_STREAMS[stream] + index)
+
+
 # The plan each member of the backprop family trains with, and the rule whose gradient
 # another rule estimates ("its own target").
 PLANS = {
