@@ -1,4 +1,4 @@
-"""LocalMixer (Ren et al. 2023), built as the authors' code builds it (REFERENCE.md §2).
+"""LocalMixer (Ren et al. 2023), built as the authors' code builds it.
 
 The image is cut into P = patches² non-overlapping patches, each flattened (no separate
 embedding).  Activations are [N, P, C]; grouped tensors are [N, P, G, c] with C = G·c.

@@ -1,5 +1,5 @@
 """Feedback alignment (FA), DFA and DKP are descent directions that are not backprop
-(DESIGN.md §3: "angle strictly between 0° and 90°").
+(docs/estimators.md: the angle to the gradient lies strictly between 0° and 90°).
 
 After a short SGD run on a fixed-teacher task (the forward weights come to align with the
 feedback matrices), each rule's update for every hidden weight, evaluated on the whole data set,
