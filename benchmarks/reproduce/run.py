@@ -51,7 +51,8 @@ def fdfa_config(rule, args):
     return Config(model="mlp", model_options=options, rule=rule, rule_options={**rule_options, **args.rule_options},
                   dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs, batch_size=64, optimizer="adam",
                   lr=1e-3 if rule == "fg-w" else 1e-4, schedule="epoch_decay", normalize="symmetric",
-                  seed=args.seed, train_limit=args.train_limit, out=os.path.join(args.out, _run_name("fdfa", rule, args)))
+                  seed=args.seed, train_limit=args.train_limit,
+                  out=os.path.join(args.out, _run_name("fdfa", rule, args)))
 
 
 def ren_config(rule, args):

@@ -133,7 +133,7 @@ def conv2d_param_pullback(x, delta, kernel, stride=1, padding=0):
     return [weight_grad, delta.sum(axis=(0, 2, 3))]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def conv_layer(kernel, stride=1, padding=0):
     """``conv2d`` with its geometry bound, as a layer ``fn(x, weight, bias=None)`` for ``Model.hidden``
     (one function per geometry, so that what is built per layer function is built once).

@@ -84,7 +84,7 @@ def linear_map(fn, x, weights, feedback=None):
     return feedback_alignment(fn)(x, weight, feedback, *rest)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def feedback_alignment(fn):
     """Feedback alignment for a layer ``fn(x, W, *rest)`` linear in ``x``: returns
     ``fa(x, W, B, *rest)`` (one primitive per layer function, built on first use).

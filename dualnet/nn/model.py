@@ -13,7 +13,6 @@ Names are labels (checkpoint keys, the plan's feedback keys); nothing outside a 
 structure from them.  See docs/architecture.md.
 """
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy
 
@@ -22,7 +21,6 @@ from .. import primitives as P
 from . import init as initialisers
 from .layers import linear, linear_map, value_of
 from .plan import Context, Plan, Point
-
 
 ROLES = ("weight", "bias", "norm")
 
@@ -45,10 +43,10 @@ class ParamSpec:
     shape: tuple
     fan_in: int
     init: str
-    block: Optional[int]
+    block: int | None
     role: str
     local_head: bool = False
-    group_axis: Optional[int] = None
+    group_axis: int | None = None
 
     def __post_init__(self):
         if self.role not in ROLES:

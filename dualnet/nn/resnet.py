@@ -19,7 +19,6 @@ and it shares conv2's ReLU (its ``Point.mask`` is that of the sum).
 import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
 
 from .. import backend, losses
 from .. import primitives as P
@@ -38,7 +37,7 @@ class BlockLayout:
     block, whose input (through ``shortcut`` when given) is added before the last layer's ReLU."""
     layers: tuple
     residual: bool = False
-    shortcut: Optional[Unit] = None
+    shortcut: Unit | None = None
 
     @property
     def units(self):

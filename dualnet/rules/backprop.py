@@ -9,8 +9,6 @@
   through a fixed random matrix B of the weight's shape (Lillicrap et al.); LN, BN and ReLU
   Jacobians stay exact.  Standard FA uses the global loss.
 """
-import numpy
-
 from .. import backend
 from ..nn import init as initialisers
 from .base import Estimate, Rule, exact_gradients, mean_value, stream_rng

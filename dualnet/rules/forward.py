@@ -29,8 +29,7 @@ from .. import backend
 from ..dual import Dual
 from ..nn.layers import value_of
 from ..nn.plan import Plan, Site
-from .base import (PLANS, Estimate, Rule, contrastive_plan, expand_replicas, local_head_grads, mean_value,
-                   output_error)
+from .base import PLANS, Estimate, Rule, contrastive_plan, expand_replicas, local_head_grads, mean_value, output_error
 
 
 def _tangent(x, k):

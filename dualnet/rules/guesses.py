@@ -62,8 +62,8 @@ The read-out always gets its exact gradient (heads always backprop).
 ``diagnostics`` compare with the exact gradient of the objective the rule follows: local greedy
 for target=local on the model's heads, the global loss otherwise (Fournier's alignment measure).
 """
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy
 

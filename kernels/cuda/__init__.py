@@ -32,7 +32,7 @@ def source(name):
     return (SOURCE_DIR / f"{name}.cu").read_text()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def raw_module(name):
     """``<name>.cu`` compiled by CuPy (once per process)."""
     import cupy

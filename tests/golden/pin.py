@@ -95,7 +95,8 @@ def pin(model_key, rule_name, options):
     for name in sorted(arrays):
         digest.update(name.encode())
         digest.update(arrays[name].tobytes())
-    return {"sha256": digest.hexdigest(), "norms": [float(f"{np.linalg.norm(arrays[name]):.9g}") for name in sorted(arrays)]}
+    norms = [float(f"{np.linalg.norm(arrays[name]):.9g}") for name in sorted(arrays)]
+    return {"sha256": digest.hexdigest(), "norms": norms}
 
 
 def main():
