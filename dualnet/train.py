@@ -175,14 +175,13 @@ def evaluate(model, params, state, x, y, batch_size=1000):
 def _warm_up_kernels(announce=True):
     """Compile the Numba kernels before the first step, saying so on stderr when they are not in
     Numba's on-disk cache yet (the first run on a machine)."""
-    from . import fused
     from .kernels import cpu
     if backend.kernels_mode() != "auto" or backend.current() != "numpy" or not cpu.available():
         return
     if announce and not cpu.cached():
         print("dualnet: compiling the Numba kernels once (a minute or so); later runs load them from the cache",
               file=sys.stderr, flush=True)
-    fused.warm_up(("float32",))
+    backend.warm_up_kernels(("float32",))
 
 
 def _step_rng(seed, epoch, step):
