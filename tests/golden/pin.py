@@ -5,6 +5,11 @@
 the rule (so the rules that learn their feedback matrices, which start at zero, are pinned after
 one update too) in float64, and records one SHA-256 over every estimate's bytes (the pin) and
 each tensor's norm (to say which tensor moved, and by how much, when a case fails).
+
+The cases run on the NumPy reference paths (``DUALNET_KERNELS=reference``): a Numba kernel
+compiled afresh and the same kernel loaded from Numba's on-disk cache can differ in the last
+bit, so the kernels are held to the references by their own tests (tests/kernels), and the pins
+hold the rules, models and engine above them.
 """
 import hashlib
 import json
@@ -100,6 +105,7 @@ def pin(model_key, rule_name, options):
 
 
 def main():
+    os.environ["DUALNET_KERNELS"] = "reference"
     pins = {name: pin(model, rule, options) for name, model, rule, options in cases()}
     with open(PINS, "w") as f:
         json.dump(pins, f, sort_keys=True, separators=(",", ":"))

@@ -12,6 +12,12 @@ with open(pin.PINS) as f:
     PINNED = json.load(f)
 
 
+@pytest.fixture(autouse=True)
+def reference_paths(monkeypatch):
+    """The pins were made on the NumPy reference paths (see pin.py)."""
+    monkeypatch.setenv("DUALNET_KERNELS", "reference")
+
+
 def test_every_registered_rule_is_pinned_on_every_model():
     pinned = {name.split("/")[1].split("[")[0] for name in PINNED}
     assert pinned == set(pin.rules.names())
