@@ -14,7 +14,6 @@ import itertools
 
 import numpy
 
-from .. import backend
 from .. import primitives as P
 from .conv import flatten, max_pool2d
 from .model import Model
@@ -74,10 +73,6 @@ class ConvNet(Model):
                 return None
             shapes.append((unit.c_out, height, width))
         return shapes
-
-    def init_state(self, dtype=backend.DEFAULT_DTYPE):
-        """BatchNorm running (mean, variance) per layer: ``state['blocks.{k}.{conv|linear}.bn']``."""
-        return {key: value for unit in self.units for key, value in unit.running_state(dtype).items()}
 
     def embed(self, x):
         return x

@@ -6,11 +6,10 @@ local (greedy) losses.
 """
 import numpy
 
-from .. import backend
 from .. import primitives as P
 from .layers import linear
 from .model import Model
-from .units import Running, declare_norm, norm_state
+from .units import Running, declare_norm
 
 
 class MLP(Model):
@@ -36,13 +35,6 @@ class MLP(Model):
                 self.add_linear_head(f"blocks.{k}.head", hidden, num_classes, init, block=k)
             width = hidden
         self.add_linear_head("head", width, num_classes, init)
-
-    def init_state(self, dtype=backend.DEFAULT_DTYPE):
-        """BatchNorm running (mean, variance) per block."""
-        if not self.use_batch_norm:
-            return {}
-        return {key: value for k in range(self.num_blocks)
-                for key, value in norm_state(f"blocks.{k}", self.hidden_width, dtype).items()}
 
     def embed(self, x):
         return P.reshape(x, (x.shape[0], -1))

@@ -91,6 +91,15 @@ class Trace:
     state: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RunningSpec:
+    """The running statistics of one BatchNorm as its model declares them: ``state[key]`` =
+    (mean, variance), each [``width``], of block ``block`` (``local_head``: of its local head)."""
+    width: int
+    block: int
+    local_head: bool = False
+
+
 class Model:
     """Base class.  Subclasses fill ``self.specs`` and implement ``embed``, ``block``,
     ``pooled_features`` and say how many blocks they have."""
@@ -101,6 +110,7 @@ class Model:
 
     def __init__(self):
         self.specs = {}
+        self.running_specs = {}  # state key -> RunningSpec
 
     # --- parameters --------------------------------------------------------------------
     def add_param(self, name, shape, fan_in, init, *, block, role, local_head=False, group_axis=None):
@@ -123,9 +133,16 @@ class Model:
         return {name: backend.to_device(initialisers.get(spec.init)(rng, spec.shape, spec.fan_in, dtype))
                 for name, spec in self.specs.items()}
 
+    def add_running(self, key, width, *, block, local_head=False):
+        """Declare the running statistics ``state[key]`` of a BatchNorm of ``width`` channels."""
+        self.running_specs[key] = RunningSpec(int(width), block, local_head)
+
     def init_state(self, dtype=backend.DEFAULT_DTYPE):
-        """Running statistics (BatchNorm) — empty for models without them."""
-        return {}
+        """Fresh running statistics {key: (mean zeros, variance ones)} of every declared BatchNorm
+        (empty for models without one)."""
+        xp = backend.xp
+        return {key: (xp.zeros(spec.width, dtype), xp.ones(spec.width, dtype))
+                for key, spec in self.running_specs.items()}
 
     def num_params(self):
         return int(sum(numpy.prod(s.shape) for s in self.specs.values()))
@@ -138,6 +155,12 @@ class Model:
         """Names of block ``block``'s parameters (``None``: the read-out's), in declaration order;
         ``local_head=True`` / ``False`` keeps only its local head's / only its backbone's."""
         return [name for name, spec in self.specs.items()
+                if spec.block == block and (local_head is None or spec.local_head == local_head)]
+
+    def state_of(self, block, local_head=None):
+        """Keys of block ``block``'s running statistics in ``state``, in declaration order
+        (``local_head`` as in ``parameters_of``)."""
+        return [key for key, spec in self.running_specs.items()
                 if spec.block == block and (local_head is None or spec.local_head == local_head)]
 
     def block_of(self, name):

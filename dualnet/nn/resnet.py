@@ -20,7 +20,7 @@ import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .. import backend, losses
+from .. import losses
 from .. import primitives as P
 from .aux_heads import KINDS, AuxHead
 from .cnn import check_image
@@ -141,15 +141,6 @@ class ResNet18(Model):
                                  f"allowed with aux='mlp' or 'cnn'")
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"resnet18: {option}={value!r} must be a positive int")
-
-    def init_state(self, dtype=backend.DEFAULT_DTYPE):
-        """BatchNorm running (mean, variance) of every backbone layer and aux head, by '….bn' key."""
-        state = {}
-        for spec, head in zip(self.layout, self.aux_heads):
-            for unit in spec.units:
-                state.update(unit.running_state(dtype))
-            state.update(head.running_state(dtype))
-        return state
 
     def couples_examples_after(self, block, plan):
         """Whether a later BatchNorm (in training mode) mixes the batch on the way from block

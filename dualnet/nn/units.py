@@ -8,7 +8,6 @@ so the rules see a ``Point``) or directly (auxiliary heads).  Parameter names un
 """
 from dataclasses import dataclass
 
-from .. import backend
 from .. import primitives as P
 from .conv import conv_layer, flatten, output_size
 from .layers import batch_norm, linear, linear_map, value_of
@@ -37,15 +36,12 @@ class Running:
 
 
 def declare_norm(model, prefix, width, block, local_head=False):
-    """BatchNorm parameters ``{prefix}.bn.gamma`` (ones) and ``.beta`` (zeros) of ``width`` channels,
-    of block ``block`` (its local head's with ``local_head``)."""
+    """A BatchNorm of ``width`` channels in block ``block`` (its local head's with ``local_head``):
+    parameters ``{prefix}.bn.gamma`` (ones) and ``.beta`` (zeros), running statistics
+    ``state['{prefix}.bn']``."""
     model.add_param(f"{prefix}.bn.gamma", (width,), width, "ones", block=block, role="norm", local_head=local_head)
     model.add_param(f"{prefix}.bn.beta", (width,), width, "zeros", block=block, role="norm", local_head=local_head)
-
-
-def norm_state(prefix, width, dtype):
-    xp = backend.xp
-    return {f"{prefix}.bn": (xp.zeros(width, dtype), xp.ones(width, dtype))}
+    model.add_running(f"{prefix}.bn", width, block=block, local_head=local_head)
 
 
 @dataclass(frozen=True)
@@ -89,9 +85,6 @@ class Unit:
             model.add_param(f"{self.prefix}.bias", (self.c_out,), fan_in, init, role="bias", **where)
         if self.norm:
             declare_norm(model, self.prefix, self.c_out, **where)
-
-    def running_state(self, dtype):
-        return norm_state(self.prefix, self.c_out, dtype) if self.norm else {}
 
     def out_side(self, side):
         """Spatial side length after this layer (< 1: the input is too small)."""

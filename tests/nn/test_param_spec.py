@@ -8,11 +8,11 @@ from dualnet import models, rules
 from dualnet.nn.model import ParamSpec
 
 MODELS = {
-    "mlp": dict(input_shape=(1, 4, 4), num_classes=3, hidden=6, layers=3, local_heads=True),
+    "mlp": dict(input_shape=(1, 4, 4), num_classes=3, hidden=6, layers=3, local_heads=True, batch_norm=True),
     "localmixer": dict(input_shape=(1, 8, 8), num_classes=3, config="M/1/16", blocks=2, patches=2, channels=8,
                        groups=2),
     "cnn-fdfa": dict(input_shape=(1, 12, 12), num_classes=3, channels=(2, 3), hidden=4, local_heads=True),
-    "cnn-baydin": dict(input_shape=(1, 8, 8), num_classes=3, channels=2, hidden=4),
+    "cnn-baydin": dict(input_shape=(1, 8, 8), num_classes=3, channels=2, hidden=4, batch_norm=True),
     "resnet18": dict(input_shape=(3, 8, 8), num_classes=3, width=2, aux="mlp", aux_width=4),
 }
 
@@ -73,3 +73,14 @@ def test_a_spec_refuses_what_it_cannot_be():
 def test_rules_declare_whether_they_need_local_heads():
     needs = {name for name in rules.names() if rules.create(name).needs_local_heads}
     assert needs == {"l-bp", "lg-bp", "l-fa", "lg-fa", "lg-fg-w", "lg-fg-a", "guess"}
+
+
+def test_running_statistics_are_declared_per_block(model):
+    state = model.init_state()
+    assert [key for k in model.blocks() for key in model.state_of(k)] == list(state)
+    for key, (mean, variance) in state.items():
+        width = model.running_specs[key].width
+        assert mean.shape == variance.shape == (width,) and not mean.any() and (variance == 1).all()
+    for k in model.blocks():
+        for key in model.state_of(k, local_head=True):
+            assert all(model.specs[f"{key}.{p}"].local_head for p in ("gamma", "beta"))
