@@ -48,7 +48,6 @@ import sys
 import time
 
 import numpy
-
 import replicated_loss
 
 EPS = 1e-5      # dualnet's LN epsilon
@@ -173,6 +172,7 @@ def timed(step, synchronize, repeats, warmup):
 # ---------------------------------------------------------------------------------------
 def worker_dualnet(settings):
     import cupy
+
     from dualnet import backend, optim, rules
     backend.use("cupy")
 
@@ -512,6 +512,7 @@ def worker_torch(settings):
 def worker_kernels(settings):
     import cupy
     from cupyx.profiler import benchmark
+
     import dualnet as dn
     from dualnet import backend, fused
     from dualnet.nn.localmixer import CONFIGS
@@ -567,6 +568,7 @@ def worker_kernels(settings):
 # ---------------------------------------------------------------------------------------
 def worker_loss_memory(settings):
     import cupy
+
     from dualnet import backend
     backend.use("cupy")
     pool = cupy.get_default_memory_pool()

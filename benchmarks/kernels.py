@@ -117,7 +117,7 @@ def main():
     parser.add_argument("--json", help="also write the JSON result to this file")
     args = parser.parse_args()
     import numba
-    fused.warm_up((args.dtype,))
+    dn.backend.warm_up_kernels((args.dtype,))
     rng = np.random.default_rng(0)
     results = []
     for config in CONFIGS:

@@ -49,6 +49,7 @@ def _data(np):
 
 def worker_dualnet(repeats):
     import numpy as np
+
     from dualnet import models, optim, rules
     x, y = _data(np)
     x = x.reshape(BATCH, 1, 28, 28)

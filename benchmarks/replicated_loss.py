@@ -130,23 +130,23 @@ def compare_m_8_16(rng, repeats, naive_examples):
     results = {}
     for examples in (naive_examples, reduced):  # two sizes: the scaling in N is checked, not assumed
         small = make_problem(rng, **dict(size, examples=examples))
-        results["naive@N=%d" % examples] = measure("naive", small, repeats)
-        results["fused@N=%d" % examples] = measure("fused", small, repeats)
+        results[f"naive@N={examples}"] = measure("naive", small, repeats)
+        results[f"fused@N={examples}"] = measure("fused", small, repeats)
         del small
     large = make_problem(rng, **size)
-    results["fused@N=%d" % full] = measure("fused", large, repeats)
-    results["fused_reference@N=%d" % full] = measure("fused", large, repeats, kernels="reference")
-    naive_full = scaled(results["naive@N=%d" % reduced], full / reduced)
-    results["naive@N=%d (scaled x%g from N=%d)" % (full, full / reduced, reduced)] = naive_full
-    fused_full = results["fused@N=%d" % full]
+    results[f"fused@N={full}"] = measure("fused", large, repeats)
+    results[f"fused_reference@N={full}"] = measure("fused", large, repeats, kernels="reference")
+    naive_full = scaled(results[f"naive@N={reduced}"], full / reduced)
+    results[f"naive@N={full} (scaled x{full / reduced:g} from N={reduced})"] = naive_full
+    fused_full = results[f"fused@N={full}"]
     ratios = {p: {"speedup": naive_full[p]["seconds"] / fused_full[p]["seconds"],
                   "memory_ratio": naive_full[p]["peak_mb"] / fused_full[p]["peak_mb"]} for p in ("jvp", "vjp")}
-    doubling = {p: {k: results["naive@N=%d" % reduced][p][k] / results["naive@N=%d" % naive_examples][p][k]
+    doubling = {p: {k: results[f"naive@N={reduced}"][p][k] / results[f"naive@N={naive_examples}"][p][k]
                     for k in ("seconds", "peak_mb")} for p in ("jvp", "vjp")}
     return {"sizes": dict(size, classes=CLASSES, directions=DIRECTIONS), "results": results,
             "naive_growth_when_N_doubles": doubling,
-            "naive_over_fused_at_N=%d" % full: ratios,
-            "naive_replicated_features_lower_bound_mb_at_N=%d" % full: naive_lower_bound_mb(**size)}
+            f"naive_over_fused_at_N={full}": ratios,
+            f"naive_replicated_features_lower_bound_mb_at_N={full}": naive_lower_bound_mb(**size)}
 
 
 def compare_l_32_64(rng, repeats, large_examples):
@@ -158,10 +158,10 @@ def compare_l_32_64(rng, repeats, large_examples):
     fused_full = scaled(measured, full / large_examples)
     naive_mb = naive_lower_bound_mb(**size)
     return {"sizes": dict(size, classes=CLASSES, directions=DIRECTIONS),
-            "fused@N=%d (measured)" % large_examples: measured,
-            "fused@N=%d (scaled x%g)" % (full, full / large_examples): fused_full,
-            "naive_required_mb_at_N=%d (computed lower bound)" % full: naive_mb,
-            "naive_over_fused_memory_at_N=%d" % full: {p: naive_mb / fused_full[p]["peak_mb"] for p in fused_full}}
+            f"fused@N={large_examples} (measured)": measured,
+            f"fused@N={full} (scaled x{full / large_examples:g})": fused_full,
+            f"naive_required_mb_at_N={full} (computed lower bound)": naive_mb,
+            f"naive_over_fused_memory_at_N={full}": {p: naive_mb / fused_full[p]["peak_mb"] for p in fused_full}}
 
 
 def main():

@@ -136,6 +136,37 @@ def kernels_mode():
     return mode
 
 
+KERNEL_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+
+
+def kernel(module, contract, reference, *arrays):
+    """The function that runs ``contract`` on ``arrays`` — the one kernel dispatcher.
+
+    ``reference`` is the NumPy/CuPy function the kernels are held to; ``module`` names the kernel
+    module (``dualnet.kernels.cpu.<module>``, ``dualnet.kernels.cuda.<module>``) that defines
+    ``contract`` with the reference's signature and results.  The kernel is chosen when
+    ``kernels_mode() == 'auto'`` and every array is float32 or float64: the Numba kernel for NumPy
+    arrays (if Numba is importable), the CUDA kernel for CuPy arrays.  Otherwise the reference.
+    """
+    if kernels_mode() != "auto" or any(a.dtype not in KERNEL_DTYPES for a in arrays):
+        return reference
+    if namespace(*arrays) is numpy:
+        from .kernels import cpu
+        return getattr(cpu.load(module), contract) if cpu.available() else reference
+    from .kernels import cuda
+    return getattr(cuda.load(module), contract)
+
+
+def warm_up_kernels(dtypes=("float32", "float64")):
+    """Compile (or load from Numba's on-disk cache) every CPU kernel now rather than on first use.
+
+    Does nothing when the kernels would not be used (reference mode, no Numba).
+    """
+    from .kernels import cpu
+    if kernels_mode() == "auto" and cpu.available():
+        cpu.warm_up(cpu.MODULES, dtypes)
+
+
 class _Unavailable:
     """Stands in for ``xp`` when ``DUALNET_BACKEND=cupy`` but no GPU can be used: any use raises."""
 

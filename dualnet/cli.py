@@ -210,8 +210,9 @@ def _optimizer_options(args):
         if value is None:
             continue
         if key not in accepted:
+            takers = ", ".join(n for n, c in optim.OPTIMIZERS.items() if key in inspect.signature(c).parameters)
             raise ValueError(f"--{key.replace('_', '-')} does not apply to --optimizer {args.optimizer}; "
-                             f"drop it (it applies to: {', '.join(n for n, c in optim.OPTIMIZERS.items() if key in inspect.signature(c).parameters)})")
+                             f"drop it (it applies to: {takers})")
         options[key] = value
     return options
 

@@ -26,18 +26,16 @@ reference here (``reference_<contract>``) and kernels of the same name, signatur
   ``normalize_epilogue(value, tangent, bias, bias_tangent, shift, shift_tangent, eps, relu,
   directions) -> (out, out_tangent, sigma)``                                    (module grouped_linear)
 
-``implementation(contract, array)`` picks the kernel when ``backend.kernels_mode() == 'auto'``,
-the dtype is float32 or float64, and (for NumPy arrays) Numba is importable; CuPy arrays go to the
-CUDA kernels.  ``DUALNET_KERNELS=reference`` forces the references everywhere.  All arrays given
-to a contract share one dtype.  ``warm_up()`` compiles the CPU kernels ahead of time.
+``implementation(contract, array)`` asks ``backend.kernel`` (the one dispatcher) for the kernel
+or the reference.  ``DUALNET_KERNELS=reference`` forces the references everywhere.  All arrays
+given to a contract share one dtype.  ``backend.warm_up_kernels()`` compiles the CPU kernels
+ahead of time.
 """
 import numpy
 
 from . import backend
 from .dual import Dual, bind
 from .primitives import TABLE, Primitive
-from .kernels import cpu as cpu_kernels
-from .kernels import cuda as cuda_kernels
 
 ns = backend.namespace
 
@@ -100,30 +98,13 @@ _CONTRACTS = {  # contract -> (kernel module, reference)
     "layer_norm_jacobian": ("layer_norm", reference_layer_norm_jacobian),
     "normalize_epilogue": ("grouped_linear", reference_normalize_epilogue),
 }
-_KERNEL_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 
 
 def implementation(contract, array):
-    """The function that runs ``contract`` on arrays like ``array`` (see the module docstring).
-
-    A Numba kernel for NumPy arrays, a CUDA kernel for CuPy arrays, or the reference when
-    ``DUALNET_KERNELS=reference``, the dtype is not float32/float64, or Numba is missing.
-    """
+    """The function that runs ``contract`` on arrays like ``array``: its kernel or its reference
+    (``backend.kernel`` decides)."""
     module_name, reference = _CONTRACTS[contract]
-    if backend.kernels_mode() != "auto" or array.dtype not in _KERNEL_DTYPES:
-        return reference
-    if ns(array) is numpy:
-        return getattr(cpu_kernels.load(module_name), contract) if cpu_kernels.available() else reference
-    return getattr(cuda_kernels.load(module_name), contract)
-
-
-def warm_up(dtypes=("float32", "float64")):
-    """Compile (or load from Numba's on-disk cache) the CPU kernels now rather than on first use.
-
-    Does nothing when the kernels would not be used (reference mode, no Numba).
-    """
-    if backend.kernels_mode() == "auto" and cpu_kernels.available():
-        cpu_kernels.warm_up(("layer_norm", "grouped_linear"), dtypes)
+    return backend.kernel(module_name, contract, reference, array)
 
 
 # ---------------------------------------------------------------------------------------

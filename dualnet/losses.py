@@ -29,7 +29,6 @@ when available and ``backend.kernels_mode() == 'auto'``; ``replica_tangent_refer
 ``replica_cotangent_reference`` are the NumPy/CuPy references they are tested against.
 """
 import collections
-import importlib.util
 
 import numpy
 
@@ -172,24 +171,6 @@ def replica_cotangent_reference(cotangent, u, scale):
     return (scale * cotangent)[..., None] * u[:, None]
 
 
-_FAST_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
-
-
-def _kernels(*arrays):
-    """The kernel module for ``arrays`` (Numba on NumPy, CUDA on CuPy), or None for the reference."""
-    if backend.kernels_mode() != "auto" or any(a.dtype not in _FAST_DTYPES for a in arrays):
-        return None
-    if backend.namespace(*arrays) is numpy:
-        if importlib.util.find_spec("numba") is None:
-            return None
-        from .kernels.cpu import replicated_loss
-        return replicated_loss
-    if backend.cuda_available():
-        from .kernels.cuda import replicated_loss
-        return replicated_loss
-    return None
-
-
 def replica_tangent(x_tangent, u, scale, head=None, out=None):
     """Dispatching form of ``replica_tangent_reference`` (same arguments and result).
 
@@ -203,15 +184,15 @@ def replica_tangent(x_tangent, u, scale, head=None, out=None):
     u = u.astype(x_tangent.dtype, copy=False)
     if head is not None:
         head = head.astype(x_tangent.dtype, copy=False)
-    kernels = _kernels(x_tangent, u)
-    return (kernels.replica_tangent if kernels else replica_tangent_reference)(x_tangent, u, scale, head, out)
+    run = backend.kernel("replicated_loss", "replica_tangent", replica_tangent_reference, x_tangent, u)
+    return run(x_tangent, u, scale, head, out)
 
 
 def replica_cotangent(cotangent, u, scale):
     """Dispatching form of ``replica_cotangent_reference`` (same arguments and result)."""
     cotangent = cotangent.astype(u.dtype, copy=False)
-    kernels = _kernels(cotangent, u)
-    return (kernels.replica_cotangent if kernels else replica_cotangent_reference)(cotangent, u, scale)
+    return backend.kernel("replicated_loss", "replica_cotangent", replica_cotangent_reference, cotangent, u)(
+        cotangent, u, scale)
 
 
 # ---------------------------------------------------------------------------------------

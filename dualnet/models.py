@@ -2,8 +2,7 @@
 import difflib
 import inspect
 
-from .nn.cnn import BaydinCNN, FDFACNN
-from .nn.localmixer import CONFIGS as LOCALMIXER_CONFIGS
+from .nn.cnn import FDFACNN, BaydinCNN
 from .nn.localmixer import LocalMixer
 from .nn.mlp import MLP
 from .nn.resnet import ResNet18

@@ -21,7 +21,8 @@ Usage::
 Formulas follow PyTorch's (the papers' code is PyTorch), with g = grad (+ wd * param for L2 decay):
 
 * SGD:  b <- mu b + g;  d = g + mu b (Nesterov) or b;  param <- param - lr d.
-* Adam: m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2;  param <- param - (lr / (1-b1^t)) m / (sqrt(v)/sqrt(1-b2^t) + eps),
+* Adam: m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2;
+  param <- param - (lr / (1-b1^t)) m / (sqrt(v)/sqrt(1-b2^t) + eps),
   t the tensor's own update count; ``decoupled=True`` (AdamW) instead shrinks param <- param (1 - lr wd).
 * LARS (You et al. 2017, SimCLR/BYOL variant): trust = eta |param| / |g| (1 if either norm is 0);
   b <- mu b + lr trust g;  param <- param - b.  Tensors with ndim <= 1 (biases, norms) are excluded from

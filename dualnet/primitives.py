@@ -229,8 +229,10 @@ minimum = Primitive("minimum", lambda x, y: ns(x, y).minimum(x, y),
                     vjp=(lambda g, out, x, y: g * _pick(x, y, False), lambda g, out, x, y: g * _pick(y, x, False)),
                 broadcasting=True)
 where = Primitive("where", lambda c, x, y: ns(x, y).where(c, x, y),
-                  jvp=(None, lambda t, out, c, x, y: ns(t).where(c, t, 0), lambda t, out, c, x, y: ns(t).where(c, 0, t)),
-                  vjp=(None, lambda g, out, c, x, y: ns(g).where(c, g, 0), lambda g, out, c, x, y: ns(g).where(c, 0, g)),
+                  jvp=(None, lambda t, out, c, x, y: ns(t).where(c, t, 0),
+                       lambda t, out, c, x, y: ns(t).where(c, 0, t)),
+                  vjp=(None, lambda g, out, c, x, y: ns(g).where(c, g, 0),
+                       lambda g, out, c, x, y: ns(g).where(c, 0, g)),
                 broadcasting=True)
 def _inside(x, lo, hi):
     """1.0 where ``lo <= x <= hi`` (a bound of ``None`` is absent), else 0.0, in x's dtype."""
@@ -261,7 +263,8 @@ sum = Primitive(
         _expand_reduced(g, x.shape, normalize_axes(axis, x.ndim), keepdims), x.shape),))
 mean = Primitive(
     "mean", lambda x, axis=None, keepdims=False: x.mean(axis=axis, keepdims=keepdims),
-    jvp=(lambda t, out, x, axis=None, keepdims=False: t.mean(axis=_k(normalize_axes(axis, x.ndim)), keepdims=keepdims),),
+    jvp=(lambda t, out, x, axis=None, keepdims=False:
+         t.mean(axis=_k(normalize_axes(axis, x.ndim)), keepdims=keepdims),),
     vjp=(lambda g, out, x, axis=None, keepdims=False: ns(g).broadcast_to(
         _expand_reduced(g, x.shape, normalize_axes(axis, x.ndim), keepdims) / _count(x, axis), x.shape),))
 max = Primitive(  # ties share the derivative evenly
@@ -270,7 +273,8 @@ max = Primitive(  # ties share the derivative evenly
         t * _max_mask(x, out, normalize_axes(axis, x.ndim), keepdims)).sum(
             axis=_k(normalize_axes(axis, x.ndim)), keepdims=keepdims),),
     vjp=(lambda g, out, x, axis=None, keepdims=False: _expand_reduced(
-        g, x.shape, normalize_axes(axis, x.ndim), keepdims) * _max_mask(x, out, normalize_axes(axis, x.ndim), keepdims),))
+        g, x.shape, normalize_axes(axis, x.ndim), keepdims)
+        * _max_mask(x, out, normalize_axes(axis, x.ndim), keepdims),))
 
 
 def _logsumexp(x, axis=-1, keepdims=False):
@@ -302,7 +306,8 @@ softmax = Primitive(
     vjp=(lambda g, out, x, axis=-1: out * (g - (g * out).sum(axis=axis, keepdims=True)),))
 log_softmax = Primitive(
     "log_softmax", lambda x, axis=-1: x - _logsumexp(x, axis=axis, keepdims=True),
-    jvp=(lambda t, out, x, axis=-1: t - (t * ns(x).exp(out)).sum(axis=_k(normalize_axes(axis, x.ndim)), keepdims=True),),
+    jvp=(lambda t, out, x, axis=-1:
+         t - (t * ns(x).exp(out)).sum(axis=_k(normalize_axes(axis, x.ndim)), keepdims=True),),
     vjp=(lambda g, out, x, axis=-1: g - ns(g).exp(out) * g.sum(axis=axis, keepdims=True),))
 
 # ---------------------------------------------------------------------------------------

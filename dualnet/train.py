@@ -41,7 +41,6 @@ from . import backend, data, distributed, models, optim, rules
 from .nn.layers import value_of
 from .nn.plan import Plan
 
-LOCAL_RULES = {"l-bp", "lg-bp", "l-fa", "lg-fa", "lg-fg-w", "lg-fg-a", "guess"}
 SCHEDULES = ("constant", "linear", "warmup_cosine", "epoch_decay", "step", "exponential")
 HORIZON_SCHEDULES = ("linear", "warmup_cosine")
 """Schedules sized to the run's total number of steps (extending a run adds a segment)."""
@@ -138,12 +137,14 @@ def prepare_data(config):
 
 
 def build_model(config, dataset):
-    """The model of ``config`` for ``dataset``'s input shape and classes; local rules get local
-    heads on models where they are optional (mlp, cnn-fdfa, cnn-baydin)."""
+    """The model of ``config`` for ``dataset``'s input shape and classes; a rule that needs local
+    heads (``Rule.needs_local_heads``) gets them on models where they are optional (mlp, cnn-fdfa,
+    cnn-baydin)."""
     options = dict(config.model_options)
     options.setdefault("input_shape", dataset.input_shape)
     options.setdefault("num_classes", dataset.num_classes)
-    if config.rule in LOCAL_RULES and "local_heads" in models.options(config.model):
+    needs_local_heads = rules.create(config.rule, **config.rule_options).needs_local_heads
+    if needs_local_heads and "local_heads" in models.options(config.model):
         options.setdefault("local_heads", True)
     return models.create(config.model, **options)
 
@@ -174,14 +175,13 @@ def evaluate(model, params, state, x, y, batch_size=1000):
 def _warm_up_kernels(announce=True):
     """Compile the Numba kernels before the first step, saying so on stderr when they are not in
     Numba's on-disk cache yet (the first run on a machine)."""
-    from . import fused
     from .kernels import cpu
     if backend.kernels_mode() != "auto" or backend.current() != "numpy" or not cpu.available():
         return
     if announce and not cpu.cached():
         print("dualnet: compiling the Numba kernels once (a minute or so); later runs load them from the cache",
               file=sys.stderr, flush=True)
-    fused.warm_up(("float32",))
+    backend.warm_up_kernels(("float32",))
 
 
 def _step_rng(seed, epoch, step):

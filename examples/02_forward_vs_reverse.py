@@ -71,7 +71,8 @@ def main():
     rng = np.random.default_rng(0)
     ok = True
     print(f"f(x) = tanh(A2 tanh(A1 x)), hidden width {HIDDEN}, float64.")
-    print(f"{'n':>5} {'m':>5} | {'forward (n passes)':>19} {'reverse (m passes)':>19} {'forward K=n (1 pass)':>21} | max |error|")
+    print(f"{'n':>5} {'m':>5} | {'forward (n passes)':>19} {'reverse (m passes)':>19} "
+          f"{'forward K=n (1 pass)':>21} | max |error|")
     timings = {}
     for n, m in SHAPES:
         f, jacobian = make_function(rng, n, m)
@@ -92,9 +93,11 @@ def main():
     tall, wide = timings[SHAPES[0]], timings[SHAPES[-1]]
     checks = [
         (f"forward mode is faster for a tall Jacobian (n={SHAPES[0][0]}, m={SHAPES[0][1]}): "
-         f"{tall['forward'] * 1e3:.2f} ms vs reverse {tall['reverse'] * 1e3:.2f} ms", tall["forward"] < tall["reverse"]),
+         f"{tall['forward'] * 1e3:.2f} ms vs reverse {tall['reverse'] * 1e3:.2f} ms",
+         tall["forward"] < tall["reverse"]),
         (f"reverse mode is faster for a wide Jacobian (n={SHAPES[-1][0]}, m={SHAPES[-1][1]}): "
-         f"{wide['reverse'] * 1e3:.2f} ms vs forward {wide['forward'] * 1e3:.2f} ms", wide["reverse"] < wide["forward"]),
+         f"{wide['reverse'] * 1e3:.2f} ms vs forward {wide['forward'] * 1e3:.2f} ms",
+         wide["reverse"] < wide["forward"]),
         (f"one batched K=n pass beats n separate forward passes (n={SHAPES[-1][0]}): "
          f"{wide['batched'] * 1e3:.2f} ms vs {wide['forward'] * 1e3:.2f} ms", wide["batched"] < wide["forward"]),
     ]

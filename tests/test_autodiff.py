@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import dualnet as dn
-from dualnet import Dual
 from dualnet.primitives import TABLE, Primitive
 
 

@@ -116,7 +116,8 @@ def test_make_schedule_from_name_dict_callable():
     assert optim.make_schedule(None)(7) == 1.0
     custom = lambda step: 0.5  # noqa: E731
     assert optim.make_schedule(custom) is custom
-    with pytest.raises(ValueError, match="unknown schedule 'poly'; valid: constant, linear, step, exponential, warmup_cosine"):
+    expected = "unknown schedule 'poly'; valid: constant, linear, step, exponential, warmup_cosine"
+    with pytest.raises(ValueError, match=expected):
         optim.make_schedule("poly")
 
 

@@ -1,8 +1,8 @@
 """Reproduce the papers' accuracy tables at a budget this machine affords.
 
-    # Bacho & Chu (FDFA) fully-connected nets, REFERENCE.md §1.2
+    # Bacho & Chu (FDFA) fully-connected nets, docs/papers.md
     python benchmarks/reproduce/run.py fdfa --dataset fashion-mnist --layers 3 --epochs 3
-    # Ren et al. (LocalMixer) Table 3 rows, REFERENCE.md §1.1
+    # Ren et al. (LocalMixer) Table 3 rows, docs/papers.md
     python benchmarks/reproduce/run.py ren --dataset fashion-mnist --config S/1/1 --epochs 3
     # one rule with an option
     python benchmarks/reproduce/run.py fdfa --layers 3 --epochs 10 --rules fg-a --rule-opt batch_coupling=own
@@ -46,12 +46,13 @@ def _run_name(prefix, rule, args):
 
 def fdfa_config(rule, args):
     options = {"hidden": 1000 if args.dataset == "cifar10" else 800, "layers": args.layers,
-               "batch_norm": rule != "fg-w"}  # FG-W without BatchNorm (DESIGN.md §4)
+               "batch_norm": rule != "fg-w"}  # FG-W without BatchNorm, as in the paper
     rule_options = {"feedback_lr": 1e-4} if rule in ("dkp", "fdfa") else {}
     return Config(model="mlp", model_options=options, rule=rule, rule_options={**rule_options, **args.rule_options},
                   dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs, batch_size=64, optimizer="adam",
                   lr=1e-3 if rule == "fg-w" else 1e-4, schedule="epoch_decay", normalize="symmetric",
-                  seed=args.seed, train_limit=args.train_limit, out=os.path.join(args.out, _run_name("fdfa", rule, args)))
+                  seed=args.seed, train_limit=args.train_limit,
+                  out=os.path.join(args.out, _run_name("fdfa", rule, args)))
 
 
 def ren_config(rule, args):

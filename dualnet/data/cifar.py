@@ -49,7 +49,8 @@ def parse_batch(data, source="<bytes>"):
     images = np.asarray(batch[b"data"])
     labels = np.asarray(batch[b"labels"], dtype=np.int64)
     if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != _ROW_LENGTH:
-        raise CorruptFile(f"{source}: b'data' must be uint8 [N, {_ROW_LENGTH}], found {images.dtype} {list(images.shape)}")
+        raise CorruptFile(f"{source}: b'data' must be uint8 [N, {_ROW_LENGTH}], "
+                          f"found {images.dtype} {list(images.shape)}")
     if labels.shape != (images.shape[0],):
         raise CorruptFile(f"{source}: {images.shape[0]} images but {labels.size} labels")
     return images.reshape((-1,) + IMAGE_SHAPE), labels
@@ -83,7 +84,8 @@ def read_archive(path):
                 if member.name in wanted and member.isfile():
                     found[wanted[member.name]] = archive.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError) as error:
-        raise CorruptFile(f"{path}: damaged or truncated tar archive ({error}). Delete it and fetch it again.") from None
+        raise CorruptFile(f"{path}: damaged or truncated tar archive ({error}). "
+                          f"Delete it and fetch it again.") from None
     missing = [name for name in TRAIN_BATCHES + TEST_BATCHES if name not in found]
     if missing:
         raise CorruptFile(f"{path}: archive lacks {', '.join(f'{BATCH_DIR}/{m}' for m in missing)}")

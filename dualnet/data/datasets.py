@@ -167,7 +167,8 @@ def _check_split(spec, images, labels, split, source):
         raise CorruptFile(f"{spec.name} ({source}): {split} split has {len(images)} images but {len(labels)} labels")
     shape = tuple(spec.input_shape[-2:])
     if tuple(images.shape[-2:]) != shape:
-        raise CorruptFile(f"{spec.name} ({source}): {split} images are {list(images.shape[1:])}, expected {list(shape)}")
+        raise CorruptFile(f"{spec.name} ({source}): {split} images are {list(images.shape[1:])}, "
+                          f"expected {list(shape)}")
     if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
         raise CorruptFile(f"{spec.name} ({source}): {split} labels span [{labels.min()}, {labels.max()}], "
                           f"expected [0, {spec.num_classes - 1}]")

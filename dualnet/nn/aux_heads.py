@@ -13,7 +13,7 @@ text lost the depth it kept, so ``depth`` is an option.  Parameters live under
 BatchNorm running statistics under the matching ``blocks.{k}.head.….bn`` state keys.
 """
 from .conv import adaptive_avg_pool2d, flatten
-from .units import Unit, declare_norm, identity, norm_state
+from .units import Unit, declare_norm, identity
 
 KINDS = ("linear", "mlp", "cnn")
 POOL = 2  # the adaptive average pool's output grid, POOL × POOL
@@ -41,17 +41,12 @@ class AuxHead:
     def has_norm(self):
         return self.kind in ("linear", "mlp")
 
-    def declare(self, model, init):
+    def declare(self, model, init, block):
+        """Declare the net's parameters on ``model`` as block ``block``'s local head."""
         if self.kind == "linear":
-            declare_norm(model, self.prefix, self.channels)
+            declare_norm(model, self.prefix, self.channels, block=block, local_head=True)
         for unit in self.convs + self.fcs + [self.out]:
-            unit.declare(model, init)
-
-    def running_state(self, dtype):
-        state = norm_state(self.prefix, self.channels, dtype) if self.kind == "linear" else {}
-        for unit in self.fcs:
-            state.update(unit.running_state(dtype))
-        return state
+            unit.declare(model, init, block=block, local_head=True)
 
     def __call__(self, params, h, running, feedback=None):
         """Logits [N, classes] of the block output ``h``; ``running``: the BatchNorm statistics

@@ -14,7 +14,6 @@ import itertools
 
 import numpy
 
-from .. import backend
 from .. import primitives as P
 from .conv import flatten, max_pool2d
 from .model import Model
@@ -57,13 +56,10 @@ class ConvNet(Model):
             features = width
         self.num_blocks = len(self.units)
         for k, unit in enumerate(self.units):
-            unit.declare(self, init)
+            unit.declare(self, init, block=k)
             if local_heads:
-                width = int(numpy.prod(self.shapes[k]))
-                self.add_param(f"blocks.{k}.head.weight", (width, num_classes), width, init)
-                self.add_param(f"blocks.{k}.head.bias", (num_classes,), width, init)
-        self.add_param("head.weight", (features, num_classes), features, init)
-        self.add_param("head.bias", (num_classes,), features, init)
+                self.add_linear_head(f"blocks.{k}.head", int(numpy.prod(self.shapes[k])), num_classes, init, block=k)
+        self.add_linear_head("head", features, num_classes, init)
 
     def _conv_shapes(self, height, width):
         """[(C, H, W)] after each conv block (its pool included), or None where a map comes out empty.
@@ -77,10 +73,6 @@ class ConvNet(Model):
                 return None
             shapes.append((unit.c_out, height, width))
         return shapes
-
-    def init_state(self, dtype=backend.DEFAULT_DTYPE):
-        """BatchNorm running (mean, variance) per layer: ``state['blocks.{k}.{conv|linear}.bn']``."""
-        return {key: value for unit in self.units for key, value in unit.running_state(dtype).items()}
 
     def embed(self, x):
         return x

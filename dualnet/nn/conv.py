@@ -16,6 +16,8 @@ Max-pool ties: the derivative is shared evenly among the tied maxima (the rule o
 engine's ``max``), in forward and reverse mode alike, so the two modes stay exact transposes of
 each other.  (PyTorch instead sends all of it to the first maximum.)
 """
+import functools
+
 import numpy
 
 from .. import backend
@@ -131,8 +133,10 @@ def conv2d_param_pullback(x, delta, kernel, stride=1, padding=0):
     return [weight_grad, delta.sum(axis=(0, 2, 3))]
 
 
+@functools.cache
 def conv_layer(kernel, stride=1, padding=0):
-    """``conv2d`` with its geometry bound, as a layer ``fn(x, weight, bias=None)`` for ``Model.hidden``.
+    """``conv2d`` with its geometry bound, as a layer ``fn(x, weight, bias=None)`` for ``Model.hidden``
+    (one function per geometry, so that what is built per layer function is built once).
 
     ``fn.param_pullback(x, delta) -> [W̄, b̄]`` (the geometry is needed to rebuild the windows,
     which is why plain ``conv2d`` has no pullback attribute).

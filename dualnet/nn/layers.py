@@ -3,6 +3,8 @@
 Every function here is composed from primitives (so forward mode, K directions and reverse
 mode come for free) except the fused ops it calls (``grouped_linear``, ``layer_norm``).
 """
+import functools
+
 from .. import autodiff, fused
 from .. import primitives as P
 from ..dual import Dual
@@ -71,9 +73,21 @@ def batch_norm(x, gamma, beta, running, train, momentum=0.1, eps=1e-5):
     return y * P.reshape(gamma, shape) + P.reshape(beta, shape), new_running
 
 
+def linear_map(fn, x, weights, feedback=None):
+    """The layer ``fn(x, W, *rest)`` with ``weights`` = [W, *rest] — or, given a ``feedback`` matrix B
+    of W's shape, the same value and tangent with the reverse pass of ``x`` through B in place of W
+    (feedback alignment, see ``feedback_alignment``).  Every layer that a plan's feedback weights
+    may reach is applied through here."""
+    weight, *rest = weights
+    if feedback is None:
+        return fn(x, weight, *rest)
+    return feedback_alignment(fn)(x, weight, feedback, *rest)
+
+
+@functools.cache
 def feedback_alignment(fn):
     """Feedback alignment for a layer ``fn(x, W, *rest)`` linear in ``x``: returns
-    ``fa(x, W, B, *rest)``.
+    ``fa(x, W, B, *rest)`` (one primitive per layer function, built on first use).
 
     Value and forward mode are those of ``fn(x, W, *rest)``; in reverse mode the cotangent of
     ``x`` is sent back through the fixed random ``B`` in place of ``W`` (Lillicrap et al.), while

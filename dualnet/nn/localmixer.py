@@ -1,4 +1,4 @@
-"""LocalMixer (Ren et al. 2023), built as the authors' code builds it (REFERENCE.md §2).
+"""LocalMixer (Ren et al. 2023), built as the authors' code builds it.
 
 The image is cut into P = patches² non-overlapping patches, each flattened (no separate
 embedding).  Activations are [N, P, C]; grouped tensors are [N, P, G, c] with C = G·c.
@@ -54,18 +54,16 @@ class LocalMixer(Model):
         for k in range(self.num_blocks):
             prefix = f"blocks.{k}"
             if k > 0:
-                self.add_param(f"{prefix}.token.weight", (Ptok, Ptok), Ptok, init)
-                self.add_param(f"{prefix}.token.bias", (Ptok,), Ptok, "zeros")
+                self.add_param(f"{prefix}.token.weight", (Ptok, Ptok), Ptok, init, block=k, role="weight")
+                self.add_param(f"{prefix}.token.bias", (Ptok,), Ptok, "zeros", block=k, role="bias")
             fan_in = self.patch_dim if k == 0 else C
-            self.add_param(f"{prefix}.dense.weight", (fan_in, C), fan_in, init)
-            self.add_param(f"{prefix}.dense.bias", (C,), fan_in, "zeros")
-            self.add_param(f"{prefix}.grouped.weight", (G, c, c), c, init)
-            self.add_param(f"{prefix}.grouped.bias", (G, c), c, "zeros")
+            self.add_param(f"{prefix}.dense.weight", (fan_in, C), fan_in, init, block=k, role="weight")
+            self.add_param(f"{prefix}.dense.bias", (C,), fan_in, "zeros", block=k, role="bias")
+            self.add_param(f"{prefix}.grouped.weight", (G, c, c), c, init, block=k, role="weight", group_axis=0)
+            self.add_param(f"{prefix}.grouped.bias", (G, c), c, "zeros", block=k, role="bias", group_axis=0)
             head = projection_dim or num_classes  # contrastive runs: a linear projector [C→128]
-            self.add_param(f"{prefix}.head.weight", (C, head), C, init)
-            self.add_param(f"{prefix}.head.bias", (head,), C, "zeros")
-        self.add_param("head.weight", (C, num_classes), C, "zeros")
-        self.add_param("head.bias", (num_classes,), C, "zeros")
+            self.add_linear_head(f"{prefix}.head", C, head, init, block=k, bias_init="zeros")
+        self.add_linear_head("head", C, num_classes, "zeros")
 
     def _validate(self):
         if len(self.input_shape) != 3:

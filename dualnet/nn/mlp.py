@@ -6,10 +6,10 @@ local (greedy) losses.
 """
 import numpy
 
-from .. import backend
 from .. import primitives as P
-from .layers import batch_norm, linear
+from .layers import linear
 from .model import Model
+from .units import Running, declare_norm
 
 
 class MLP(Model):
@@ -27,23 +27,14 @@ class MLP(Model):
         self.num_blocks, self.has_local_heads = layers - 1, local_heads
         width = int(numpy.prod(input_shape))
         for k in range(self.num_blocks):
-            self.add_param(f"blocks.{k}.linear.weight", (width, hidden), width, init)
-            self.add_param(f"blocks.{k}.linear.bias", (hidden,), width, init)
+            self.add_param(f"blocks.{k}.linear.weight", (width, hidden), width, init, block=k, role="weight")
+            self.add_param(f"blocks.{k}.linear.bias", (hidden,), width, init, block=k, role="bias")
             if batch_norm:
-                self.add_param(f"blocks.{k}.bn.gamma", (hidden,), hidden, "ones")
-                self.add_param(f"blocks.{k}.bn.beta", (hidden,), hidden, "zeros")
+                declare_norm(self, f"blocks.{k}", hidden, block=k)
             if local_heads:
-                self.add_param(f"blocks.{k}.head.weight", (hidden, num_classes), hidden, init)
-                self.add_param(f"blocks.{k}.head.bias", (num_classes,), hidden, init)
+                self.add_linear_head(f"blocks.{k}.head", hidden, num_classes, init, block=k)
             width = hidden
-        self.add_param("head.weight", (width, num_classes), width, init)
-        self.add_param("head.bias", (num_classes,), width, init)
-
-    def init_state(self, dtype=backend.DEFAULT_DTYPE):
-        """BatchNorm running (mean, variance) per block."""
-        xp = backend.xp
-        return {f"blocks.{k}.bn": (xp.zeros(self.hidden_width, dtype), xp.ones(self.hidden_width, dtype))
-                for k in range(self.num_blocks)} if self.use_batch_norm else {}
+        self.add_linear_head("head", width, num_classes, init)
 
     def embed(self, x):
         return P.reshape(x, (x.shape[0], -1))
@@ -52,11 +43,7 @@ class MLP(Model):
         normalize, norm_names = None, ()
         if self.use_batch_norm:
             key = f"blocks.{k}.bn"
-            norm_names = (f"{key}.gamma", f"{key}.beta")
-
-            def normalize(z, gamma, beta):
-                y, ctx.new_state[key] = batch_norm(z, gamma, beta, ctx.state[key], ctx.plan.train)
-                return y
+            normalize, norm_names = Running.of(ctx).normalizer(key), (f"{key}.gamma", f"{key}.beta")
         return self.hidden(ctx, k, "linear", linear, h, params,
                            [f"blocks.{k}.linear.weight", f"blocks.{k}.linear.bias"], normalize, norm_names)
 

@@ -3,8 +3,14 @@
 A model is an ordered list of blocks, local heads (one per block, optional), and a final
 read-out.  ``Model.forward(params, x, labels, plan)`` runs them in one pass and returns a
 ``Trace``: logits, per-example losses, local losses, the perturbation points of every hidden
-layer and the block outputs.  Parameters are a flat dict ``{name: array}``; names start with
-``blocks.{k}.`` (block k, its local head under ``blocks.{k}.head.``) or ``head.`` (read-out).
+layer and the block outputs.  Parameters are a flat dict ``{name: array}``.
+
+What a parameter *is* — which block it belongs to, whether it is part of a local head or of
+the read-out, its group axis, whether feedback alignment gives it a feedback matrix — is
+declared by the model in its ``ParamSpec`` (``model.specs[name]``), and asked of it by rules,
+the runner and the partitioners of scale-out (``model.blocks()``, ``model.parameters_of(k)``).
+Names are labels (checkpoint keys, the plan's feedback keys); nothing outside a model reads
+structure from them.  See docs/architecture.md.
 """
 from dataclasses import dataclass, field
 
@@ -13,15 +19,56 @@ import numpy
 from .. import autodiff, backend, losses
 from .. import primitives as P
 from . import init as initialisers
-from .layers import feedback_alignment, linear, value_of
+from .layers import linear, linear_map, value_of
 from .plan import Context, Plan, Point
 
+ROLES = ("weight", "bias", "norm")
 
-@dataclass
+
+@dataclass(frozen=True)
 class ParamSpec:
+    """One parameter as its model declares it.
+
+    ``shape``, ``fan_in``, ``init``: what the initialiser ``init`` draws it from.
+    ``block``: the index of the block it belongs to (blocks run in index order), or ``None`` for
+    the read-out.
+    ``role``: ``'weight'`` — the weight of a linear map (dense [p, q], token mixing [P, P],
+    grouped [G, c_in, c_out], conv [c_out, c_in, k, k]); ``'bias'``; ``'norm'`` — a normalisation's
+    scale or shift.
+    ``local_head``: part of block ``block``'s local head (a linear head or an aux net), not of its
+    backbone.
+    ``group_axis``: for a grouped layer's tensors, the axis that indexes the groups (slice g acts on
+    group g's units only); ``None`` otherwise.
+    """
     shape: tuple
     fan_in: int
     init: str
+    block: int | None
+    role: str
+    local_head: bool = False
+    group_axis: int | None = None
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"ParamSpec: role={self.role!r}; allowed: {', '.join(ROLES)}")
+        if self.local_head and self.block is None:
+            raise ValueError("ParamSpec: a local head belongs to a block; the read-out has block=None")
+
+    @property
+    def readout(self):
+        """Part of the final read-out."""
+        return self.block is None
+
+    @property
+    def head(self):
+        """A head (the read-out or a local head): every rule trains it on its exact gradient."""
+        return self.readout or self.local_head
+
+    @property
+    def feedback(self):
+        """Whether feedback alignment sends this tensor's layer's reverse pass through a fixed random
+        matrix of its shape: true for the weights of linear maps."""
+        return self.role == "weight"
 
 
 @dataclass
@@ -44,6 +91,15 @@ class Trace:
     state: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RunningSpec:
+    """The running statistics of one BatchNorm as its model declares them: ``state[key]`` =
+    (mean, variance), each [``width``], of block ``block`` (``local_head``: of its local head)."""
+    width: int
+    block: int
+    local_head: bool = False
+
+
 class Model:
     """Base class.  Subclasses fill ``self.specs`` and implement ``embed``, ``block``,
     ``pooled_features`` and say how many blocks they have."""
@@ -54,10 +110,22 @@ class Model:
 
     def __init__(self):
         self.specs = {}
+        self.running_specs = {}  # state key -> RunningSpec
 
     # --- parameters --------------------------------------------------------------------
-    def add_param(self, name, shape, fan_in, init):
-        self.specs[name] = ParamSpec(tuple(shape), int(fan_in), init)
+    def add_param(self, name, shape, fan_in, init, *, block, role, local_head=False, group_axis=None):
+        """Declare parameter ``name`` (see ``ParamSpec``); declaration order is the parameters' order."""
+        if name in self.specs:
+            raise ValueError(f"{self.name}: parameter {name!r} is declared twice")
+        self.specs[name] = ParamSpec(tuple(shape), int(fan_in), init, block, role, local_head, group_axis)
+
+    def add_linear_head(self, prefix, features, classes, init, block=None, bias_init=None):
+        """A linear head ``{prefix}.weight`` [features, classes] and ``{prefix}.bias`` [classes]
+        (initialised by ``bias_init``, default ``init``): block ``block``'s local head, or the read-out
+        (``block=None``)."""
+        where = dict(block=block, local_head=block is not None)
+        self.add_param(f"{prefix}.weight", (features, classes), features, init, role="weight", **where)
+        self.add_param(f"{prefix}.bias", (classes,), features, bias_init or init, role="bias", **where)
 
     def init(self, seed=0, dtype=backend.DEFAULT_DTYPE):
         """Fresh parameters ``{name: array}`` drawn from ``seed`` (deterministic)."""
@@ -65,19 +133,43 @@ class Model:
         return {name: backend.to_device(initialisers.get(spec.init)(rng, spec.shape, spec.fan_in, dtype))
                 for name, spec in self.specs.items()}
 
+    def add_running(self, key, width, *, block, local_head=False):
+        """Declare the running statistics ``state[key]`` of a BatchNorm of ``width`` channels."""
+        self.running_specs[key] = RunningSpec(int(width), block, local_head)
+
     def init_state(self, dtype=backend.DEFAULT_DTYPE):
-        """Running statistics (BatchNorm) — empty for models without them."""
-        return {}
+        """Fresh running statistics {key: (mean zeros, variance ones)} of every declared BatchNorm
+        (empty for models without one)."""
+        xp = backend.xp
+        return {key: (xp.zeros(spec.width, dtype), xp.ones(spec.width, dtype))
+                for key, spec in self.running_specs.items()}
 
     def num_params(self):
         return int(sum(numpy.prod(s.shape) for s in self.specs.values()))
 
+    def blocks(self):
+        """The block indices, in the order a forward pass runs them."""
+        return range(self.num_blocks)
+
+    def parameters_of(self, block, local_head=None):
+        """Names of block ``block``'s parameters (``None``: the read-out's), in declaration order;
+        ``local_head=True`` / ``False`` keeps only its local head's / only its backbone's."""
+        return [name for name, spec in self.specs.items()
+                if spec.block == block and (local_head is None or spec.local_head == local_head)]
+
+    def state_of(self, block, local_head=None):
+        """Keys of block ``block``'s running statistics in ``state``, in declaration order
+        (``local_head`` as in ``parameters_of``)."""
+        return [key for key, spec in self.running_specs.items()
+                if spec.block == block and (local_head is None or spec.local_head == local_head)]
+
     def block_of(self, name):
         """Block index of a parameter, ``'head'`` for the read-out."""
-        return int(name.split(".")[1]) if name.startswith("blocks.") else "head"
+        block = self.specs[name].block
+        return "head" if block is None else block
 
     def is_local_head(self, name):
-        return ".head." in name
+        return self.specs[name].local_head
 
     def param_counts(self):
         """Parameter count per block (local heads included) and for the read-out."""
@@ -115,10 +207,8 @@ class Model:
         return Trace(logits, loss, local, ctx.points, outputs, output_tangents, value_of(features), state)
 
     def readout(self, params, features, ctx):
-        weight = params["head.weight"]
-        if "head.weight" in ctx.plan.feedback:
-            return feedback_alignment(linear)(features, weight, ctx.plan.feedback["head.weight"], params["head.bias"])
-        return linear(features, weight, params["head.bias"])
+        return linear_map(linear, features, [params["head.weight"], params["head.bias"]],
+                          ctx.plan.feedback.get("head.weight"))
 
     def readout_grads(self, trace, error):
         """Exact read-out gradients from the logits' cotangent ``error`` [N, classes]."""
@@ -139,11 +229,7 @@ class Model:
         if replicated:
             return losses.replicated_cross_entropy(grid, weight, bias, labels)
         pooled = P.reshape(P.mean(grid, axis=1), (value_of(grid).shape[0], -1))
-        name = f"blocks.{k}.head.weight"
-        if feedback and name in feedback:
-            logits = feedback_alignment(linear)(pooled, weight, feedback[name], bias)
-        else:
-            logits = linear(pooled, weight, bias)
+        logits = linear_map(linear, pooled, [weight, bias], (feedback or {}).get(f"blocks.{k}.head.weight"))
         return losses.cross_entropy(logits, labels, reduction="none")
 
     def contrastive_loss(self, k, params, h, replicated, temperature=0.5):
@@ -178,11 +264,7 @@ class Model:
         """
         weights = [params[p] for p in param_names]
         norm_weights = [params[p] for p in norm_param_names]
-        feedback = ctx.plan.feedback.get(param_names[0])
-        if feedback is not None:
-            z = feedback_alignment(fn)(x, weights[0], feedback, *weights[1:])
-        else:
-            z = fn(x, *weights)
+        z = linear_map(fn, x, weights, ctx.plan.feedback.get(param_names[0]))
         h = normalize(z, *norm_weights) if normalize is not None else z
         h, u_pre = ctx.inject(k, name, "pre", h)
         pre_activation = h if residual is None else h + residual

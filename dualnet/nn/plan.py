@@ -12,8 +12,8 @@ Sites (where a tangent may be injected):
   ``'post'``   the post-activation of a hidden layer — FDFA's site;
   ``'output'`` a block's output — the site of Fournier's activity-space guesses.
 """
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 from .. import primitives as P
 from ..dual import Dual
@@ -77,7 +77,7 @@ class Plan:
     ``on_point(point)``: called with each hidden layer's ``Point`` as the pass reaches it, in
     place of keeping it (a rule can use a layer and let it go: memory flat in depth).
     """
-    perturb: Optional[Callable] = None
+    perturb: Callable | None = None
     greedy: bool = False
     local_losses: bool = False
     replicated: bool = False
@@ -88,7 +88,7 @@ class Plan:
     temperature: float = 0.5
     record_points: bool = True
     record_outputs: bool = True
-    on_point: Optional[Callable] = None
+    on_point: Callable | None = None
 
 
 class Context:

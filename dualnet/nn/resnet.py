@@ -19,9 +19,8 @@ and it shares conv2's ReLU (its ``Point.mask`` is that of the sum).
 import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
 
-from .. import backend, losses
+from .. import losses
 from .. import primitives as P
 from .aux_heads import KINDS, AuxHead
 from .cnn import check_image
@@ -38,7 +37,7 @@ class BlockLayout:
     block, whose input (through ``shortcut`` when given) is added before the last layer's ReLU."""
     layers: tuple
     residual: bool = False
-    shortcut: Optional[Unit] = None
+    shortcut: Unit | None = None
 
     @property
     def units(self):
@@ -120,13 +119,11 @@ class ResNet18(Model):
         default_width = 16 * width if aux == "mlp" else max(1, width // 2)  # 1024 and 32 at width 64
         self.aux_heads = [AuxHead(aux, f"blocks.{k}.head", spec.layers[-1].c_out, num_classes,
                                   aux_width or default_width, aux_depth or 2) for k, spec in enumerate(self.layout)]
-        for spec, head in zip(self.layout, self.aux_heads):
+        for k, (spec, head) in enumerate(zip(self.layout, self.aux_heads)):
             for unit in spec.units:
-                unit.declare(self, init)
-            head.declare(self, init)
-        features = self.layout[-1].layers[-1].c_out
-        self.add_param("head.weight", (features, num_classes), features, init)
-        self.add_param("head.bias", (num_classes,), features, init)
+                unit.declare(self, init, block=k)
+            head.declare(self, init, block=k)
+        self.add_linear_head("head", self.layout[-1].layers[-1].c_out, num_classes, init)
 
     @staticmethod
     def _validate(input_shape, blocks, width, aux, aux_width, aux_depth):
@@ -144,15 +141,6 @@ class ResNet18(Model):
                                  f"allowed with aux='mlp' or 'cnn'")
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"resnet18: {option}={value!r} must be a positive int")
-
-    def init_state(self, dtype=backend.DEFAULT_DTYPE):
-        """BatchNorm running (mean, variance) of every backbone layer and aux head, by '….bn' key."""
-        state = {}
-        for spec, head in zip(self.layout, self.aux_heads):
-            for unit in spec.units:
-                state.update(unit.running_state(dtype))
-            state.update(head.running_state(dtype))
-        return state
 
     def couples_examples_after(self, block, plan):
         """Whether a later BatchNorm (in training mode) mixes the batch on the way from block

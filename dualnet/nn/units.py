@@ -8,10 +8,9 @@ so the rules see a ``Point``) or directly (auxiliary heads).  Parameter names un
 """
 from dataclasses import dataclass
 
-from .. import backend
 from .. import primitives as P
 from .conv import conv_layer, flatten, output_size
-from .layers import batch_norm, feedback_alignment, linear, value_of
+from .layers import batch_norm, linear, linear_map, value_of
 
 
 def identity(a):
@@ -36,15 +35,13 @@ class Running:
         return normalize
 
 
-def declare_norm(model, prefix, width):
-    """BatchNorm parameters ``{prefix}.bn.gamma`` (ones) and ``.beta`` (zeros) of ``width`` channels."""
-    model.add_param(f"{prefix}.bn.gamma", (width,), width, "ones")
-    model.add_param(f"{prefix}.bn.beta", (width,), width, "zeros")
-
-
-def norm_state(prefix, width, dtype):
-    xp = backend.xp
-    return {f"{prefix}.bn": (xp.zeros(width, dtype), xp.ones(width, dtype))}
+def declare_norm(model, prefix, width, block, local_head=False):
+    """A BatchNorm of ``width`` channels in block ``block`` (its local head's with ``local_head``):
+    parameters ``{prefix}.bn.gamma`` (ones) and ``.beta`` (zeros), running statistics
+    ``state['{prefix}.bn']``."""
+    model.add_param(f"{prefix}.bn.gamma", (width,), width, "ones", block=block, role="norm", local_head=local_head)
+    model.add_param(f"{prefix}.bn.beta", (width,), width, "zeros", block=block, role="norm", local_head=local_head)
+    model.add_running(f"{prefix}.bn", width, block=block, local_head=local_head)
 
 
 @dataclass(frozen=True)
@@ -77,17 +74,17 @@ class Unit:
     def fn(self):
         return linear if self.kernel == 0 else conv_layer(self.kernel, self.stride, self.padding)
 
-    def declare(self, model, init):
+    def declare(self, model, init, block, local_head=False):
+        """Declare the unit's parameters on ``model``, in block ``block`` (its local head's with
+        ``local_head``)."""
         fan_in = self.c_in * max(self.kernel, 1) ** 2
         shape = (self.c_in, self.c_out) if self.kernel == 0 else (self.c_out, self.c_in, self.kernel, self.kernel)
-        model.add_param(f"{self.prefix}.weight", shape, fan_in, init)
+        where = dict(block=block, local_head=local_head)
+        model.add_param(f"{self.prefix}.weight", shape, fan_in, init, role="weight", **where)
         if self.bias:
-            model.add_param(f"{self.prefix}.bias", (self.c_out,), fan_in, init)
+            model.add_param(f"{self.prefix}.bias", (self.c_out,), fan_in, init, role="bias", **where)
         if self.norm:
-            declare_norm(model, self.prefix, self.c_out)
-
-    def running_state(self, dtype):
-        return norm_state(self.prefix, self.c_out, dtype) if self.norm else {}
+            declare_norm(model, self.prefix, self.c_out, **where)
 
     def out_side(self, side):
         """Spatial side length after this layer (< 1: the input is too small)."""
@@ -104,12 +101,8 @@ class Unit:
 
     def apply(self, x, params, running, feedback=None, activation=P.relu):
         """Directly, without a ``Point`` (auxiliary heads); ``feedback`` {weight name: B} as in FA."""
-        weight, *rest = [params[name] for name in self.param_names]
-        x, name = self._input(x), self.param_names[0]
-        if feedback and name in feedback:
-            z = feedback_alignment(self.fn)(x, weight, feedback[name], *rest)
-        else:
-            z = self.fn(x, weight, *rest)
+        z = linear_map(self.fn, self._input(x), [params[name] for name in self.param_names],
+                       (feedback or {}).get(self.param_names[0]))
         if self.norm:
             z = running.normalizer(f"{self.prefix}.bn")(z, *[params[name] for name in self.norm_names])
         return activation(z)

@@ -15,7 +15,7 @@ import inspect
 
 from .backprop import Backprop, FeedbackAlignment
 from .base import Estimate, Rule, exact_gradients
-from .direct import DirectFeedback
+from .direct import DFA, DKP, FDFA, DirectFeedback
 from .forward import ActivityPerturbation, WeightPerturbation
 from .guesses import GradientGuess
 
@@ -26,9 +26,9 @@ RULES = {
     "fa": functools.partial(FeedbackAlignment, target="global"),
     "l-fa": functools.partial(FeedbackAlignment, target="local"),
     "lg-fa": functools.partial(FeedbackAlignment, target="local-greedy"),
-    "dfa": functools.partial(DirectFeedback, kind="dfa"),
-    "dkp": functools.partial(DirectFeedback, kind="dkp"),
-    "fdfa": functools.partial(DirectFeedback, kind="fdfa"),
+    "dfa": DFA,
+    "dkp": DKP,
+    "fdfa": FDFA,
     "fg-w": functools.partial(WeightPerturbation, local=False),
     "lg-fg-w": functools.partial(WeightPerturbation, local=True),
     "fg-a": functools.partial(ActivityPerturbation, local=False),

@@ -9,11 +9,9 @@
   through a fixed random matrix B of the weight's shape (Lillicrap et al.); LN, BN and ReLU
   Jacobians stay exact.  Standard FA uses the global loss.
 """
-import numpy
-
 from .. import backend
 from ..nn import init as initialisers
-from .base import Estimate, Rule, exact_gradients, mean_value
+from .base import Estimate, Rule, exact_gradients, mean_value, stream_rng
 
 
 class Backprop(Rule):
@@ -36,10 +34,10 @@ class FeedbackAlignment(Rule):
 
     def setup(self, model, params, seed=0):
         """One fixed random B per weight matrix, drawn like the weight's own initialiser."""
-        rng = numpy.random.default_rng(seed + 7919)
+        rng = stream_rng(seed, "feedback-alignment")
         self.state = {}
         for name, spec in model.specs.items():
-            if name.endswith(".weight") and len(spec.shape) >= 2:
+            if spec.feedback:
                 init = initialisers.kaiming_uniform if spec.init == "zeros" else initialisers.get(spec.init)
                 self.state[name] = backend.to_device(init(rng, spec.shape, spec.fan_in, params[name].dtype))
 

@@ -26,6 +26,19 @@ class Estimate:
     diagnostics: dict = field(default_factory=dict)
 
 
+# Named seed streams of the rules' own tensors: a rule seeded with ``seed`` draws stream s's
+# i-th tensor from numpy.random.default_rng(seed + SEED_STREAMS[s] + i), apart from the other streams.
+SEED_STREAMS = {
+    "feedback-alignment": 7919,  # FA: one fixed B per weight, drawn in declaration order
+    "direct-feedback": 104729,   # DFA: B_l of the i-th hidden layer met
+}
+
+
+def stream_rng(seed, stream, index=0):
+    """The NumPy generator of tensor ``index`` of the named seed ``stream`` (see ``SEED_STREAMS``)."""
+    return numpy.random.default_rng(seed + SEED_STREAMS[stream] + index)
+
+
 # The plan each member of the backprop family trains with, and the rule whose gradient
 # another rule estimates ("its own target").
 PLANS = {
@@ -43,11 +56,17 @@ def contrastive_plan(options, contrastive, temperature):
 
 
 class Rule:
-    """Base class.  ``name``; ``applies_to(model)`` raises a clear error where a rule cannot run."""
+    """Base class.  ``name``; ``target``: the objective whose gradient this rule follows (see
+    ``PLANS``); ``needs_local_heads``: whether it trains with local losses, so that a model whose
+    local heads are optional should be built with them (the runner asks)."""
     name = "rule"
-    target = "global"  # the objective whose gradient this rule follows (see ``PLANS``)
+    target = "global"
     contrastive = False  # x holds two augmented views stacked (the runner makes them)
     temperature = 0.5
+
+    @property
+    def needs_local_heads(self):
+        return self.target != "global"
 
     def __init__(self, diagnostics=False):
         self.diagnostics = diagnostics
@@ -116,12 +135,12 @@ def output_error(logits, labels):
 
 
 def local_head_grads(model, params, trace, labels, contrastive=False, temperature=0.5):
-    """Exact gradients of every local head — all parameters named ``blocks.{k}.head.…`` (a linear
-    head or an aux net) — from its pooled local loss (heads always backprop); with ``contrastive``,
+    """Exact gradients of every local head — the parameters its model declares as block k's local
+    head (a linear head or an aux net) — from its pooled local loss (heads always backprop); with ``contrastive``,
     from the pooled InfoNCE of the two views stacked in the block output."""
     grads = {}
     for k, block_output in enumerate(trace.outputs):
-        names = sorted(name for name in params if name.startswith(f"blocks.{k}.head."))
+        names = sorted(model.parameters_of(k, local_head=True))
         if not names:
             continue
         h = value_of(block_output)

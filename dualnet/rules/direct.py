@@ -4,7 +4,7 @@ With e = ∂L/∂y the error at the output logits [N, classes] (exact), every hi
 δ_l = (e B_l) ⊙ f′(a_l) at its post-activation, carried to its weights by the layer alone; the
 read-out gets its exact gradient.  B_l is [classes, units_l]:
 
-* DFA: fixed random (Kaiming-uniform);
+* DFA: fixed random (Kaiming-uniform, from the rule's ``direct-feedback`` seed stream);
 * DKP: starts at 0 and learns B_l ← B_l − η_B (eᵀ h_l + λ B_l) (Kolen-Pollack, direct), or by
   Adam on that gradient (``adam=True``, the authors' code: Adam 1e-4 for the feedback matrices);
 * FDFA: starts at 0 and learns the output Jacobian from forward gradients: one forward pass
@@ -19,23 +19,20 @@ from .. import backend
 from ..nn import init as initialisers
 from ..nn.plan import Plan
 from ..optim import Adam
-from .base import Estimate, Rule, mean_value, output_error
+from .base import Estimate, Rule, mean_value, output_error, stream_rng
 from .forward import _gaussian, _tangent
 
 
 class DirectFeedback(Rule):
-    def __init__(self, kind="dfa", alpha=0.1, feedback_lr=1e-4, weight_decay=0.0, adam=False, directions=1,
-                 diagnostics=False):
+    """What DFA, DKP and FDFA share: one matrix B_l [classes, units_l] per hidden layer, created when
+    the layer is first met (``initial_feedback``), and the update δ_l = (e B_l) ⊙ f′(a_l).  A subclass
+    says how B starts and how it learns (``perturbation``, ``learn_before_use``, ``learn_after_use``).
+
+    ``adam``: B learns by Adam with rate ``feedback_lr`` on its gradient, else by plain steps."""
+
+    def __init__(self, adam=False, feedback_lr=1e-4, diagnostics=False):
         super().__init__(diagnostics)
-        if kind not in ("dfa", "dkp", "fdfa"):
-            raise ValueError(f"direct feedback: kind={kind!r}; allowed: 'dfa', 'dkp', 'fdfa'")
-        if not 0 < alpha <= 1:
-            raise ValueError(f"fdfa: alpha={alpha} must be in (0, 1]")
-        if adam and kind == "dfa":
-            raise ValueError("dfa: adam=True has nothing to train (DFA's feedback matrices are fixed); "
-                             "allowed with 'dkp' and 'fdfa'")
-        self.kind, self.alpha, self.feedback_lr = kind, alpha, feedback_lr
-        self.weight_decay, self.adam, self.directions = weight_decay, adam, directions
+        self.adam, self.feedback_lr = adam, feedback_lr
         self.seed = 0
         self._adam = Adam(lr=feedback_lr) if adam else None
 
@@ -58,44 +55,39 @@ class DirectFeedback(Rule):
         if adam is not None:
             self._adam.load_state_dict(adam)
 
+    def initial_feedback(self, classes, units, dtype):
+        """B_l before any learning: zero (DKP and FDFA learn it)."""
+        return numpy.zeros((classes, units), dtype)
+
+    def perturbation(self, rng):
+        """The plan's ``perturb`` for the forward pass (None: a plain pass)."""
+        return None
+
+    def learn_before_use(self, key, point, trace):
+        """Update B (``self.state[key]``) from the forward pass, before δ is formed from it."""
+
+    def learn_after_use(self, key, point, error):
+        """Update B from the output error e [N, classes], after δ is formed."""
+
     def _feedback(self, point, classes, dtype):
         key = f"B.{point.block}.{point.name}"
         if key not in self.state:
             units = int(numpy.prod(point.h.shape[1:]))
-            if self.kind == "dfa":
-                rng = numpy.random.default_rng(self.seed + 104729 + len(self.state))
-                matrix = initialisers.kaiming_uniform(rng, (classes, units), units, dtype)
-            else:
-                matrix = numpy.zeros((classes, units), dtype)
-            self.state[key] = backend.to_device(matrix)
+            self.state[key] = backend.to_device(self.initial_feedback(classes, units, dtype))
         return key
 
     def estimate(self, model, params, x, labels, rng, state):
-        k = self.directions
-        perturb = None
-        if self.kind == "fdfa":
-            perturb = lambda site: (_gaussian(rng, k, site.shape, site.dtype)
-                                    if site.kind == "post" and site.name != "block" else None)
-        trace = model.forward(params, x, labels, Plan(perturb=perturb), state)
+        trace = model.forward(params, x, labels, Plan(perturb=self.perturbation(rng)), state)
         error = output_error(trace.logits, labels)
-        n, classes = error.shape
+        classes = error.shape[1]
         grads = model.readout_grads(trace, error)
-        output_tangent = _tangent(trace.logits, k) if self.kind == "fdfa" else None  # [K, N, classes]
         for point in trace.points:
             key = self._feedback(point, classes, error.dtype)
-            if self.kind == "fdfa":
-                u = point.u_post.reshape(k * n, -1)
-                self._learn_jacobian(key, output_tangent.reshape(k * n, classes).T @ u / (k * n))
+            self.learn_before_use(key, point, trace)
             delta = (error @ self.state[key]).reshape(point.h.shape) * point.mask
             grads.update(point.weight_grads(delta))
-            if self.kind == "dkp":
-                activity = point.post.reshape(n, -1)
-                self._descend(key, error.T @ activity + self.weight_decay * self.state[key], self.feedback_lr)
+            self.learn_after_use(key, point, error)
         return Estimate(grads, mean_value(trace.loss), trace.state)
-
-    def _learn_jacobian(self, key, sample):
-        """FDFA: B toward the one-sample Jacobian estimate ``sample`` = mean_n d_n u_nᵀ (the residual's step)."""
-        self._descend(key, self.state[key] - sample, self.alpha)
 
     def _descend(self, key, gradient, rate):
         """One step of B along −``gradient``: Adam with rate ``feedback_lr`` (``adam=True``), else
@@ -104,3 +96,58 @@ class DirectFeedback(Rule):
             self.state.update(self._adam.step({key: self.state[key]}, {key: gradient}))
         else:
             self.state[key] = self.state[key] - rate * gradient
+
+
+class DFA(DirectFeedback):
+    """Nøkland's DFA: B_l fixed random.  ``adam`` is refused (there is nothing to train)."""
+
+    def __init__(self, adam=False, diagnostics=False):
+        if adam:
+            raise ValueError("dfa: adam=True has nothing to train (DFA's feedback matrices are fixed); "
+                             "allowed with 'dkp' and 'fdfa'")
+        super().__init__(diagnostics=diagnostics)
+
+    def initial_feedback(self, classes, units, dtype):
+        """Kaiming-uniform, the i-th layer met drawn from the ``direct-feedback`` stream at index i."""
+        rng = stream_rng(self.seed, "direct-feedback", len(self.state))
+        return initialisers.kaiming_uniform(rng, (classes, units), units, dtype)
+
+
+class DKP(DirectFeedback):
+    """Webster et al.'s direct Kolen-Pollack: B_l ← B_l − η_B (eᵀ h_l + λ B_l), η_B = ``feedback_lr``,
+    λ = ``weight_decay`` (or Adam on that gradient with ``adam=True``)."""
+
+    def __init__(self, feedback_lr=1e-4, weight_decay=0.0, adam=False, diagnostics=False):
+        super().__init__(adam, feedback_lr, diagnostics)
+        self.weight_decay = weight_decay
+
+    def learn_after_use(self, key, point, error):
+        activity = point.post.reshape(error.shape[0], -1)
+        self._descend(key, error.T @ activity + self.weight_decay * self.state[key], self.feedback_lr)
+
+
+class FDFA(DirectFeedback):
+    """Bacho & Chu's FDFA: B_l learns the output Jacobian from K forward-gradient directions per
+    example at every hidden post-activation: B ← (1−α)B + α·mean(d uᵀ) (``alpha``), or Adam on the
+    residual B − mean(d uᵀ) with rate ``feedback_lr`` (``adam=True``)."""
+
+    def __init__(self, alpha=0.1, feedback_lr=1e-4, adam=False, directions=1, diagnostics=False):
+        if not 0 < alpha <= 1:
+            raise ValueError(f"fdfa: alpha={alpha} must be in (0, 1]")
+        super().__init__(adam, feedback_lr, diagnostics)
+        self.alpha, self.directions = alpha, directions
+
+    def perturbation(self, rng):
+        k = self.directions
+        return lambda site: (_gaussian(rng, k, site.shape, site.dtype)
+                             if site.kind == "post" and site.name != "block" else None)
+
+    def learn_before_use(self, key, point, trace):
+        k, classes, n = self.directions, self.state[key].shape[0], point.h.shape[0]
+        output_tangent = _tangent(trace.logits, k)  # [K, N, classes]
+        u = point.u_post.reshape(k * n, -1)
+        self._learn_jacobian(key, output_tangent.reshape(k * n, classes).T @ u / (k * n))
+
+    def _learn_jacobian(self, key, sample):
+        """B toward the one-sample Jacobian estimate ``sample`` = mean_n d_n u_nᵀ (the residual's step)."""
+        self._descend(key, self.state[key] - sample, self.alpha)

@@ -29,8 +29,7 @@ from .. import backend
 from ..dual import Dual
 from ..nn.layers import value_of
 from ..nn.plan import Plan, Site
-from .base import (PLANS, Estimate, Rule, contrastive_plan, expand_replicas, local_head_grads, mean_value,
-                   output_error)
+from .base import PLANS, Estimate, Rule, contrastive_plan, expand_replicas, local_head_grads, mean_value, output_error
 
 
 def _tangent(x, k):
@@ -55,6 +54,12 @@ def _seeded_noise(seed, k, kind):
         entropy = numpy.random.SeedSequence((seed, site.block, zlib.crc32(site.name.encode())))
         return _gaussian(backend.rng(int(entropy.generate_state(1)[0])), k, site.shape, site.dtype)
     return draw
+
+
+def _along(per_group, axis, ndim):
+    """[K, G] reshaped to broadcast against [K] + a parameter of ``ndim`` axes whose groups lie on ``axis``."""
+    k, groups = per_group.shape
+    return per_group.reshape((k,) + (1,) * axis + (groups,) + (1,) * (ndim - axis - 1))
 
 
 def _plan(local, contrastive=False, temperature=0.5, **extra):
@@ -83,10 +88,6 @@ def _same_for_both_views(draw):
         u = draw(site.__class__(site.block, site.name, site.kind, half, site.dtype))
         return None if u is None else backend.namespace(u).concatenate([u, u], axis=1)
     return sample
-
-
-def _is_head(model, name):
-    return model.block_of(name) == "head" or model.is_local_head(name)
 
 
 class ActivityPerturbation(Rule):
@@ -195,7 +196,7 @@ class WeightPerturbation(Rule):
 
     def estimate(self, model, params, x, labels, rng, state):
         k = self.directions
-        names = sorted(name for name in params if not _is_head(model, name))
+        names = sorted(name for name in params if not model.specs[name].head)
         seeds = dict(zip(names, rng.integers(0, 2 ** 63 - 1, len(names)).tolist()))  # one host transfer
         perturbed = _PerturbedParams(params, seeds, k)
         plan = _plan(self.local, record_points=False, record_outputs=self.local)  # local heads read the outputs
@@ -203,13 +204,12 @@ class WeightPerturbation(Rule):
         n = len(labels)
         grads = {}
         for name in names:
-            v = perturbed.tangent(name)
+            v, spec = perturbed.tangent(name), model.specs[name]
             if self.local:
-                d = _tangent(trace.local_losses[model.block_of(name)], k)  # [K, N, P, G]
-                grouped = v.ndim >= 3 and v.shape[1] == d.shape[-1] and d.shape[-1] > 1 and ".grouped." in name
-                if grouped:  # group g's weights reach only group g's replicas
+                d = _tangent(trace.local_losses[spec.block], k)  # [K, N, P, G]
+                if spec.group_axis is not None and d.shape[-1] > 1:  # group g's slice reaches only group g's replicas
                     per_group = d.sum(axis=(1, 2)) / n  # [K, G]
-                    grads[name] = (per_group.reshape(per_group.shape + (1,) * (v.ndim - 2)) * v).mean(axis=0)
+                    grads[name] = (_along(per_group, spec.group_axis, v.ndim - 1) * v).mean(axis=0)
                     continue
                 directional = d.reshape(k, -1).sum(axis=1) / n
             else:

@@ -62,8 +62,8 @@ The read-out always gets its exact gradient (heads always backprop).
 ``diagnostics`` compare with the exact gradient of the objective the rule follows: local greedy
 for target=local on the model's heads, the global loss otherwise (Fournier's alignment measure).
 """
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy
 
@@ -77,7 +77,7 @@ from ..nn.layers import layer_norm, linear, value_of
 from ..nn.model import ParamSpec
 from ..nn.plan import Context, Plan
 from .base import Estimate, Rule, mean_value
-from .forward import _gaussian, _head_grads, _is_head, _tangent
+from .forward import _gaussian, _head_grads, _tangent
 
 GUESSES = ("gaussian", "rademacher", "local", "ntk", "fixed-ntk")
 RANDOM_GUESSES = ("gaussian", "rademacher")
@@ -259,6 +259,7 @@ class GradientGuess(Rule):
     objective the diagnostics compare with.
     """
     name = "guess"
+    needs_local_heads = True  # the model's local heads are the default aux nets (and probes otherwise)
 
     def __init__(self, guess="local", target="global", space="activity", projection="sample", aux=None,
                  eps=1e-8, aux_width=None, aux_depth=2, aux_lr=0.05, diagnostics=False):
@@ -293,8 +294,7 @@ class GradientGuess(Rule):
         self._model = model
         self._heads_are_aux = self.aux is None and model.has_local_heads
         self._kind = self.aux or "linear"
-        self._block_params = [sorted(name for name in model.specs if not _is_head(model, name)
-                                     and model.block_of(name) == k) for k in range(model.num_blocks)]
+        self._block_params = [sorted(model.parameters_of(k, local_head=False)) for k in model.blocks()]
         self._coupled = [model.couples_examples_after(k, self._target_plan(model, k))
                          for k in range(model.num_blocks)]
         if self.projection == "span" and any(self._coupled):
@@ -314,7 +314,7 @@ class GradientGuess(Rule):
         return Plan()
 
     def _head_names(self, model, k):
-        return sorted(name for name in model.specs if name.startswith(f"blocks.{k}.head."))
+        return sorted(model.parameters_of(k, local_head=True))
 
     def _draw(self, model, k, h, generator, prefix):
         """Fresh aux-net parameters for block k's output value h, named ``{prefix}{k}.…``: the model's
@@ -332,8 +332,9 @@ class GradientGuess(Rule):
             specs = {}
             for i, (shape, fan_in) in enumerate(layers):
                 outputs = shape[0] if len(shape) == 4 else shape[1]
-                specs[f"{prefix}{k}.{i}.weight"] = ParamSpec(shape, fan_in, "kaiming_uniform")
-                specs[f"{prefix}{k}.{i}.bias"] = ParamSpec((outputs,), fan_in, "kaiming_uniform")
+                where = dict(block=k, local_head=True)
+                specs[f"{prefix}{k}.{i}.weight"] = ParamSpec(shape, fan_in, "kaiming_uniform", role="weight", **where)
+                specs[f"{prefix}{k}.{i}.bias"] = ParamSpec((outputs,), fan_in, "kaiming_uniform", role="bias", **where)
         return {name: backend.to_device(initialisers.get(spec.init)(generator, spec.shape, spec.fan_in, h.dtype))
                 for name, spec in specs.items()}
 

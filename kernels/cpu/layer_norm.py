@@ -17,7 +17,6 @@ import numpy as np
 
 from . import threads_for
 
-
 _FASTMATH = {"reassoc", "contract", "arcp"}  # vectorise the row reductions; no finite-math assumptions
 
 

@@ -17,6 +17,7 @@ import numpy
 MODULES = (
     "layer_norm",        # local layer norm: value + K tangents in one pass, Jacobian product (pull-back)
     "grouped_linear",    # epilogue after the grouped cuBLAS GEMMs: bias, layout, LN, shift, ReLU
+    "replicated_loss",   # replicated local losses: the replicas' directional derivatives, the vjp scatter
 )
 SOURCE_DIR = pathlib.Path(__file__).parent
 OPTIONS = ("--std=c++14",)
@@ -31,7 +32,7 @@ def source(name):
     return (SOURCE_DIR / f"{name}.cu").read_text()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def raw_module(name):
     """``<name>.cu`` compiled by CuPy (once per process)."""
     import cupy

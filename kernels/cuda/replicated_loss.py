@@ -14,7 +14,7 @@ _SUFFIX = {numpy.dtype(numpy.float32): "f32", numpy.dtype(numpy.float64): "f64"}
 _THREADS = 256  # 8 warps per block
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module():
     import cupy
     return cupy.RawModule(code=SOURCE.read_text(), options=("--std=c++11",))

@@ -37,7 +37,8 @@ def test_header_matches_mnist_convention():
 
 
 def test_big_endian_payload_is_decoded():
-    data = bytes.fromhex("00000c01") + (2).to_bytes(4, "big") + (1).to_bytes(4, "big") + (-2).to_bytes(4, "big", signed=True)
+    data = (bytes.fromhex("00000c01") + (2).to_bytes(4, "big") + (1).to_bytes(4, "big")
+            + (-2).to_bytes(4, "big", signed=True))
     np.testing.assert_array_equal(parse_idx(data), np.array([1, -2], dtype=np.int32))
 
 

@@ -7,8 +7,19 @@ import tarfile
 import numpy as np
 import pytest
 
-from dualnet.data import (REGISTRY, ChecksumMismatch, CorruptFile, DatasetNotFound, DatasetSpec, DownloadError,
-                          FileSpec, available, cache_dir, cifar, load)
+from dualnet.data import (
+    REGISTRY,
+    ChecksumMismatch,
+    CorruptFile,
+    DatasetNotFound,
+    DatasetSpec,
+    DownloadError,
+    FileSpec,
+    available,
+    cache_dir,
+    cifar,
+    load,
+)
 
 FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -249,7 +260,8 @@ def test_cache_honours_xdg_then_home(tmp_path, monkeypatch):
 
 def test_unknown_name_lists_available():
     assert available() == ["digits", "cifar10", "fashion-mnist", "mnist"]
-    with pytest.raises(ValueError, match="unknown dataset 'imagenet'; available: digits, cifar10, fashion-mnist, mnist"):
+    expected = "unknown dataset 'imagenet'; available: digits, cifar10, fashion-mnist, mnist"
+    with pytest.raises(ValueError, match=expected):
         load("imagenet")
 
 

@@ -49,7 +49,8 @@ def test_crop_flip_is_a_window_of_the_padded_image(images):
     for n in range(len(images)):
         windows = [(padded[n, :, dy:dy + 8, dx:dx + 10], mirror) for dy in range(5) for dx in range(5)
                    for mirror in (False, True)]
-        matches = [mirror for window, mirror in windows if np.array_equal(out[n], window[..., ::-1] if mirror else window)]
+        matches = [mirror for window, mirror in windows
+                   if np.array_equal(out[n], window[..., ::-1] if mirror else window)]
         assert matches, n
         flips += all(matches)
     assert 0 < flips < len(images)  # seed 3 mirrors some images and not others

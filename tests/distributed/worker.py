@@ -11,12 +11,12 @@ from dualnet.train import Config, load_checkpoint, train
 
 def main(spec_path):
     spec = json.load(open(spec_path))
-    for name, values in spec["runs"].items():
+    for values in spec["runs"].values():
         config = Config.from_dict({**values, "parallel": "data"})
         train(config, max_steps=spec.get("max_steps"))
     from dualnet import distributed
     if distributed.world("data").rank == 0:
-        for name, values in spec["runs"].items():
+        for values in spec["runs"].values():
             params = load_checkpoint(f"{values['out']}/checkpoint.npz")[0]["params"]
             np.savez(f"{values['out']}/params.npz", **params)
 

@@ -5,12 +5,13 @@ statistics in float64, the references in float32).  Shapes include width 1, odd 
 K > 1, non-contiguous inputs, and runs on all threads (``PARALLEL_MIN_ELEMENTS`` lowered to 0).
 """
 import itertools
+import pathlib
 
 import numpy as np
 import pytest
 
 import dualnet as dn
-from dualnet import fused
+from dualnet import backend, fused
 from dualnet.kernels import cpu
 
 pytest.importorskip("numba")
@@ -203,7 +204,14 @@ def test_small_calls_run_on_one_thread_and_restore_the_pool():
 
 
 def test_warm_up_and_registry():
-    fused.warm_up()
+    backend.warm_up_kernels()
     assert set(cpu.MODULES) >= {"layer_norm", "grouped_linear"}
     with pytest.raises(ValueError, match="unknown kernel module"):
         cpu.load("no_such_kernel")
+
+
+def test_the_registry_lists_every_kernel_module():
+    modules = {path.stem for path in pathlib.Path(cpu.__file__).parent.glob("*.py") if path.stem != "__init__"}
+    assert set(cpu.MODULES) == modules
+    for name in cpu.MODULES:
+        assert hasattr(cpu.load(name), "warm_up")

@@ -7,8 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dualnet as dn
-from dualnet.nn.conv import (adaptive_avg_pool2d, avg_pool2d, conv2d, conv_layer, flatten, im2col, max_pool2d,
-                             output_size)
+from dualnet.nn.conv import (
+    adaptive_avg_pool2d,
+    avg_pool2d,
+    conv2d,
+    conv_layer,
+    flatten,
+    im2col,
+    max_pool2d,
+    output_size,
+)
 
 STEP, FD_RTOL, FD_ATOL, DOT_RTOL = 1e-6, 1e-6, 1e-7, 1e-10
 

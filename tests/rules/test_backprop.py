@@ -18,8 +18,8 @@ objective disagree with the gradient.
 import numpy as np
 import pytest
 
-from dualnet import rules
 from dualnet import primitives as P
+from dualnet import rules
 from dualnet.nn.layers import value_of
 from dualnet.nn.plan import Plan
 from dualnet.rules.base import PLANS, objective

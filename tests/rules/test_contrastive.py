@@ -53,7 +53,8 @@ def test_contrastive_lg_fg_a_points_along_lg_bp(rng):
     x, y = views(rng)
     rule = rules.create("lg-fg-a", contrastive=True, directions=4000, diagnostics=True)
     report = rule(model, params, x, y, np.random.default_rng(0)).diagnostics
-    weights = [v["cosine"] for k, v in report.items() if k.endswith(".weight") and ".head." not in k and k != "head.weight"]
+    weights = [v["cosine"] for k, v in report.items()
+               if k.endswith(".weight") and ".head." not in k and k != "head.weight"]
     assert min(weights) > 0.3, report
 
 

@@ -1,4 +1,4 @@
-"""FDFA's feedback learning (Bacho & Chu; DESIGN.md §3, REFERENCE.md §3).
+"""FDFA's feedback learning (Bacho & Chu; docs/estimators.md).
 
 One forward pass perturbs every hidden post-activation h_l with u_l ~ N(0, I) per example; the
 output tangent is d = Σ_m J_m u_m, so X_l = mean_n d_n u_{l,n}ᵀ is an unbiased one-sample estimate

@@ -1,5 +1,5 @@
 """Feedback alignment (FA), DFA and DKP are descent directions that are not backprop
-(DESIGN.md §3: "angle strictly between 0° and 90°").
+(docs/estimators.md: the angle to the gradient lies strictly between 0° and 90°).
 
 After a short SGD run on a fixed-teacher task (the forward weights come to align with the
 feedback matrices), each rule's update for every hidden weight, evaluated on the whole data set,
@@ -66,3 +66,10 @@ def test_dkp_with_adam_takes_adam_steps_on_the_kolen_pollack_gradient(tiny):
 def test_dfa_refuses_adam_it_has_nothing_to_train():
     with pytest.raises(ValueError, match="dfa: adam=True has nothing to train"):
         rules.create("dfa", adam=True)
+
+
+@pytest.mark.parametrize("name, option", [("dfa", "directions"), ("dkp", "directions"), ("dfa", "alpha"),
+                                          ("dkp", "alpha"), ("dfa", "feedback_lr"), ("fdfa", "weight_decay")])
+def test_direct_feedback_rules_refuse_options_they_would_ignore(name, option):
+    with pytest.raises(ValueError, match=option):
+        rules.create(name, **{option: 2})

@@ -1,4 +1,4 @@
-"""Unbiasedness of the forward-gradient rules, by Monte Carlo (DESIGN.md §3, REFERENCE.md §3).
+"""Unbiasedness of the forward-gradient rules, by Monte Carlo (docs/estimators.md).
 
 E[FG-W] = E[FG-A] = the BP gradient (MLP; FG-A also with BatchNorm), and E[LG-FG-W] = E[LG-FG-A]
 = the LG-BP gradient for every parameter of a LocalMixer (2 blocks, 4 patches, 2 groups).  Heads

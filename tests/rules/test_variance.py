@@ -1,4 +1,4 @@
-"""Ren et al.'s Table 1, in its conditional form for a fixed batch (REFERENCE.md §3).
+"""Ren et al.'s Table 1, in its conditional form for a fixed batch (docs/estimators.md).
 
 One linear layer z_n = x_n W (W p×q) under softmax cross-entropy, so the per-example gradients are
 known in closed form: g_n = x_n ⊗ (softmax(z_n) − onehot(y_n)), ḡ = mean_n g_n.  For unit Gaussian
