@@ -624,7 +624,8 @@ class _Run:
     def _train_step(self, xb, yb, epoch, step, interrupted):
         """One update from the batch (xb, yb); returns whether any rank was interrupted."""
         config, position, world = self.config, self.position, self.world
-        rows, weight = distributed.shard(len(yb), world.rank, world.size), 1.0
+        total = len(yb)
+        rows, weight = distributed.shard(total, world.rank, world.size), 1.0
         if world.size > 1:
             weight = (rows.stop - rows.start) / len(yb)
             if weight == 0:  # a last batch smaller than the ranks: this rank computes on a row and adds nothing
@@ -635,7 +636,9 @@ class _Run:
         xb, yb = xb[rows], yb[rows]
         if views is not None:  # stacked: [view 1; view 2]
             xb = backend.namespace(xb).concatenate([views[0][rows], views[1][rows]], axis=0)
-        estimate = self.rule(self.model, self.params, xb, yb, _step_rng(config.seed, epoch, step), self.state)
+        batch = rules.Batch(rows.start, rows.stop, total, mean=distributed.batch_mean(world, weight))
+        estimate = self.rule(self.model, self.params, xb, yb, _step_rng(config.seed, epoch, step), self.state,
+                             batch)
         grads, loss, state, flag = distributed.combine(world, estimate, weight, float(interrupted))
         if not math.isfinite(loss):
             raise self._diverged("the loss", loss)

@@ -21,22 +21,30 @@ def shard(n, rank, size):
     return slice(start, start + base + (rank < extra))
 
 
+def batch_mean(world, weight):
+    """``Batch.mean`` for this rank: x (a mean over the shard) ↦ Σ_r (N_r/N) x_r, one Allreduce."""
+    if world.size == 1:
+        return lambda x: x
+    return lambda x: world.allreduce(weight * x)
+
+
 def combine(world, estimate, weight, flag=0.0):
     """The full-batch (grads, loss, state, flag) from every rank's shard ``estimate`` weighted by
     ``weight`` = N_r/N: one Allreduce of one float64 buffer holding the weighted gradients (in
     sorted name order), the weighted loss, the weighted BatchNorm running statistics and
-    ``flag`` (summed: any rank's Ctrl-C stops every rank at the same step).  With one process,
+    ``flag`` (summed: any rank's Ctrl-C stops every rank at the same step).  Gradients the rule
+    already made the batch's (``estimate.batch_wide``) are kept as they are.  With one process,
     the estimate is returned as it is."""
     if world.size == 1:
         return estimate.grads, estimate.loss, estimate.state, flag
-    names = sorted(name for name, g in estimate.grads.items() if g is not None)
+    names = sorted(name for name, g in estimate.grads.items() if g is not None and name not in estimate.batch_wide)
     states = sorted(estimate.state or {})
     parts = [backend.to_numpy(estimate.grads[name]).ravel() for name in names]
     parts += [backend.to_numpy(a).ravel() for key in states for a in estimate.state[key]]
     buffer = numpy.concatenate([numpy.asarray(p, numpy.float64) for p in parts] + [numpy.zeros(2)]) * weight
     buffer[-2], buffer[-1] = weight * estimate.loss, flag
     total = world.allreduce(buffer)
-    grads, offset = {}, 0
+    grads, offset = {name: estimate.grads[name] for name in estimate.batch_wide}, 0
     for name in names:
         g = estimate.grads[name]
         grads[name] = backend.namespace(g).asarray(total[offset:offset + g.size].reshape(g.shape), dtype=g.dtype)

@@ -14,7 +14,7 @@ import functools
 import inspect
 
 from .backprop import Backprop, FeedbackAlignment
-from .base import Estimate, Rule, exact_gradients
+from .base import Batch, Estimate, Rule, exact_gradients
 from .direct import DFA, DKP, FDFA, DirectFeedback
 from .forward import ActivityPerturbation, WeightPerturbation
 from .guesses import GradientGuess

@@ -21,7 +21,7 @@ class Backprop(Rule):
         super().__init__(diagnostics)
         self.target, self.contrastive, self.temperature = target, contrastive, temperature
 
-    def estimate(self, model, params, x, labels, rng, state):
+    def estimate(self, model, params, x, labels, rng, state, batch):
         grads, trace = exact_gradients(model, params, x, labels, self.target, state,
                                        contrastive=self.contrastive, temperature=self.temperature)
         return Estimate(grads, mean_value(trace.loss), trace.state)
@@ -41,7 +41,7 @@ class FeedbackAlignment(Rule):
                 init = initialisers.kaiming_uniform if spec.init == "zeros" else initialisers.get(spec.init)
                 self.state[name] = backend.to_device(init(rng, spec.shape, spec.fan_in, params[name].dtype))
 
-    def estimate(self, model, params, x, labels, rng, state):
+    def estimate(self, model, params, x, labels, rng, state, batch):
         if not self.state:
             self.setup(model, params)
         grads, trace = exact_gradients(model, params, x, labels, self.target, state, feedback=self.state)

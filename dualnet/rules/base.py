@@ -6,6 +6,7 @@ parameter; an optimiser applies it.  Rules with their own persistent tensors (fe
 matrices, auxiliary nets) keep them in ``rule.state`` and round-trip them through
 ``state_dict`` / ``load_state_dict`` for exact resume.
 """
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy
@@ -19,11 +20,36 @@ from ..nn.plan import Plan
 @dataclass
 class Estimate:
     """``grads``: {param name: array}; ``loss``: mean final loss (float); ``state``: model running
-    statistics after the step; ``diagnostics``: per-layer cosine/norm when requested."""
+    statistics after the step; ``diagnostics``: per-layer cosine/norm when requested;
+    ``batch_wide``: names whose gradient is already the whole batch's (``Batch.mean`` was applied:
+    the data-parallel runner must not reduce them again)."""
     grads: dict
     loss: float
     state: dict
     diagnostics: dict = field(default_factory=dict)
+    batch_wide: frozenset = frozenset()
+
+
+def _same(x):
+    return x
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Where the examples of an estimate sit in the step's whole batch: rows ``start:stop`` of
+    ``total``.  ``mean(x)`` turns a mean over these rows into the mean over the whole batch: the
+    identity in one process; under data parallelism, Σ_r (N_r/N) x_r over the ranks.  Rules use
+    it for what must be the batch's, not the shard's (FG-W's directional derivatives, DKP's and
+    FDFA's feedback updates), and key per-example noise by the global row index."""
+    start: int
+    stop: int
+    total: int
+    mean: Callable = _same
+
+    @classmethod
+    def whole(cls, n):
+        """All ``n`` examples of a batch in one process."""
+        return cls(0, n, n)
 
 
 # Named seed streams of the rules' own tensors: a rule seeded with ``seed`` draws stream s's
@@ -81,15 +107,17 @@ class Rule:
     def load_state_dict(self, state):
         self.state = {k: backend.to_device(v) for k, v in state.items()}
 
-    def __call__(self, model, params, x, labels, rng, state=None):
-        estimate = self.estimate(model, params, x, labels, rng, state)
+    def __call__(self, model, params, x, labels, rng, state=None, batch=None):
+        """The estimate on (x, labels); ``batch`` (a ``Batch``) places these examples in the step's
+        whole batch (default: they are all of it)."""
+        estimate = self.estimate(model, params, x, labels, rng, state, batch or Batch.whole(len(labels)))
         if self.diagnostics:
             exact = exact_gradients(model, params, x, labels, self.target, state, contrastive=self.contrastive,
                                     temperature=self.temperature)[0]
             estimate.diagnostics = alignment(estimate.grads, exact)
         return estimate
 
-    def estimate(self, model, params, x, labels, rng, state):
+    def estimate(self, model, params, x, labels, rng, state, batch):
         raise NotImplementedError
 
 

@@ -63,10 +63,11 @@ class DirectFeedback(Rule):
         """The plan's ``perturb`` for the forward pass (None: a plain pass)."""
         return None
 
-    def learn_before_use(self, key, point, trace):
-        """Update B (``self.state[key]``) from the forward pass, before δ is formed from it."""
+    def learn_before_use(self, key, point, trace, batch):
+        """Update B (``self.state[key]``) from the forward pass, before δ is formed from it
+        (``batch.mean`` makes a shard's mean the whole batch's)."""
 
-    def learn_after_use(self, key, point, error):
+    def learn_after_use(self, key, point, error, batch):
         """Update B from the output error e [N, classes], after δ is formed."""
 
     def _feedback(self, point, classes, dtype):
@@ -76,17 +77,17 @@ class DirectFeedback(Rule):
             self.state[key] = backend.to_device(self.initial_feedback(classes, units, dtype))
         return key
 
-    def estimate(self, model, params, x, labels, rng, state):
+    def estimate(self, model, params, x, labels, rng, state, batch):
         trace = model.forward(params, x, labels, Plan(perturb=self.perturbation(rng)), state)
         error = output_error(trace.logits, labels)
         classes = error.shape[1]
         grads = model.readout_grads(trace, error)
         for point in trace.points:
             key = self._feedback(point, classes, error.dtype)
-            self.learn_before_use(key, point, trace)
+            self.learn_before_use(key, point, trace, batch)
             delta = (error @ self.state[key]).reshape(point.h.shape) * point.mask
             grads.update(point.weight_grads(delta))
-            self.learn_after_use(key, point, error)
+            self.learn_after_use(key, point, error, batch)
         return Estimate(grads, mean_value(trace.loss), trace.state)
 
     def _descend(self, key, gradient, rate):
@@ -121,9 +122,9 @@ class DKP(DirectFeedback):
         super().__init__(adam, feedback_lr, diagnostics)
         self.weight_decay = weight_decay
 
-    def learn_after_use(self, key, point, error):
+    def learn_after_use(self, key, point, error, batch):
         activity = point.post.reshape(error.shape[0], -1)
-        self._descend(key, error.T @ activity + self.weight_decay * self.state[key], self.feedback_lr)
+        self._descend(key, batch.mean(error.T @ activity) + self.weight_decay * self.state[key], self.feedback_lr)
 
 
 class FDFA(DirectFeedback):
@@ -142,11 +143,11 @@ class FDFA(DirectFeedback):
         return lambda site: (_gaussian(rng, k, site.shape, site.dtype)
                              if site.kind == "post" and site.name != "block" else None)
 
-    def learn_before_use(self, key, point, trace):
+    def learn_before_use(self, key, point, trace, batch):
         k, classes, n = self.directions, self.state[key].shape[0], point.h.shape[0]
         output_tangent = _tangent(trace.logits, k)  # [K, N, classes]
         u = point.u_post.reshape(k * n, -1)
-        self._learn_jacobian(key, output_tangent.reshape(k * n, classes).T @ u / (k * n))
+        self._learn_jacobian(key, batch.mean(output_tangent.reshape(k * n, classes).T @ u / (k * n)))
 
     def _learn_jacobian(self, key, sample):
         """B toward the one-sample Jacobian estimate ``sample`` = mean_n d_n u_nᵀ (the residual's step)."""

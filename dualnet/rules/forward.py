@@ -62,6 +62,17 @@ def _along(per_group, axis, ndim):
     return per_group.reshape((k,) + (1,) * axis + (groups,) + (1,) * (ndim - axis - 1))
 
 
+def _batch_means(batch, shard_means):
+    """``batch.mean`` of every array of ``shard_means`` (a dict) in one call: one message."""
+    arrays = list(shard_means.values())
+    flat = batch.mean(backend.namespace(arrays[0]).concatenate([a.ravel() for a in arrays]))
+    means, offset = {}, 0
+    for key, a in shard_means.items():
+        means[key] = flat[offset:offset + a.size].reshape(a.shape)
+        offset += a.size
+    return means
+
+
 def _plan(local, contrastive=False, temperature=0.5, **extra):
     options = dict(PLANS["local-greedy" if local else "global"])
     if local:
@@ -113,7 +124,7 @@ class ActivityPerturbation(Rule):
         self.memory, self.batch_coupling = memory, batch_coupling
         self.target = "local-greedy" if local else "global"
 
-    def estimate(self, model, params, x, labels, rng, state):
+    def estimate(self, model, params, x, labels, rng, state, batch):
         n, recompute = len(labels), self.memory == "recompute"
         sample = self._sampler(rng)
         if self.contrastive:
@@ -194,26 +205,47 @@ class WeightPerturbation(Rule):
         self.local, self.directions = local, directions
         self.target = "local-greedy" if local else "global"
 
-    def estimate(self, model, params, x, labels, rng, state):
+    def estimate(self, model, params, x, labels, rng, state, batch):
         k = self.directions
         names = sorted(name for name in params if not model.specs[name].head)
         seeds = dict(zip(names, rng.integers(0, 2 ** 63 - 1, len(names)).tolist()))  # one host transfer
         perturbed = _PerturbedParams(params, seeds, k)
         plan = _plan(self.local, record_points=False, record_outputs=self.local)  # local heads read the outputs
         trace = model.forward(perturbed, x, labels, plan, state)
-        n = len(labels)
-        grads = {}
+        n, grads = len(labels), {}
+        keys = {name: self._shared_by(model.specs[name], trace) for name in names}
+        shard_means = {}
+        for key in keys.values():
+            if key not in shard_means:
+                shard_means[key] = self._directional(trace, key, k, n)
+        # the batch's directional derivatives: K (or K·G) numbers per block are all that ranks exchange
+        directional = _batch_means(batch, shard_means)
         for name in names:
-            v, spec = perturbed.tangent(name), model.specs[name]
-            if self.local:
-                d = _tangent(trace.local_losses[spec.block], k)  # [K, N, P, G]
-                if spec.group_axis is not None and d.shape[-1] > 1:  # group g's slice reaches only group g's replicas
-                    per_group = d.sum(axis=(1, 2)) / n  # [K, G]
-                    grads[name] = (_along(per_group, spec.group_axis, v.ndim - 1) * v).mean(axis=0)
-                    continue
-                directional = d.reshape(k, -1).sum(axis=1) / n
+            v, spec, d = perturbed.tangent(name), model.specs[name], directional[keys[name]]
+            if d.ndim == 2:  # group g's slice reaches only group g's replicas
+                grads[name] = (_along(d, spec.group_axis, v.ndim - 1) * v).mean(axis=0)
             else:
-                directional = _tangent(trace.loss, k).mean(axis=1)
-            grads[name] = (directional.reshape((k,) + (1,) * (v.ndim - 1)) * v).mean(axis=0)
+                grads[name] = (d.reshape((k,) + (1,) * (v.ndim - 1)) * v).mean(axis=0)
+        batch_wide = frozenset(grads)
         grads.update(_head_grads(model, params, trace, labels, self.local))
+        return Estimate(grads, mean_value(trace.loss), trace.state, batch_wide=batch_wide)
+
+    def _shared_by(self, spec, trace):
+        """Which directional derivative a perturbed tensor's estimate uses: None (the global loss's),
+        (block, 'block') (the sum of the block's replicas) or (block, 'grouped') (per group)."""
+        if not self.local:
+            return None
+        if spec.group_axis is not None and trace.local_losses[spec.block].shape[-1] > 1:
+            return spec.block, "grouped"
+        return spec.block, "block"
+
+    def _directional(self, trace, key, k, n):
+        """The mean directional derivative over this shard: [K] for the global loss or a block's
+        replicas, [K, G] per group of a grouped block."""
+        if key is None:
+            return _tangent(trace.loss, k).mean(axis=1)
+        d = _tangent(trace.local_losses[key[0]], k)  # [K, N, P, G]
+        if key[1] == "grouped":
+            return d.sum(axis=(1, 2)) / n
+        return d.reshape(k, -1).sum(axis=1) / n
         return Estimate(grads, mean_value(trace.loss), trace.state)

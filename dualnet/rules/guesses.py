@@ -378,7 +378,7 @@ class GradientGuess(Rule):
         return list(range(1, num_blocks)) if self.target_loss == "intermediate" else []
 
     # --- one step --------------------------------------------------------------------------
-    def estimate(self, model, params, x, labels, rng, state):
+    def estimate(self, model, params, x, labels, rng, state, batch):
         if self._model is not model:
             self._bind(model)
         values = None

@@ -53,7 +53,7 @@ class HeadsOnly(Rule):
         super().__init__()
         self.target, self.is_head = target, is_head
 
-    def estimate(self, model, params, x, labels, rng, state):
+    def estimate(self, model, params, x, labels, rng, state, batch):
         grads, trace = exact_gradients(model, params, x, labels, self.target, state)
         heads = {name: g for name, g in grads.items() if self.is_head(model, name)}
         return Estimate(heads, mean_value(trace.loss), trace.state)
