@@ -47,10 +47,22 @@ def function(name, kernel, dtype):
     return raw_module(name).get_function(f"{kernel}_{_SUFFIX[dtype]}")
 
 
+MAX_BLOCKS = 1 << 20
+"""Cap on the grid: the kernels' grid-stride loops cover any excess items."""
+
+
+def thread_grid(items):
+    """``(grid, block)`` for grid-stride kernels that give one thread to each of ``items``: enough
+    blocks of ``32 * WARPS_PER_BLOCK`` threads for all items, at least one, at most ``MAX_BLOCKS``.
+    A pure function of ``items`` (no CuPy), shared by the launchers and the CPU test harness."""
+    threads = 32 * WARPS_PER_BLOCK
+    blocks = max(1, min((items + threads - 1) // threads, MAX_BLOCKS))
+    return (blocks,), (threads,)
+
+
 def warp_grid(items):
-    """``(grid, block)`` for kernels that give one warp to each of ``items`` (grid-stride safe)."""
-    blocks = max(1, min((items + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK, 1 << 20))
-    return (blocks,), (32 * WARPS_PER_BLOCK,)
+    """``(grid, block)`` for grid-stride kernels that give one warp (32 threads) to each of ``items``."""
+    return thread_grid(32 * items)
 
 
 def load(name):
