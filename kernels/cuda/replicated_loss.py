@@ -7,11 +7,7 @@ nor a GPU.
 """
 import numpy
 
-from . import function, thread_grid, warp_grid
-
-
-def _fail(op, message):
-    raise ValueError(f"kernels.cuda.replicated_loss.{op}: {message}")
+from . import function, require, thread_grid, warp_grid
 
 
 def replica_tangent(x_tangent, u, scale, head=None, out=None):
@@ -23,18 +19,18 @@ def replica_tangent(x_tangent, u, scale, head=None, out=None):
     import cupy
     dtype = x_tangent.dtype
     directions, examples, patches, groups, channels = x_tangent.shape
-    if u.shape != (examples, groups, channels) or u.dtype != dtype:
-        _fail("replica_tangent", f"x_tangent {x_tangent.shape} and u {u.shape} ({u.dtype}) disagree")
-    if head is not None and (head.ndim != 2 or head.shape[0] not in (1, directions) or head.shape[1] != examples):
-        _fail("replica_tangent", f"head must be [K or 1, N] = [{directions} or 1, {examples}], got {head.shape}")
+    op = "replicated_loss.replica_tangent"
+    require(u.shape == (examples, groups, channels) and u.dtype == dtype, op,
+            f"x_tangent {x_tangent.shape} and u {u.shape} ({u.dtype}) disagree")
+    require(head is None or (head.ndim == 2 and head.shape[0] in (1, directions) and head.shape[1] == examples),
+            op, f"head must be [K or 1, N] = [{directions} or 1, {examples}], got {getattr(head, 'shape', None)}")
     x_tangent, u = cupy.ascontiguousarray(x_tangent), cupy.ascontiguousarray(u)
     head_directions = 0 if head is None else head.shape[0]
     head = cupy.zeros((1, 1), dtype) if head is None else cupy.ascontiguousarray(head, dtype=dtype)
     accumulate = out is not None
     if accumulate:
-        if out.shape != x_tangent.shape[:4] or out.dtype != dtype or not out.flags.c_contiguous:
-            _fail("replica_tangent", f"out must be a C-contiguous {x_tangent.shape[:4]} array of {dtype}, "
-                                     f"got {out.shape} of {out.dtype}")
+        require(out.shape == x_tangent.shape[:4] and out.dtype == dtype and out.flags.c_contiguous, op,
+                f"out must be a C-contiguous {x_tangent.shape[:4]} array of {dtype}, got {out.shape} of {out.dtype}")
     else:
         out = cupy.empty(x_tangent.shape[:4], dtype)
     grid, block = warp_grid(directions * examples * patches * groups)
@@ -52,9 +48,9 @@ def replica_cotangent(cotangent, u, scale):
     dtype = u.dtype
     examples, patches, groups = cotangent.shape
     channels = u.shape[2]
-    if u.shape[:2] != (examples, groups) or cotangent.dtype != dtype:
-        _fail("replica_cotangent", f"cotangent {cotangent.shape} ({cotangent.dtype}) and u {u.shape} ({dtype}) "
-                                   f"disagree")
+    require(u.ndim == 3 and u.shape[:2] == (examples, groups) and cotangent.dtype == dtype,
+            "replicated_loss.replica_cotangent", f"cotangent {cotangent.shape} ({cotangent.dtype}) and u {u.shape} "
+                                                 f"({dtype}) disagree")
     cotangent, u = cupy.ascontiguousarray(cotangent), cupy.ascontiguousarray(u)
     out = cupy.empty((examples, patches, groups, channels), dtype)
     grid, block = thread_grid(out.size)

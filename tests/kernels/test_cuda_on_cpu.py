@@ -196,6 +196,38 @@ def test_every_module_is_compiled_by_the_shared_loader(fake_cupy):
     assert "replicated_loss" in cuda.MODULES and cuda.load("replicated_loss").replica_tangent
 
 
+def test_launchers_reject_shapes_that_would_index_out_of_bounds(fake_cupy):
+    import cupy
+    layer_norm, grouped_linear, replicated_loss = map(cuda.load, ("layer_norm", "grouped_linear", "replicated_loss"))
+    x = cupy.zeros((3, 5))
+    with pytest.raises(ValueError, match="tangent must be"):
+        layer_norm.layer_norm_forward(x, cupy.zeros((2, 3, 4)), EPS)
+    with pytest.raises(ValueError, match="disagree"):
+        layer_norm.layer_norm_jacobian(x, cupy.zeros((3,)), cupy.zeros((1, 3, 5)))
+    with pytest.raises(ValueError, match=r"bias must be \(2, 5\)"):
+        grouped_linear.normalize_epilogue(cupy.zeros((2, 3, 5)), None, cupy.zeros((2, 4)), None, None, None, EPS,
+                                          False, 0)
+    with pytest.raises(ValueError, match=r"shift_tangent must be \(1, 3, 2, 5\)"):
+        grouped_linear.normalize_epilogue(cupy.zeros((2, 3, 5)), None, None, None, None, cupy.zeros((2, 3, 2, 5)),
+                                          EPS, False, 1)
+    with pytest.raises(ValueError, match="head must be"):
+        replicated_loss.replica_tangent(cupy.zeros((3, 2, 1, 1, 4)), cupy.zeros((2, 1, 4)), 1.0, cupy.zeros((2, 2)))
+    assert fake_cupy.launches == []
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_directions_give_empty_tangents_and_empty_inputs_launch_one_block(fake_cupy, dtype):
+    import cupy
+    x = cupy.asarray(np.arange(10, dtype=dtype).reshape(2, 5))
+    y, y_tangent, _ = cuda.load("layer_norm").layer_norm_forward(x, cupy.zeros((0, 2, 5), dtype), EPS)
+    assert y_tangent.shape == (0, 2, 5) and y_tangent.dtype == dtype
+    assert_close(y, fused.reference_layer_norm_forward(x, None, EPS)[0], dtype, 5)
+    empty = cuda.load("replicated_loss").replica_cotangent(cupy.zeros((0, 2, 3), dtype), cupy.zeros((0, 3, 4), dtype),
+                                                           1.0)
+    assert empty.shape == (0, 2, 3, 4)
+    assert fake_cupy.launches[-1] == (f"replica_cotangent_{SUFFIX[dtype]}", (1,), (256,))
+
+
 @pytest.mark.parametrize("items", [0, 1, 7, 8, 9, 255, 8 << 20, (8 << 20) + 1, 1 << 40])
 def test_launch_geometry_covers_every_item_with_a_capped_grid(items):
     (blocks,), (threads,) = cuda.thread_grid(items)
