@@ -19,7 +19,7 @@ import itertools
 import numpy as np
 import pytest
 
-from dualnet import fused, losses
+from dualnet import backend, fused, losses
 from dualnet.kernels import cuda
 
 DTYPES = [np.float32, np.float64]
@@ -47,10 +47,13 @@ def tolerance(dtype, reduced):
 
 
 def assert_close(actual, expected, dtype, reduced):
-    """``actual`` (from a kernel) equals ``expected`` (reference, same dtype) to ``tolerance``."""
+    """``actual`` (a device array from a launcher) equals ``expected`` (host reference, same dtype)
+    to ``tolerance``."""
     if expected is None:
         assert actual is None
         return
+    assert backend.namespace(actual) is not np, "a launcher returned a host array"
+    actual = actual.get()
     assert actual.shape == expected.shape and actual.dtype == np.dtype(dtype)
     assert not np.isnan(actual).any(), "NaN: an element left unwritten or a read outside an input"
     bound = tolerance(dtype, reduced)
@@ -221,7 +224,7 @@ def test_no_directions_give_empty_tangents_and_empty_inputs_launch_one_block(fak
     x = cupy.asarray(np.arange(10, dtype=dtype).reshape(2, 5))
     y, y_tangent, _ = cuda.load("layer_norm").layer_norm_forward(x, cupy.zeros((0, 2, 5), dtype), EPS)
     assert y_tangent.shape == (0, 2, 5) and y_tangent.dtype == dtype
-    assert_close(y, fused.reference_layer_norm_forward(x, None, EPS)[0], dtype, 5)
+    assert_close(y, fused.reference_layer_norm_forward(x.get(), None, EPS)[0], dtype, 5)
     empty = cuda.load("replicated_loss").replica_cotangent(cupy.zeros((0, 2, 3), dtype), cupy.zeros((0, 3, 4), dtype),
                                                            1.0)
     assert empty.shape == (0, 2, 3, 4)
@@ -294,9 +297,10 @@ extern "C" __global__ void diverge(double* out, int lanes) {
 '''
 
 
-@pytest.fixture(scope="module")
-def probe(cuda_harness):
-    return cuda_harness.build(PROBE, "probe")
+@pytest.fixture(scope="module", params=[(), ("-DCUDA_EMULATION_UCONTEXT",)], ids=["native-fibers", "ucontext"])
+def probe(cuda_harness, request):
+    """PROBE built for the CPU, with each of the emulation's two fiber implementations."""
+    return cuda_harness.build(PROBE, "probe", request.param)
 
 
 def test_shuffles_exchange_in_lock_step(probe):
@@ -346,3 +350,27 @@ def test_signatures_are_parsed_after_macro_expansion(cuda_harness):
     assert [(p.pointer, p.const, str(p.dtype)) for p in params[5:7]] == [(True, True, "float32"),
                                                                          (False, False, "int64")]
     assert [str(p.dtype) for p in params[10:17]] == ["int32"] * 6 + ["float32"]
+
+
+WRITE_AT = r'''
+extern "C" __global__ void write_at(double* out, long long index) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) out[index] = 1.0;
+}
+'''
+
+
+def test_the_stand_in_catches_writes_out_of_bounds_and_host_arrays(fake_cupy):
+    import cupy
+    kernel = cupy.RawModule(code=WRITE_AT).get_function("write_at")
+    out = cupy.zeros(5)
+    kernel((1,), (32,), (out, np.int64(4)))
+    assert out.get().tolist() == [0, 0, 0, 0, 1]
+    for index in (5, -1):
+        with pytest.raises(AssertionError, match="wrote outside"):
+            kernel((1,), (32,), (cupy.zeros(5)[None], np.int64(index)))
+    with pytest.raises(TypeError, match="host numpy.ndarray"):
+        kernel((1,), (32,), (np.zeros(5), np.int64(0)))
+    with pytest.raises(TypeError, match="mixed with device arrays"):
+        out + np.ones(5)
+    total = out.sum()
+    assert isinstance(total, cupy.ndarray) and total.shape == () and float(total) == 1

@@ -2,7 +2,7 @@
 // #included unchanged after this header and run by a host compiler (g++ or clang++, C++17).
 //
 // Execution model.  A launch runs the blocks of the grid one after another, and the warps of a
-// block one after another; the 32 lanes of a warp are 32 fibers (ucontext) on one OS thread.
+// block one after another; the 32 lanes of a warp are 32 fibers on one OS thread.
 // The scheduler resumes each lane until it reaches a warp shuffle or returns from the kernel.
 // When every lane waits at a shuffle, the values are exchanged all at once (lock step: each lane
 // reads what its source lane passed to *this* shuffle) and the lanes resume.  A full-mask
@@ -23,21 +23,25 @@
 
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <functional>
 #include <type_traits>
-#include <ucontext.h>
 #include <utility>
+#if !defined(__x86_64__) || defined(CUDA_EMULATION_UCONTEXT)
+#include <ucontext.h>
+#endif
 
 struct dim3 {
     unsigned x, y, z;
 };
 
-inline dim3 threadIdx{0, 0, 0};
-inline dim3 blockIdx{0, 0, 0};
-inline dim3 blockDim{1, 1, 1};
-inline dim3 gridDim{1, 1, 1};
+// One translation unit per library: internal linkage keeps each library's state its own.
+static dim3 threadIdx{0, 0, 0};
+static dim3 blockIdx{0, 0, 0};
+static dim3 blockDim{1, 1, 1};
+static dim3 gridDim{1, 1, 1};
 
 #define __global__
 #define __device__
@@ -48,6 +52,7 @@ using std::log;
 using std::sqrt;
 static_assert(std::is_same<decltype(sqrt(1.0f)), float>::value, "sqrt(float) must stay in float, as in CUDA");
 
+namespace {
 namespace cuda_emulation {
 
 constexpr int kWarpSize = 32;
@@ -68,103 +73,149 @@ struct ShuffleCall {
     }
 };
 
+void lane_main();
+
+// Fibers.  On x86-64, a switch saves the callee-saved registers on the current stack and swaps
+// stack pointers (no system call, unlike swapcontext, which also saves the signal mask: that
+// made the emulation ~10 times slower).  Elsewhere, or with -DCUDA_EMULATION_UCONTEXT, ucontext.
+#if defined(__x86_64__) && !defined(CUDA_EMULATION_UCONTEXT)
+extern "C" void cuda_emulation_switch(void** save_stack, void* load_stack);
+asm(R"(
+    .text
+    .p2align 4
+    .type cuda_emulation_switch, @function
+cuda_emulation_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size cuda_emulation_switch, .-cuda_emulation_switch
+)");
+
+struct Context {
+    void* stack_pointer = nullptr;
+};
+
+inline void start(Context& context, unsigned char* stack) {
+    // The first switch pops six registers, then "returns" into lane_main, which sees a 16-byte
+    // aligned stack minus the return address it never uses (it ends by switching away).
+    auto top = reinterpret_cast<std::uintptr_t>(stack + kStackBytes) & ~std::uintptr_t(15);
+    void** frame = reinterpret_cast<void**>(top) - 8;
+    for (int i = 0; i < 6; ++i) frame[i] = nullptr;
+    frame[6] = reinterpret_cast<void*>(&lane_main);
+    frame[7] = nullptr;
+    context.stack_pointer = frame;
+}
+
+inline void switch_to(Context& from, Context& to) { cuda_emulation_switch(&from.stack_pointer, to.stack_pointer); }
+#else
+struct Context {
+    ucontext_t context;
+};
+
+inline void start(Context& context, unsigned char* stack) {
+    getcontext(&context.context);
+    context.context.uc_stack.ss_sp = stack;
+    context.context.uc_stack.ss_size = kStackBytes;
+    context.context.uc_link = nullptr;
+    makecontext(&context.context, lane_main, 0);
+}
+
+inline void switch_to(Context& from, Context& to) { swapcontext(&from.context, &to.context); }
+#endif
+
 struct Warp {
-    ucontext_t scheduler;
-    ucontext_t lanes[kWarpSize];
+    Context scheduler;
+    Context lanes[kWarpSize];
     LaneState state[kWarpSize];
     ShuffleCall call[kWarpSize];
     alignas(8) unsigned char sent[kWarpSize][8];
     alignas(8) unsigned char received[kWarpSize][8];
     int current = 0;
     std::function<void()> body;
+    unsigned char* stacks = new unsigned char[kStackBytes * kWarpSize];  // kept for the library's life
 };
 
-inline Warp& warp() {
-    static Warp* instance = new Warp();  // lives for the process, like the stacks below
-    return *instance;
-}
+Warp warp;
+char error_text[512];
 
-inline unsigned char* stack(int lane) {
-    static unsigned char* stacks = new unsigned char[kStackBytes * kWarpSize];
-    return stacks + kStackBytes * lane;
-}
-
-inline char* error_text() {
-    static char text[512];
-    return text;
-}
-
-inline void lane_main() {
-    Warp& w = warp();
-    const int lane = w.current;
-    w.body();
-    w.state[lane] = LaneState::returned;  // uc_link resumes the scheduler
+void lane_main() {
+    const int lane = warp.current;
+    warp.body();
+    warp.state[lane] = LaneState::returned;
+    switch_to(warp.lanes[lane], warp.scheduler);  // never resumed
 }
 
 // Called by a lane: publish the value, wait for the whole warp, return the source lane's value.
 template <typename T>
 T shuffle(Shuffle kind, unsigned mask, T value, int delta, int width) {
     static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffles move up to 8 bytes");
-    Warp& w = warp();
-    const int lane = w.current;
-    std::memcpy(w.sent[lane], &value, sizeof(T));
-    w.call[lane] = ShuffleCall{kind, mask, delta, width, static_cast<int>(sizeof(T))};
-    w.state[lane] = LaneState::at_shuffle;
-    swapcontext(&w.lanes[lane], &w.scheduler);
+    const int lane = warp.current;
+    std::memcpy(warp.sent[lane], &value, sizeof(T));
+    warp.call[lane] = ShuffleCall{kind, mask, delta, width, static_cast<int>(sizeof(T))};
+    warp.state[lane] = LaneState::at_shuffle;
+    switch_to(warp.lanes[lane], warp.scheduler);
     T result;
-    std::memcpy(&result, w.received[lane], sizeof(T));
+    std::memcpy(&result, warp.received[lane], sizeof(T));
     return result;
 }
 
-inline int source_lane(const ShuffleCall& call, int lane) {
+int source_lane(const ShuffleCall& call, int lane) {
     const int base = lane & ~(call.width - 1);
     const int target = call.kind == Shuffle::xor_lane ? (lane ^ call.delta) : lane + call.delta;
     return (target < base || target >= base + call.width) ? lane : target;
 }
 
-// Runs one warp (lanes first_thread .. first_thread + 31 of the current block) to completion.
-inline bool run_warp(unsigned first_thread) {
-    Warp& w = warp();
+// Runs one warp (threads first_thread .. first_thread + 31 of the current block) to completion.
+bool run_warp(unsigned first_thread) {
     for (int lane = 0; lane < kWarpSize; ++lane) {
-        getcontext(&w.lanes[lane]);
-        w.lanes[lane].uc_stack.ss_sp = stack(lane);
-        w.lanes[lane].uc_stack.ss_size = kStackBytes;
-        w.lanes[lane].uc_link = &w.scheduler;
-        makecontext(&w.lanes[lane], lane_main, 0);
-        w.state[lane] = LaneState::running;
+        start(warp.lanes[lane], warp.stacks + kStackBytes * lane);
+        warp.state[lane] = LaneState::running;
     }
     for (;;) {
         for (int lane = 0; lane < kWarpSize; ++lane) {
-            if (w.state[lane] != LaneState::running) continue;
+            if (warp.state[lane] != LaneState::running) continue;
             threadIdx.x = first_thread + lane;
-            w.current = lane;
-            swapcontext(&w.scheduler, &w.lanes[lane]);
+            warp.current = lane;
+            switch_to(warp.scheduler, warp.lanes[lane]);
         }
         int waiting = 0;
-        for (int lane = 0; lane < kWarpSize; ++lane) waiting += w.state[lane] == LaneState::at_shuffle;
+        for (int lane = 0; lane < kWarpSize; ++lane) waiting += warp.state[lane] == LaneState::at_shuffle;
         if (waiting == 0) return true;
         if (waiting != kWarpSize) {
-            std::snprintf(error_text(), 512,
+            std::snprintf(error_text, sizeof error_text,
                           "divergent warp: %d of 32 lanes wait at a full-mask shuffle, the others returned "
                           "(block %u, threads %u..%u)", waiting, blockIdx.x, first_thread, first_thread + 31);
             return false;
         }
-        const ShuffleCall call = w.call[0];
+        const ShuffleCall call = warp.call[0];
         for (int lane = 1; lane < kWarpSize; ++lane) {
-            if (!(w.call[lane] == call)) {
-                std::snprintf(error_text(), 512, "lanes 0 and %d of a warp make different shuffles (block %u)",
-                              lane, blockIdx.x);
+            if (!(warp.call[lane] == call)) {
+                std::snprintf(error_text, sizeof error_text,
+                              "lanes 0 and %d of a warp make different shuffles (block %u)", lane, blockIdx.x);
                 return false;
             }
         }
         if (call.mask != 0xffffffffu || call.width <= 0 || call.width > kWarpSize ||
             (call.width & (call.width - 1)) != 0) {
-            std::snprintf(error_text(), 512, "unsupported shuffle: mask %#x, width %d", call.mask, call.width);
+            std::snprintf(error_text, sizeof error_text, "unsupported shuffle: mask %#x, width %d", call.mask,
+                          call.width);
             return false;
         }
         for (int lane = 0; lane < kWarpSize; ++lane) {
-            std::memcpy(w.received[lane], w.sent[source_lane(call, lane)], 8);
-            w.state[lane] = LaneState::running;
+            std::memcpy(warp.received[lane], warp.sent[source_lane(call, lane)], 8);
+            warp.state[lane] = LaneState::running;
         }
     }
 }
@@ -172,14 +223,13 @@ inline bool run_warp(unsigned first_thread) {
 template <typename... Params, std::size_t... Index>
 int launch(void (*kernel)(Params...), unsigned grid, unsigned block, void** params,
            std::index_sequence<Index...>) {
-    error_text()[0] = '\0';
+    error_text[0] = '\0';
     if (grid == 0 || block == 0 || block % kWarpSize != 0 || block > 1024) {
-        std::snprintf(error_text(), 512, "invalid launch geometry: grid %u, block %u (block must be a "
-                      "multiple of 32, at most 1024)", grid, block);
+        std::snprintf(error_text, sizeof error_text, "invalid launch geometry: grid %u, block %u (block must be "
+                      "a multiple of 32, at most 1024)", grid, block);
         return 1;
     }
-    Warp& w = warp();
-    w.body = [kernel, params] { kernel(*static_cast<std::remove_reference_t<Params>*>(params[Index])...); };
+    warp.body = [kernel, params] { kernel(*static_cast<std::remove_reference_t<Params>*>(params[Index])...); };
     gridDim = dim3{grid, 1, 1};
     blockDim = dim3{block, 1, 1};
     for (unsigned b = 0; b < grid; ++b) {
@@ -197,6 +247,7 @@ int launch(void (*kernel)(Params...), unsigned grid, unsigned block, void** para
 }
 
 }  // namespace cuda_emulation
+}  // namespace
 
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
@@ -208,7 +259,7 @@ T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = 32) {
     return cuda_emulation::shuffle(cuda_emulation::Shuffle::down, mask, value, static_cast<int>(delta), width);
 }
 
-extern "C" const char* cuda_emulation_error() { return cuda_emulation::error_text(); }
+extern "C" const char* cuda_emulation_error() { return cuda_emulation::error_text; }
 
 #define CUDA_EMULATION_EXPORT(kernel)                                                          \
     extern "C" int emulate_##kernel(unsigned grid, unsigned block, void** params) {           \

@@ -30,13 +30,11 @@ CACHE = pathlib.Path(os.environ.get("DUALNET_CUDA_HARNESS_CACHE",
                                     pathlib.Path(tempfile.gettempdir()) / "dualnet-cuda-harness"))
 
 SCALARS = {  # C parameter type -> the NumPy scalar type CuPy must be given for it
-    "int": numpy.int32, "unsigned": numpy.uint32, "unsigned int": numpy.uint32,
-    "long long": numpy.int64, "unsigned long long": numpy.uint64,
-    "float": numpy.float32, "double": numpy.float64,
+    "int": numpy.int32, "long long": numpy.int64, "float": numpy.float32, "double": numpy.float64,
 }
-POINTEES = {"float": numpy.float32, "double": numpy.float64, "int": numpy.int32, "long long": numpy.int64}
-_CTYPES = {numpy.int32: ctypes.c_int32, numpy.uint32: ctypes.c_uint32, numpy.int64: ctypes.c_int64,
-           numpy.uint64: ctypes.c_uint64, numpy.float32: ctypes.c_float, numpy.float64: ctypes.c_double}
+POINTEES = {"float": numpy.float32, "double": numpy.float64}
+_CTYPES = {numpy.int32: ctypes.c_int32, numpy.int64: ctypes.c_int64, numpy.float32: ctypes.c_float,
+           numpy.float64: ctypes.c_double}
 _KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)')
 
 
@@ -126,13 +124,15 @@ class Library:
             raise LaunchError(f"{kernel} <<<{grid}, {block}>>>: {self._library.cuda_emulation_error().decode()}")
 
 
-def build(source_text, name="kernels"):
-    """The CUDA source ``source_text`` compiled for the CPU (cached on disk; see the module doc)."""
+def build(source_text, name="kernels", flags=()):
+    """The CUDA source ``source_text`` compiled for the CPU (cached on disk; see the module doc),
+    with extra compiler ``flags`` (e.g. ``-DCUDA_EMULATION_UCONTEXT``: the portable fibers)."""
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("cuda harness: no C++ compiler found")
     signatures = kernel_signatures(source_text)
-    key = hashlib.sha256("\0".join([source_text, HEADER.read_text(), cxx, *FLAGS]).encode()).hexdigest()[:24]
+    command = [cxx, *FLAGS, *flags]
+    key = hashlib.sha256("\0".join([source_text, HEADER.read_text(), *command]).encode()).hexdigest()[:24]
     directory = CACHE / f"{name}-{key}"
     library = directory / f"{name}.so"
     if not library.exists():
@@ -142,7 +142,7 @@ def build(source_text, name="kernels"):
         unit = directory / "unit.cpp"
         unit.write_text(f'#include "{HEADER}"\n#include "{name}.cu"\n{exports}')
         partial = directory / f"{name}.{os.getpid()}.so"
-        result = subprocess.run([cxx, *FLAGS, "-o", str(partial), str(unit)], capture_output=True, text=True,
+        result = subprocess.run([*command, "-o", str(partial), str(unit)], capture_output=True, text=True,
                                 timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"cuda harness: {cxx} failed on {name}.cu:\n{result.stderr}")
