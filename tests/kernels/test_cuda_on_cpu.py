@@ -189,12 +189,11 @@ def test_every_kernel_entry_point_is_tested(cuda_harness):
     assert set(TESTED.values()) <= set(globals())
 
 
-def test_every_module_is_compiled_by_the_shared_loader(fake_cupy):
-    """All launcher modules get their kernels from cuda.function, built with cuda.OPTIONS."""
+def test_every_module_is_compiled_by_the_shared_loader(fake_cupy, cuda_harness):
+    """Every kernel of every module in cuda.MODULES comes from cuda.function, built with cuda.OPTIONS."""
     for name in cuda.MODULES:
-        for dtype in DTYPES:
-            cuda.function(name, "replica_tangent" if name == "replicated_loss" else
-                          {"layer_norm": "layer_norm_forward", "grouped_linear": "normalize_epilogue"}[name], dtype)
+        for kernel in cuda_harness.kernel_signatures(cuda.source(name)):
+            cuda.function(name, kernel[:-len("_f32")], {"f32": np.float32, "f64": np.float64}[kernel[-3:]])
     assert fake_cupy.options == [cuda.OPTIONS] * len(cuda.MODULES)
     assert "replicated_loss" in cuda.MODULES and cuda.load("replicated_loss").replica_tangent
 
