@@ -3,7 +3,8 @@
 //
 // Execution model.  A launch runs the blocks of the grid one after another, and the warps of a
 // block one after another; the 32 lanes of a warp are 32 fibers on one OS thread.
-// The scheduler resumes each lane until it reaches a warp shuffle or returns from the kernel.
+// Each lane runs until it reaches a warp shuffle or returns from the kernel, then hands over to
+// the next lane.
 // When every lane waits at a shuffle, the values are exchanged all at once (lock step: each lane
 // reads what its source lane passed to *this* shuffle) and the lanes resume.  A full-mask
 // shuffle that some lanes skip (a lane returned, or lanes disagree on the operation, mask,
@@ -143,6 +144,7 @@ struct Warp {
     alignas(8) unsigned char sent[kWarpSize][8];
     alignas(8) unsigned char received[kWarpSize][8];
     int current = 0;
+    unsigned first_thread = 0;
     std::function<void()> body;
     unsigned char* stacks = new unsigned char[kStackBytes * kWarpSize];  // kept for the library's life
 };
@@ -150,11 +152,25 @@ struct Warp {
 Warp warp;
 char error_text[512];
 
+// Called by a lane that has stopped (at a shuffle, or returned): runs the next lane that is still
+// running, or, when none is left, the scheduler.  Lanes hand over directly, one switch each.
+void pass_on(int lane) {
+    for (int next = lane + 1; next < kWarpSize; ++next) {
+        if (warp.state[next] == LaneState::running) {
+            threadIdx.x = warp.first_thread + next;
+            warp.current = next;
+            switch_to(warp.lanes[lane], warp.lanes[next]);
+            return;
+        }
+    }
+    switch_to(warp.lanes[lane], warp.scheduler);
+}
+
 void lane_main() {
     const int lane = warp.current;
     warp.body();
     warp.state[lane] = LaneState::returned;
-    switch_to(warp.lanes[lane], warp.scheduler);  // never resumed
+    pass_on(lane);  // never resumed
 }
 
 // Called by a lane: publish the value, wait for the whole warp, return the source lane's value.
@@ -165,7 +181,7 @@ T shuffle(Shuffle kind, unsigned mask, T value, int delta, int width) {
     std::memcpy(warp.sent[lane], &value, sizeof(T));
     warp.call[lane] = ShuffleCall{kind, mask, delta, width, static_cast<int>(sizeof(T))};
     warp.state[lane] = LaneState::at_shuffle;
-    switch_to(warp.lanes[lane], warp.scheduler);
+    pass_on(lane);
     T result;
     std::memcpy(&result, warp.received[lane], sizeof(T));
     return result;
@@ -179,17 +195,15 @@ int source_lane(const ShuffleCall& call, int lane) {
 
 // Runs one warp (threads first_thread .. first_thread + 31 of the current block) to completion.
 bool run_warp(unsigned first_thread) {
+    warp.first_thread = first_thread;
     for (int lane = 0; lane < kWarpSize; ++lane) {
         start(warp.lanes[lane], warp.stacks + kStackBytes * lane);
         warp.state[lane] = LaneState::running;
     }
     for (;;) {
-        for (int lane = 0; lane < kWarpSize; ++lane) {
-            if (warp.state[lane] != LaneState::running) continue;
-            threadIdx.x = first_thread + lane;
-            warp.current = lane;
-            switch_to(warp.scheduler, warp.lanes[lane]);
-        }
+        threadIdx.x = first_thread;  // every lane is running: lane 0 starts, each hands on to the next
+        warp.current = 0;
+        switch_to(warp.scheduler, warp.lanes[0]);
         int waiting = 0;
         for (int lane = 0; lane < kWarpSize; ++lane) waiting += warp.state[lane] == LaneState::at_shuffle;
         if (waiting == 0) return true;
