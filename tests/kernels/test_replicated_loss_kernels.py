@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 import dualnet as dn
 from dualnet import losses
-from dualnet.kernels.cpu import replicated_loss as cpu
 from dualnet.kernels import cuda as cuda_package
+from dualnet.kernels.cpu import replicated_loss as cpu
 from dualnet.kernels.cuda import replicated_loss as cuda
 
 TOLERANCE = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=1e-5, atol=3e-5)}
