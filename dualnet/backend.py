@@ -96,6 +96,7 @@ def namespace(*arrays):
 
 
 def is_array(x):
+    """True for a NumPy or CuPy array."""
     return isinstance(x, numpy.ndarray) or type(x).__module__.startswith("cupy")
 
 

@@ -1,6 +1,12 @@
 """The same model, rule and runner code on the GPU (CuPy) as on the CPU (NumPy).
 
-Skipped unless ``dualnet.backend.cuda_available()`` (CuPy installed and ``cupy.is_available()``).
+On a GPU (``dualnet.backend.cuda_available()``: CuPy installed and ``cupy.is_available()``) these
+run on it.  Without CuPy they run against the test-only CuPy stand-in (``fake_cupy``; see
+docs/cuda_on_cpu.md): device arrays are NumPy arrays of a ``cupy`` type and the CUDA kernels run on
+the CPU under the warp emulation.  That proves the logic: the backend switch, arrays staying on the
+device, the launchers' argument passing, ``DUALNET_BACKEND=cupy``, checkpoints moving between
+devices; only a real GPU shows cuBLAS/cuRAND numbers, timing, memory and NVRTC.  They skip when
+CuPy is installed without a usable device, or without CuPy when no C++ compiler is found.
 
 * Estimates: for bp, fg-a, lg-fg-a, fg-w, dfa and fdfa on a tiny MLP (with BatchNorm and local
   heads) and a tiny LocalMixer, two consecutive steps from the same parameters, data and seeds
@@ -34,7 +40,7 @@ import pytest
 from dualnet import backend, models, rules
 from dualnet.train import Config, build_model, evaluate, load_checkpoint, prepare_data, train
 
-pytestmark = pytest.mark.skipif(not backend.cuda_available(), reason="no usable CUDA device (CuPy)")
+pytestmark = pytest.mark.usefixtures("cuda_device")
 
 RULES = ["bp", "fg-a", "lg-fg-a", "fg-w", "dfa", "fdfa"]
 MODELS = {
@@ -205,3 +211,20 @@ def test_cli_runs_on_the_gpu(tmp_path, how):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert json.load(open(tmp_path / "run" / "config.json"))["device"] == "cuda"
+
+
+def test_estimates_on_the_device_run_the_cuda_kernels(cupy, monkeypatch):
+    """LocalMixer's fused ops reach kernels/cuda on the device (not the references), so the
+    comparisons above hold the CUDA kernels to the Numba ones."""
+    from dualnet.kernels import cuda
+    launched = set()
+    for name in cuda.MODULES:
+        launcher = cuda.load(name)
+
+        def recording(module, kernel, dtype, function=launcher.function):
+            launched.add(kernel)
+            return function(module, kernel, dtype)
+        monkeypatch.setattr(launcher, "function", recording)
+    model, params, state, x, y = _problem("localmixer")
+    _two_steps(model, params, state, x, y, "lg-fg-a")
+    assert launched >= {"layer_norm_forward", "layer_norm_jacobian", "replica_tangent"}

@@ -6,7 +6,12 @@ kernel, dtype)``, which builds ``<name>.cu`` once per process with ``cupy.RawMod
 CuPy also caches the binary on disk).  Sources are self-contained (no headers) and define
 ``extern "C"`` kernels in float and double variants named ``<kernel>_f32`` / ``<kernel>_f64``.
 Launchers have exactly the signature and results of the CPU kernels and of the references in
-``dualnet`` they replace.  Adding a kernel module is one line in ``MODULES``.
+``dualnet`` they replace, and take their launch geometry from ``warp_grid`` / ``thread_grid``
+(pure functions: the kernels are grid-stride loops, correct for any grid).  Adding a kernel module
+is one line in ``MODULES``.
+
+Without a GPU, the sources and launchers run on the CPU under a C++ emulation of warps
+(docs/cuda_on_cpu.md): ``PYTHONPATH=$PWD python -m pytest tests/kernels/test_cuda_on_cpu.py``.
 """
 import functools
 import importlib
@@ -47,10 +52,29 @@ def function(name, kernel, dtype):
     return raw_module(name).get_function(f"{kernel}_{_SUFFIX[dtype]}")
 
 
+MAX_BLOCKS = 1 << 20
+"""Cap on the grid: the kernels' grid-stride loops cover any excess items."""
+
+
+def thread_grid(items):
+    """``(grid, block)`` for grid-stride kernels that give one thread to each of ``items``: enough
+    blocks of ``32 * WARPS_PER_BLOCK`` threads for all items, at least one, at most ``MAX_BLOCKS``.
+    A pure function of ``items`` (no CuPy), shared by the launchers and the CPU test harness."""
+    threads = 32 * WARPS_PER_BLOCK
+    blocks = max(1, min((items + threads - 1) // threads, MAX_BLOCKS))
+    return (blocks,), (threads,)
+
+
+def require(condition, op, message):
+    """Raise ``ValueError('kernels.cuda.<op>: <message>')`` unless ``condition``: launchers check
+    shapes before a launch, since a kernel given a wrong shape reads or writes out of bounds."""
+    if not condition:
+        raise ValueError(f"kernels.cuda.{op}: {message}")
+
+
 def warp_grid(items):
-    """``(grid, block)`` for kernels that give one warp to each of ``items`` (grid-stride safe)."""
-    blocks = max(1, min((items + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK, 1 << 20))
-    return (blocks,), (32 * WARPS_PER_BLOCK,)
+    """``(grid, block)`` for grid-stride kernels that give one warp (32 threads) to each of ``items``."""
+    return thread_grid(32 * items)
 
 
 def load(name):

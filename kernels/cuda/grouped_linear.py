@@ -6,7 +6,7 @@ the value and K tangents in one pass.
 """
 import numpy
 
-from . import function, warp_grid
+from . import function, require, warp_grid
 
 
 def normalize_epilogue(value, tangent, bias, bias_tangent, shift, shift_tangent, eps, relu, directions):
@@ -16,6 +16,13 @@ def normalize_epilogue(value, tangent, bias, bias_tangent, shift, shift_tangent,
     import cupy
     dtype = value.dtype
     groups, rows, width = value.shape
+    expected = ((groups, directions, rows, width), (groups, width), (directions, groups, width),
+                (rows, groups, width), (directions, rows, groups, width))
+    operands = (tangent, bias, bias_tangent, shift, shift_tangent)
+    names = ("tangent", "bias", "bias_tangent", "shift", "shift_tangent")
+    for name, array, shape in zip(names, operands, expected):
+        require(array is None or array.shape == shape or (directions == 0 and name.endswith("tangent")),
+                "grouped_linear.normalize_epilogue", f"{name} must be {shape}, got {getattr(array, 'shape', None)}")
     placeholder = cupy.zeros(1, dtype)
 
     def operand(array):
@@ -23,7 +30,7 @@ def normalize_epilogue(value, tangent, bias, bias_tangent, shift, shift_tangent,
     out = cupy.empty((rows, groups, width), dtype)
     out_tangent = cupy.empty((directions, rows, groups, width), dtype) if directions else placeholder
     sigma = cupy.empty((rows, groups, 1), dtype)
-    present = [numpy.int32(a is not None) for a in (tangent, bias, bias_tangent, shift, shift_tangent)]
+    present = [numpy.int32(a is not None) for a in operands]
     grid, block = warp_grid(rows * groups)
     function("grouped_linear", "normalize_epilogue", dtype)(
         grid, block,

@@ -5,7 +5,7 @@ Same contracts as ``dualnet.fused.reference_layer_norm_forward`` / ``reference_l
 """
 import numpy
 
-from . import function, warp_grid
+from . import function, require, warp_grid
 
 
 def layer_norm_forward(x, tangent, eps):
@@ -15,10 +15,12 @@ def layer_norm_forward(x, tangent, eps):
     width = x.shape[-1]
     rows = x.size // width
     directions = 0 if tangent is None else tangent.shape[0]
+    require(tangent is None or tangent.shape[1:] == x.shape, "layer_norm.layer_norm_forward",
+            f"tangent must be [K, *{x.shape}], got {getattr(tangent, 'shape', None)}")
     x = cupy.ascontiguousarray(x)
     tangent_rows = cupy.zeros(1, dtype) if tangent is None else cupy.ascontiguousarray(tangent, dtype=dtype)
     y = cupy.empty(x.shape, dtype)
-    y_tangent = cupy.empty((directions,) + x.shape, dtype) if directions else cupy.zeros(1, dtype)
+    y_tangent = cupy.zeros(1, dtype) if tangent is None else cupy.empty((directions,) + x.shape, dtype)
     sigma = cupy.empty(x.shape[:-1] + (1,), dtype)
     grid, block = warp_grid(rows)
     function("layer_norm", "layer_norm_forward", dtype)(
@@ -34,6 +36,9 @@ def layer_norm_jacobian(normalized, sigma, vectors):
     width = normalized.shape[-1]
     rows = normalized.size // width
     directions = vectors.shape[0]
+    require(vectors.shape[1:] == normalized.shape and sigma.shape == normalized.shape[:-1] + (1,),
+            "layer_norm.layer_norm_jacobian", f"normalized {normalized.shape}, sigma {sigma.shape} and vectors "
+                                              f"{vectors.shape} disagree (expected [..., c], [..., 1], [K, ..., c])")
     out = cupy.empty(vectors.shape, dtype)
     grid, block = warp_grid(directions * rows)
     function("layer_norm", "layer_norm_jacobian", dtype)(

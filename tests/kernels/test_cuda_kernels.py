@@ -1,6 +1,7 @@
 """CUDA kernels (dualnet.kernels.cuda) against the NumPy references, on the GPU.
 
-Skipped when ``dualnet.backend.cuda_available()`` is False.  Tolerances: float64 rtol = atol =
+On a GPU when ``dualnet.backend.cuda_available()``; otherwise on the CuPy stand-in, which runs
+the same sources on the CPU (``cuda_device`` fixture; docs/cuda_on_cpu.md).  Tolerances: float64 rtol = atol =
 1e-12; float32 rtol = atol = 1e-5.  Inputs are drawn on the host, the kernels run on CuPy
 arrays, and results are compared with the references evaluated by NumPy on the same data.
 """
@@ -12,7 +13,7 @@ import pytest
 import dualnet as dn
 from dualnet import backend, fused
 
-pytestmark = pytest.mark.skipif(not backend.cuda_available(), reason="no usable CUDA device (CuPy)")
+pytestmark = pytest.mark.usefixtures("cuda_device")
 
 TOLERANCE = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=1e-5, atol=1e-5)}
 DTYPES = [np.float64, np.float32]

@@ -2,7 +2,8 @@
 
 Tolerances: float64 to 1e-12 (same sums, different order); float32 to rtol 1e-5 / atol 3e-5
 for values of order sqrt(c) ≤ 6 (kernel and reference both sum in float32, in different
-orders).  CUDA tests skip without a usable GPU.
+orders).  CUDA tests run on a GPU, or without one on the CuPy stand-in (the same sources on the
+CPU; docs/cuda_on_cpu.md).
 """
 import shutil
 import subprocess
@@ -13,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dualnet as dn
-from dualnet import backend, losses
+from dualnet import losses
+from dualnet.kernels import cuda as cuda_package
 from dualnet.kernels.cpu import replicated_loss as cpu
 from dualnet.kernels.cuda import replicated_loss as cuda
 
@@ -127,18 +129,19 @@ def test_cuda_source_compiles_to_ptx(tmp_path):
     nvcc = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if shutil.which("/usr/local/bin/nvcc") else None)
     if nvcc is None:
         pytest.skip("nvcc not installed")
-    assert "#include" not in cuda.SOURCE.read_text()  # NVRTC: no host headers
+    source = cuda_package.SOURCE_DIR / "replicated_loss.cu"
+    assert "#include" not in source.read_text()  # NVRTC: no host headers
     ptx = tmp_path / "replicated_loss.ptx"
-    subprocess.run([nvcc, "--ptx", "-arch=sm_80", str(cuda.SOURCE), "-o", str(ptx)], check=True,
+    subprocess.run([nvcc, "--ptx", "-arch=sm_80", str(source), "-o", str(ptx)], check=True,
                    capture_output=True, timeout=120)
     entries = {line.split()[2].rstrip("(") for line in ptx.read_text().splitlines() if ".entry" in line}
     assert entries == {"replica_tangent_f32", "replica_tangent_f64", "replica_cotangent_f32", "replica_cotangent_f64"}
 
 
-needs_gpu = pytest.mark.skipif(not backend.cuda_available(), reason="no usable CUDA device (CuPy)")
+on_cuda_device = pytest.mark.usefixtures("cuda_device")  # a GPU, or the CuPy stand-in on the CPU
 
 
-@needs_gpu
+@on_cuda_device
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (3, 2, 5, 4, 37), (2, 4, 3, 16, 32)])
 def test_cuda_kernels_match_reference(rng, dtype, shape):
@@ -156,7 +159,7 @@ def test_cuda_kernels_match_reference(rng, dtype, shape):
     np.testing.assert_allclose(got.get(), losses.replica_cotangent_reference(cotangent, u, 0.37), **TOLERANCE[dtype])
 
 
-@needs_gpu
+@on_cuda_device
 def test_cuda_replicated_cross_entropy_matches_numpy(rng):
     import cupy
     x = rng.normal(size=(4, 3, 2, 5))
