@@ -248,4 +248,3 @@ class WeightPerturbation(Rule):
         if key[1] == "grouped":
             return d.sum(axis=(1, 2)) / n
         return d.reshape(k, -1).sum(axis=1) / n
-        return Estimate(grads, mean_value(trace.loss), trace.state)
