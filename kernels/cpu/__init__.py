@@ -19,6 +19,7 @@ MODULES = (
     "layer_norm",        # local layer norm: value + K tangents in one pass, Jacobian product (pull-back)
     "grouped_linear",    # epilogue after the grouped GEMMs: bias, layout, LN, shift, ReLU; value + K tangents
     "replicated_loss",   # replicated local losses: the replicas' directional derivatives, the vjp scatter
+    "gaussian",          # counter-based N(0, 1) draws (dualnet.noise): hash, ziggurat, per-position rejection
 )
 
 PARALLEL_MIN_ELEMENTS = 1 << 20
