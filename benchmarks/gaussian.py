@@ -1,0 +1,125 @@
+"""The counter-based Gaussian draw (dualnet.noise) against NumPy's, at FG-A sizes, on one thread.
+
+    python benchmarks/gaussian.py [--rounds 200] [--json out.json]
+
+Sizes: 2 × 128 × 512 = 131 072 numbers (LocalMixer M/1/16: two perturbed sites, batch 128) and
+3 × 128 × 800 = 307 200 (MLP 784-800-800-800-10: three hidden layers, batch 128), plus 2²⁰.
+Methods, each returning a fresh array like the others:
+
+* ``numpy``: ``numpy.random.default_rng(0).standard_normal(n, dtype)`` (PCG64 + ziggurat);
+* ``dualnet``: ``dualnet.noise.normal(key, n, dtype)`` (the Numba kernel, one thread);
+* ``reference``: the xp reference on NumPy (what CuPy runs; ``DUALNET_KERNELS=reference``).
+
+numpy and dualnet alternate within each round; a round's ratio is numpy's time over dualnet's, and
+the table gives the medians over rounds of times and ratios.  The reference is timed afterwards
+(its large temporaries, if interleaved, slowed NumPy's own draws by 1.3-2.7×).  The process re-executes itself
+with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset (as the other speed benchmarks run), and
+records the load average before and after, the thread pools (threadpoolctl) and the versions.
+Prints a markdown table to stderr and a JSON object to stdout.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+SIZES = {"M/1/16 FG-A (2x128x512)": 2 * 128 * 512, "MLP FG-A (3x128x800)": 3 * 128 * 800, "2^20": 1 << 20}
+UNSET = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def reexec_without_blas_overrides():
+    if any(name in os.environ for name in UNSET):
+        env = {k: v for k, v in os.environ.items() if k not in UNSET}
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
+def environment():
+    from threadpoolctl import threadpool_info
+    import numba
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+            "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
+            "numba": numba.__version__, "numba_threads": numba.get_num_threads(),
+            "llvm_cpu": __import__("llvmlite.binding", fromlist=["binding"]).get_host_cpu_name(),
+            "threadpools": [{k: pool.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
+                            for pool in threadpool_info()],
+            "blas_overrides_unset": all(name not in os.environ for name in UNSET)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--reference-rounds", type=int, default=10)
+    parser.add_argument("--json", help="also write the JSON result here")
+    args = parser.parse_args()
+    reexec_without_blas_overrides()
+
+    import dualnet  # noqa: F401  (binds dualnet.kernels)
+    from dualnet import noise
+
+    load_before = os.getloadavg()
+    noise.warm_up()
+    generator = np.random.default_rng(0)
+    key = noise.key(2026, 12, 2)
+
+    def reference(n, dtype):
+        return noise.reference_normal_flat(key, 0, n, dtype)
+
+    methods = {"numpy": lambda n, dtype: generator.standard_normal(n, dtype=dtype),
+               "dualnet": lambda n, dtype: noise.normal(key, n, dtype, xp=np)}
+    results = []
+    for label, n in SIZES.items():
+        for dtype in (np.float32, np.float64):
+            times = {name: [] for name in methods}
+            for _ in range(args.rounds):
+                for name, draw in methods.items():
+                    start = time.perf_counter()
+                    draw(n, dtype)
+                    times[name].append(time.perf_counter() - start)
+            ratios = np.array(times["numpy"]) / np.array(times["dualnet"])
+            results.append({"size": label, "n": n, "dtype": np.dtype(dtype).name,
+                            "median_ms": {name: 1e3 * float(np.median(t)) for name, t in times.items()},
+                            "median_speedup_over_numpy": float(np.median(ratios))})
+    # the reference last: its large temporaries change how the allocator serves the others' arrays
+    for entry in results:
+        dtype = np.dtype(entry["dtype"])
+        times = []
+        for _ in range(args.reference_rounds):
+            start = time.perf_counter()
+            noise.reference_normal_flat(key, 0, entry["n"], dtype)
+            times.append(time.perf_counter() - start)
+        entry["median_ms"]["reference"] = 1e3 * float(np.median(times))
+    load_after = os.getloadavg()
+    report = {"environment": environment(), "load_average_before": load_before, "load_average_after": load_after,
+              "rounds": args.rounds, "results": results}
+
+    print("| size | dtype | numpy ms | dualnet ms | speed-up | reference ms |", file=sys.stderr)
+    print("|---|---|---|---|---|---|", file=sys.stderr)
+    for e in results:
+        ms = e["median_ms"]
+        print(f"| {e['size']} | {e['dtype']} | {ms['numpy']:.3f} | {ms['dualnet']:.3f} | "
+              f"{e['median_speedup_over_numpy']:.2f}× | {ms['reference']:.2f} |", file=sys.stderr)
+    print(f"load average before {load_before}, after {load_after}", file=sys.stderr)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as handle:
+            handle.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
