@@ -8,10 +8,11 @@ Methods, each returning a fresh array like the others:
 
 * ``numpy``: ``numpy.random.default_rng(0).standard_normal(n, dtype)`` (PCG64 + ziggurat);
 * ``dualnet``: ``dualnet.noise.normal(key, n, dtype)`` (the Numba kernel, one thread);
+* ``numpy_out`` and ``dualnet_out``: the same two filling a preallocated array (``out=``);
 * ``reference``: the xp reference on NumPy (what CuPy runs; ``DUALNET_KERNELS=reference``).
 
-numpy and dualnet alternate within each round; a round's ratio is numpy's time over dualnet's, and
-the table gives the medians over rounds of times and ratios.  The reference is timed afterwards
+The four alternate within each round; a round's ratio is numpy's time over dualnet's (fresh
+arrays, or both with out=), and the table gives the medians over rounds of times and ratios.  The reference is timed afterwards
 (its large temporaries, if interleaved, slowed NumPy's own draws by 1.3-2.7×).  The process re-executes itself
 with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset (as the other speed benchmarks run), and
 records the load average before and after, the thread pools (threadpoolctl) and the versions.
@@ -79,21 +80,25 @@ def main():
     def reference(n, dtype):
         return noise.reference_normal_flat(key, 0, n, dtype)
 
-    methods = {"numpy": lambda n, dtype: generator.standard_normal(n, dtype=dtype),
-               "dualnet": lambda n, dtype: noise.normal(key, n, dtype, xp=np)}
+    methods = {"numpy": lambda n, dtype, out: generator.standard_normal(n, dtype=dtype),
+               "dualnet": lambda n, dtype, out: noise.normal(key, n, dtype, xp=np),
+               "numpy_out": lambda n, dtype, out: generator.standard_normal(n, dtype=dtype, out=out),
+               "dualnet_out": lambda n, dtype, out: noise.normal(key, n, out=out)}
     results = []
     for label, n in SIZES.items():
         for dtype in (np.float32, np.float64):
+            out = np.empty(n, dtype)
             times = {name: [] for name in methods}
             for _ in range(args.rounds):
                 for name, draw in methods.items():
                     start = time.perf_counter()
-                    draw(n, dtype)
+                    draw(n, dtype, out)
                     times[name].append(time.perf_counter() - start)
-            ratios = np.array(times["numpy"]) / np.array(times["dualnet"])
+            times = {name: np.array(t) for name, t in times.items()}
             results.append({"size": label, "n": n, "dtype": np.dtype(dtype).name,
                             "median_ms": {name: 1e3 * float(np.median(t)) for name, t in times.items()},
-                            "median_speedup_over_numpy": float(np.median(ratios))})
+                            "median_speedup_over_numpy": float(np.median(times["numpy"] / times["dualnet"])),
+                            "median_speedup_over_numpy_out": float(np.median(times["numpy_out"] / times["dualnet_out"]))})
     # the reference last: its large temporaries change how the allocator serves the others' arrays
     for entry in results:
         dtype = np.dtype(entry["dtype"])
@@ -107,12 +112,14 @@ def main():
     report = {"environment": environment(), "load_average_before": load_before, "load_average_after": load_after,
               "rounds": args.rounds, "results": results}
 
-    print("| size | dtype | numpy ms | dualnet ms | speed-up | reference ms |", file=sys.stderr)
-    print("|---|---|---|---|---|---|", file=sys.stderr)
+    print("| size | dtype | numpy ms | dualnet ms | speed-up | speed-up, both with out= | reference ms |",
+          file=sys.stderr)
+    print("|---|---|---|---|---|---|---|", file=sys.stderr)
     for e in results:
         ms = e["median_ms"]
         print(f"| {e['size']} | {e['dtype']} | {ms['numpy']:.3f} | {ms['dualnet']:.3f} | "
-              f"{e['median_speedup_over_numpy']:.2f}× | {ms['reference']:.2f} |", file=sys.stderr)
+              f"{e['median_speedup_over_numpy']:.2f}× | {e['median_speedup_over_numpy_out']:.2f}× | "
+              f"{ms['reference']:.2f} |", file=sys.stderr)
     print(f"load average before {load_before}, after {load_after}", file=sys.stderr)
     text = json.dumps(report, indent=1)
     print(text)

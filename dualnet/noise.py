@@ -265,11 +265,12 @@ def _tables(xp, dtype):
     return _DEVICE_TABLES[name]
 
 
-def reference_normal_flat(k, offset, size, dtype, xp=numpy):
+def reference_normal_flat(k, offset, size, dtype, xp=numpy, out=None):
     """Numbers ``offset, ..., offset + size − 1`` of the standard-normal stream of key ``k``.
 
     k: int in [0, 2⁶⁴); offset ≥ 0; size ≥ 0; dtype float32/float64.  Returns a 1-D array
-    [size] of ``dtype`` on ``xp``; element j is N(0, 1) number ``offset + j`` of key k.
+    [size] of ``dtype`` on ``xp`` (``out`` when given, filled); element j is N(0, 1) number
+    ``offset + j`` of key k.
     """
     dtype = check_dtype(dtype, "reference_normal_flat")
     offset = check_span(offset, size, "reference_normal_flat")
@@ -287,49 +288,67 @@ def reference_normal_flat(k, offset, size, dtype, xp=numpy):
     m = (raw >> xp.uint64((64 if bits == 52 else 32) - bits)).astype(xp.int64)  # the bits above the sign
     width, limit = _tables(xp, dtype)
     x = m.astype(dtype) * width[layer]
-    out = xp.where(negative, -x, x)
+    values = xp.where(negative, -x, x)
     rejected = xp.nonzero(m >= limit[layer])[0]
     if rejected.shape[0]:
         scale = xp.asarray(WIDTH52 if bits == 52 else WIDTH23)
         first_x = m[rejected].astype(xp.float64) * scale[layer[rejected]]
         positions = rejected.astype(xp.uint64) + xp.uint64(offset)
-        out[rejected] = _reference_slow(xp, k, positions, layer[rejected], negative[rejected],
-                                        first_x).astype(dtype)
+        values[rejected] = _reference_slow(xp, k, positions, layer[rejected], negative[rejected],
+                                           first_x).astype(dtype)
+    if out is None:
+        return values
+    out[...] = values
     return out
 
 
 # ---------------------------------------------------------------------------------------
 # public draws
 # ---------------------------------------------------------------------------------------
-def _flat(k, offset, size, dtype, xp, caller):
-    dtype = check_dtype(dtype, caller)
+def _flat(k, offset, shape, dtype, xp, out, caller):
+    """The draw for ``normal``/``normal_rows``: checks, then the kernel (NumPy) or the reference."""
+    shape = _shape(shape, caller)
+    if out is not None:
+        if tuple(out.shape) != shape:
+            raise ValueError(f"noise.{caller}: out has shape {tuple(out.shape)}, expected {shape}")
+        if dtype is not None and numpy.dtype(dtype) != out.dtype:
+            raise ValueError(f"noise.{caller}: out has dtype {out.dtype}, but dtype={numpy.dtype(dtype)} was asked")
+        if not out.flags.c_contiguous:
+            raise ValueError(f"noise.{caller}: out must be C-contiguous")
+        dtype, xp = out.dtype, backend.namespace(out)
+    dtype = check_dtype(numpy.float32 if dtype is None else dtype, caller)
+    size = math.prod(shape)
     offset = check_span(offset, size, caller)
     k = as_key(k)
     xp = backend.xp if xp is None else xp
+    flat = None if out is None else out.reshape(-1)
     if xp is numpy and backend.kernels_mode() == "auto" and cpu_kernels.available():
-        return cpu_kernels.load("gaussian").normal_flat(k, offset, size, dtype)
-    return reference_normal_flat(k, offset, size, dtype, xp)
+        flat = cpu_kernels.load("gaussian").normal_flat(k, offset, size, dtype, flat)
+    else:
+        flat = reference_normal_flat(k, offset, size, dtype, xp, flat)
+    return flat.reshape(shape) if out is None else out
 
 
-def normal(k, shape, dtype=numpy.float32, *, offset=0, xp=None):
+def normal(k, shape, dtype=None, *, offset=0, xp=None, out=None):
     """A standard-normal array of ``shape``, a pure function of (key, position).
 
     Element with C-order flat index j is number ``offset + j`` of key ``k``'s stream, so
     ``normal(k, S, offset=o)`` equals ``normal(k, (o + prod(S),))[o:].reshape(S)``.
     k: an int in [0, 2⁶⁴) or a tuple of such ints (folded by ``key``); shape: int or tuple;
-    dtype float32 (default) or float64; offset ≥ 0 (positions stay below 2⁶²); xp: NumPy or CuPy
-    (default: the active backend).  NumPy arrays come from the Numba kernel when available.
+    dtype float32 or float64 (default: float32, or out's dtype); offset ≥ 0 (positions stay
+    below 2⁶²); xp: NumPy or CuPy (default: the active backend, or out's); out: a C-contiguous
+    array of ``shape`` to fill and return.  NumPy arrays come from the Numba kernel when available.
     """
-    shape = _shape(shape, "normal")
-    return _flat(k, offset, math.prod(shape), dtype, xp, "normal").reshape(shape)
+    return _flat(k, offset, shape, dtype, xp, out, "normal")
 
 
-def normal_rows(k, shape, start, stop, dtype=numpy.float32, *, xp=None):
+def normal_rows(k, shape, start, stop, dtype=None, *, xp=None, out=None):
     """Rows ``start:stop`` of the conceptual array ``normal(k, shape)``, drawn alone.
 
-    shape = (N, ...): the full array's shape; 0 ≤ start ≤ stop ≤ N.  Returns
-    [stop − start, *shape[1:]], equal to ``normal(k, shape)[start:stop]`` (e.g. one data-parallel
-    rank's shard of the examples of a per-example noise draw).
+    shape = (N, ...): the full array's shape; 0 ≤ start ≤ stop ≤ N.  Returns (or fills ``out``
+    with) [stop − start, *shape[1:]], equal to ``normal(k, shape)[start:stop]`` — e.g. one
+    data-parallel rank's shard of the examples of a per-example noise draw.  dtype, xp, out as
+    in ``normal``.
     """
     shape = _shape(shape, "normal_rows")
     if not shape:
@@ -338,7 +357,7 @@ def normal_rows(k, shape, start, stop, dtype=numpy.float32, *, xp=None):
     if not 0 <= start <= stop <= shape[0]:
         raise ValueError(f"noise.normal_rows: need 0 <= start <= stop <= {shape[0]}, got {start}:{stop}")
     row = math.prod(shape[1:])
-    return normal(k, (stop - start,) + shape[1:], dtype, offset=start * row, xp=xp)
+    return _flat(k, start * row, (stop - start,) + shape[1:], dtype, xp, out, "normal_rows")
 
 
 def warm_up(dtypes=("float32", "float64")):

@@ -195,6 +195,28 @@ def test_deterministic_across_calls_and_paths(dtype, monkeypatch):
     assert not np.array_equal(a, noise.normal((4, 2, 1), (64, 33), dtype))
 
 
+@pytest.mark.parametrize("mode", ["auto", "reference"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_out_is_filled_in_place(dtype, mode, monkeypatch):
+    monkeypatch.setenv("DUALNET_KERNELS", mode)
+    directions, shape = 3, (40, 17)
+    buffer = np.full((directions, 10, 17), np.nan, dtype)
+    for d in range(directions):  # each direction's shard written straight into its slot
+        slot = buffer[d]
+        assert noise.normal_rows((6, d), shape, 5, 15, out=slot) is slot
+        np.testing.assert_array_equal(buffer[d], noise.normal((6, d), shape, dtype)[5:15])
+    whole = np.empty(shape, dtype)
+    assert noise.normal(6, shape, out=whole, offset=2) is whole
+    np.testing.assert_array_equal(whole, noise.normal(6, shape, dtype, offset=2))
+    with pytest.raises(ValueError, match="out has shape"):
+        noise.normal(6, (40, 16), out=whole)
+    other = np.float64 if dtype == np.float32 else np.float32
+    with pytest.raises(ValueError, match="out has dtype"):
+        noise.normal(6, shape, other, out=whole)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        noise.normal(6, (40, 9), out=whole[:, ::2])
+
+
 def test_pinned_values():
     """The stream is part of the on-disk reproducibility contract: these numbers must never change."""
     np.testing.assert_array_equal(noise.normal((0,), 4, np.float64), PINNED64)
@@ -265,6 +287,14 @@ def test_sign_and_layer_are_balanced(sample):
     edges = scipy_stats.norm.ppf(0.5 + 0.5 * np.arange(1, 64) / 64)
     counts = np.bincount(np.searchsorted(edges, np.abs(sample)), minlength=64)
     assert scipy_stats.chisquare(counts).pvalue > KS_P
+
+
+def test_adjacent_pairs_are_jointly_uniform(sample):
+    """(Φ(x_p), Φ(x_p+1)) over 16 × 16 equal cells: a χ² test of independence beyond correlation."""
+    cells = np.minimum((scipy_stats.norm.cdf(sample) * 16).astype(int), 15)
+    for first, second in ((cells[0::2], cells[1::2]), (cells[1:-1:2], cells[2::2])):  # within and across words
+        counts = np.bincount(first * 16 + second, minlength=256)
+        assert scipy_stats.chisquare(counts).pvalue > KS_P
 
 
 def correlation_bound(n):

@@ -165,14 +165,18 @@ def _fill64(k, offset, out, width, limit, density):
                                      density, width, limit)
 
 
-def normal_flat(k, offset, size, dtype):
-    """Numbers ``offset, ..., offset + size − 1`` of key k's N(0, 1) stream: a 1-D array [size] of dtype.
+def normal_flat(k, offset, size, dtype, out=None):
+    """Numbers ``offset, ..., offset + size − 1`` of key k's N(0, 1) stream: a 1-D array [size] of
+    dtype (``out``, a contiguous 1-D array of that size and dtype, when given).
 
     Same contract and results as ``dualnet.noise.reference_normal_flat`` on NumPy.
     """
     dtype = noise.check_dtype(dtype, "normal_flat")
     offset = noise.check_span(offset, size, "normal_flat")
-    out = np.empty(size, dtype)
+    if out is None:
+        out = np.empty(size, dtype)
+    elif out.shape != (size,) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"normal_flat: out must be a contiguous [{size}] {dtype} array")
     k = np.uint64(noise.stream_key(noise.as_key(k), dtype))
     if dtype == np.float32:
         _fill32(k, np.int64(offset), out, _W32, _K32, noise.WIDTH23, noise.DENSITY, _W64, _K64)
