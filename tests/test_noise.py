@@ -355,6 +355,15 @@ def test_kernel_is_registered_and_warms_up():
     noise.warm_up()
 
 
+def test_training_warm_up_leaves_every_registered_kernel_cached():
+    """The runner says "compiling the Numba kernels once" unless ``cpu.cached()``; after the warm-up it
+    runs (``backend.warm_up_kernels``) that must hold, so the message is printed on the first run only."""
+    from dualnet.kernels import cpu
+    kernel()
+    backend.warm_up_kernels(("float32",))
+    assert cpu.cached()
+
+
 @pytest.mark.skipif(not backend.cuda_available(), reason="no usable CUDA device (CuPy)")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_reference_on_cupy_matches_numpy(dtype):
