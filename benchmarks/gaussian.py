@@ -11,6 +11,10 @@ Methods, each returning a fresh array like the others:
 * ``numpy_out`` and ``dualnet_out``: the same two filling a preallocated array (``out=``);
 * ``reference``: the xp reference on NumPy (what CuPy runs; ``DUALNET_KERNELS=reference``).
 
+A last measurement puts the draws inside an FG-A-shaped chain of GEMMs (``gemm_chain``), with
+OpenBLAS on its configured threads and on one; it is only meaningful on an idle machine (with
+two BLAS threads on a busy 2-core machine the GEMMs themselves slow down several-fold).
+
 The four alternate within each round; a round's ratio is numpy's time over dualnet's (fresh
 arrays, or both with out=), and the table gives the medians over rounds of times and ratios.  The reference is timed afterwards
 (its large temporaries, if interleaved, slowed NumPy's own draws by 1.3-2.7×).  The process re-executes itself
@@ -61,6 +65,38 @@ def environment():
             "blas_overrides_unset": all(name not in os.environ for name in UNSET)}
 
 
+def gemm_chain(noise, rounds):
+    """The draws inside an FG-A-shaped step of the MLP 784-800-800-800 (batch 128, float32): per
+    layer the GEMMs z = hW, a tangent product hW + u with u the layer's [128, 800] noise, and an
+    update product hᵀ(·).  The same chain runs with NumPy's
+    draw, dualnet's, and np.zeros in place of the draw (the baseline), interleaved; a draw's cost
+    is the chain's median time minus the baseline's."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((128, 784)).astype(np.float32)
+    weights = [(rng.standard_normal(shape) * 0.03).astype(np.float32) for shape in
+               [(784, 800), (800, 800), (800, 800)]]
+    generator = np.random.default_rng(1)
+    draws = {"numpy": lambda site, shape: generator.standard_normal(shape, dtype=np.float32),
+             "dualnet": lambda site, shape: noise.normal((1, 7, site), shape, np.float32),
+             "zeros": lambda site, shape: np.zeros(shape, np.float32)}
+
+    def step(draw):
+        h = x
+        for site, w in enumerate(weights):
+            z = h @ w
+            tangent = h @ w + draw(site, z.shape)
+            h = np.maximum(z, 0)
+            h.T @ tangent
+    times = {name: [] for name in draws}
+    for _ in range(rounds):
+        for name, draw in draws.items():
+            start = time.perf_counter()
+            step(draw)
+            times[name].append(time.perf_counter() - start)
+    median = {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+    return {"median_ms": median, "draw_ms": {name: median[name] - median["zeros"] for name in ("numpy", "dualnet")}}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=200)
@@ -108,9 +144,13 @@ def main():
             noise.reference_normal_flat(key, 0, entry["n"], dtype)
             times.append(time.perf_counter() - start)
         entry["median_ms"]["reference"] = 1e3 * float(np.median(times))
+    from threadpoolctl import threadpool_limits
+    in_step = {"blas_threads_default": gemm_chain(noise, args.rounds)}
+    with threadpool_limits(limits=1, user_api="blas"):
+        in_step["blas_threads_1"] = gemm_chain(noise, args.rounds)
     load_after = os.getloadavg()
     report = {"environment": environment(), "load_average_before": load_before, "load_average_after": load_after,
-              "rounds": args.rounds, "results": results}
+              "rounds": args.rounds, "results": results, "in_gemm_chain": in_step}
 
     print("| size | dtype | numpy ms | dualnet ms | speed-up | speed-up, both with out= | reference ms |",
           file=sys.stderr)
@@ -120,6 +160,11 @@ def main():
         print(f"| {e['size']} | {e['dtype']} | {ms['numpy']:.3f} | {ms['dualnet']:.3f} | "
               f"{e['median_speedup_over_numpy']:.2f}× | {e['median_speedup_over_numpy_out']:.2f}× | "
               f"{ms['reference']:.2f} |", file=sys.stderr)
+    for threads, chain in in_step.items():
+        ms = chain["median_ms"]
+        print(f"GEMM chain, {threads}: no draw {ms['zeros']:.2f} ms, NumPy draws {ms['numpy']:.2f} ms, dualnet "
+              f"draws {ms['dualnet']:.2f} ms; the draws cost {chain['draw_ms']['numpy']:.2f} vs "
+              f"{chain['draw_ms']['dualnet']:.2f} ms", file=sys.stderr)
     print(f"load average before {load_before}, after {load_after}", file=sys.stderr)
     text = json.dumps(report, indent=1)
     print(text)

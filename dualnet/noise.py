@@ -14,7 +14,8 @@ below, rejections included, runs on k₃₂ for float32), so the two dtypes draw
 
 Normals.  A 256-layer ziggurat (Marsaglia & Tsang 2000) for the unnormalised density
 f(x) = exp(−x²/2), base-strip edge r = 3.6541528853610088.  From the bits: layer ``i`` = low 8
-bits, sign = bit 8, ``m`` = the next 52 (float64) or 23 (float32) bits, ``x = m·X[i]·2^-bits``.
+bits, sign = bit 8, ``m`` = the top 52 bits of the word (float64) or the 23 bits above the sign
+of the half-word (float32), ``x = m·X[i]·2^-bits``.
 If ``m < K[i]`` (x is inside the layer's rectangle under f, ≈ 98.5% of draws) the number is
 ``±x``.  Otherwise (the wedge or, for layer 0, the tail beyond r) the standard ziggurat
 continuation runs in float64 on a second family of words ``S(p, t) = H(subkey(k, t), p)``,
@@ -218,7 +219,7 @@ def _uniform(xp, words):
 
 def _reference_slow(xp, k, positions, layer, negative, x):
     """Finish rejected draws (see the module docstring); all arrays [n], x float64. Returns float64 [n]."""
-    edges, density = xp.asarray(EDGES), xp.asarray(DENSITY)
+    density = xp.asarray(DENSITY)
     width, limit = xp.asarray(WIDTH52), xp.asarray(TABLES[numpy.dtype(numpy.float64)][1])
     result = xp.empty(positions.shape[0], dtype=xp.float64)
     t = xp.zeros(positions.shape[0], dtype=xp.uint64)
@@ -258,7 +259,8 @@ _DEVICE_TABLES = {}
 
 
 def _tables(xp, dtype):
-    name = (xp.__name__, dtype)
+    """(W, K) of ``dtype`` as arrays of ``xp`` (on CuPy: on the current device), cached."""
+    name = (xp.__name__, dtype, None if xp is numpy else xp.cuda.runtime.getDevice())
     if name not in _DEVICE_TABLES:
         width, limit = TABLES[dtype]
         _DEVICE_TABLES[name] = (xp.asarray(width), xp.asarray(limit))
