@@ -11,6 +11,10 @@ loop turns each word (float64) or 32-bit half-word (float32) into ±m·W[i] and 
 draws outside their layer's rectangle, and those few finish on the scalar wedge/tail path, which
 reads only their own position's rejection sub-streams.  One thread: the draw runs inside a
 training step whose other core is busy with BLAS.
+
+The constants of ``dualnet.noise`` (γ, the mixers, r) are compiled into Numba's cached machine
+code, whose cache tracks this file only: they are fixed by design (the stream is pinned by
+tests), and changing one there means touching this file too.
 """
 import math
 import sys
