@@ -16,9 +16,9 @@ OpenBLAS on its configured threads and on one; it is only meaningful on an idle 
 two BLAS threads on a busy 2-core machine the GEMMs themselves slow down several-fold).
 
 The four alternate within each round; a round's ratio is numpy's time over dualnet's (fresh
-arrays, or both with out=), and the table gives the medians over rounds of times and ratios.  The reference is timed afterwards
-(its large temporaries, if interleaved, slowed NumPy's own draws by 1.3-2.7×).  The process re-executes itself
-with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset (as the other speed benchmarks run), and
+arrays, or both with out=), and the table gives the medians over rounds of times and ratios.
+The reference is timed afterwards (its large temporaries, if interleaved, slowed NumPy's own
+draws by 1.3-2.7×).  The process re-executes itself with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset (as the other speed benchmarks run), and
 records the load average before and after, the thread pools (threadpoolctl) and the versions.
 Prints a markdown table to stderr and a JSON object to stdout.
 """
@@ -44,8 +44,8 @@ def reexec_without_blas_overrides():
 
 
 def environment():
-    from threadpoolctl import threadpool_info
     import numba
+    from threadpoolctl import threadpool_info
     cpu = platform.processor()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -134,7 +134,8 @@ def main():
             results.append({"size": label, "n": n, "dtype": np.dtype(dtype).name,
                             "median_ms": {name: 1e3 * float(np.median(t)) for name, t in times.items()},
                             "median_speedup_over_numpy": float(np.median(times["numpy"] / times["dualnet"])),
-                            "median_speedup_over_numpy_out": float(np.median(times["numpy_out"] / times["dualnet_out"]))})
+                            "median_speedup_over_numpy_out":
+                                float(np.median(times["numpy_out"] / times["dualnet_out"]))})
     # the reference last: its large temporaries change how the allocator serves the others' arrays
     for entry in results:
         dtype = np.dtype(entry["dtype"])
