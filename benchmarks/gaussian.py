@@ -18,7 +18,8 @@ two BLAS threads on a busy 2-core machine the GEMMs themselves slow down several
 The four alternate within each round; a round's ratio is numpy's time over dualnet's (fresh
 arrays, or both with out=), and the table gives the medians over rounds of times and ratios.
 The reference is timed afterwards (its large temporaries, if interleaved, slowed NumPy's own
-draws by 1.3-2.7×).  The process re-executes itself with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset (as the other speed benchmarks run), and
+draws by 1.3-2.7×).  The process re-executes itself with OPENBLAS_CORETYPE and
+OPENBLAS_L2_SIZE unset (as the other speed benchmarks run), and
 records the load average before and after, the thread pools (threadpoolctl) and the versions.
 Prints a markdown table to stderr and a JSON object to stdout.
 """
