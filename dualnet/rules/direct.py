@@ -20,7 +20,7 @@ from ..nn import init as initialisers
 from ..nn.plan import Plan
 from ..optim import Adam
 from .base import Estimate, Rule, mean_value, output_error, stream_rng
-from .forward import _gaussian, _tangent
+from .forward import _tangent, example_noise
 
 
 class DirectFeedback(Rule):
@@ -59,7 +59,7 @@ class DirectFeedback(Rule):
         """B_l before any learning: zero (DKP and FDFA learn it)."""
         return numpy.zeros((classes, units), dtype)
 
-    def perturbation(self, rng):
+    def perturbation(self, rng, batch):
         """The plan's ``perturb`` for the forward pass (None: a plain pass)."""
         return None
 
@@ -78,7 +78,7 @@ class DirectFeedback(Rule):
         return key
 
     def estimate(self, model, params, x, labels, rng, state, batch):
-        trace = model.forward(params, x, labels, Plan(perturb=self.perturbation(rng)), state)
+        trace = model.forward(params, x, labels, Plan(perturb=self.perturbation(rng, batch)), state)
         error = output_error(trace.logits, labels)
         classes = error.shape[1]
         grads = model.readout_grads(trace, error)
@@ -138,10 +138,8 @@ class FDFA(DirectFeedback):
         super().__init__(adam, feedback_lr, diagnostics)
         self.alpha, self.directions = alpha, directions
 
-    def perturbation(self, rng):
-        k = self.directions
-        return lambda site: (_gaussian(rng, k, site.shape, site.dtype)
-                             if site.kind == "post" and site.name != "block" else None)
+    def perturbation(self, rng, batch):
+        return example_noise(rng, batch, self.directions, "post")
 
     def learn_before_use(self, key, point, trace, batch):
         k, classes, n = self.directions, self.state[key].shape[0], point.h.shape[0]

@@ -23,9 +23,7 @@ exact gradients from their own layer alone ("always backprop" for the last layer
 """
 import zlib
 
-import numpy
-
-from .. import backend
+from .. import backend, noise
 from ..dual import Dual
 from ..nn.layers import value_of
 from ..nn.plan import Plan, Site
@@ -45,14 +43,24 @@ def _gaussian(rng, k, shape, dtype):
     return rng.standard_normal((k,) + tuple(shape), dtype=dtype)
 
 
-def _seeded_noise(seed, k, kind):
-    """FG-A's draw with one seed per site (block, layer name): a site's noise can be drawn again
-    identically, so it need not be kept."""
+def example_noise(rng, batch, k, kind):
+    """site -> per-example noise [K, *site.shape] at the sites of ``kind`` (None elsewhere), keyed
+    by what it perturbs: direction j of the example in row n of the step's whole batch, at site
+    (block, layer), is row n of ``noise.normal(key(step, block, layer, j), (N,) + unit shape)``,
+    N = ``batch.total``.  A data-parallel shard draws exactly its rows of the single-process
+    draw, and drawing a site again gives the same noise (FG-A's ``memory='recompute'``)."""
+    step = int(rng.integers(0, 2 ** 63 - 1))  # the step's generator is the same on every rank
+
     def draw(site):
         if site.kind != kind or site.name == "block":
             return None
-        entropy = numpy.random.SeedSequence((seed, site.block, zlib.crc32(site.name.encode())))
-        return _gaussian(backend.rng(int(entropy.generate_state(1)[0])), k, site.shape, site.dtype)
+        rows, units = site.shape[0], tuple(site.shape[1:])
+        out = backend.xp.empty((k,) + tuple(site.shape), dtype=site.dtype)
+        layer = zlib.crc32(site.name.encode())
+        for j in range(k):
+            noise.normal_rows(noise.key(step, site.block, layer, j), (batch.total,) + units, batch.start,
+                              batch.start + rows, out=out[j])
+        return out
     return draw
 
 
@@ -126,7 +134,7 @@ class ActivityPerturbation(Rule):
 
     def estimate(self, model, params, x, labels, rng, state, batch):
         n, recompute = len(labels), self.memory == "recompute"
-        sample = self._sampler(rng)
+        sample = example_noise(rng, batch, self.directions, self.site)
         if self.contrastive:
             sample = _same_for_both_views(sample)
         plan = _plan(self.local, self.contrastive, self.temperature, perturb=sample,
@@ -155,14 +163,6 @@ class ActivityPerturbation(Rule):
                 grads.update(layer_grads(point, point.u_pre if self.site == "pre" else point.u_post))
         grads.update(_head_grads(model, params, trace, labels, self.local, self.contrastive, self.temperature))
         return Estimate(grads, mean_value(trace.loss), trace.state)
-
-    def _sampler(self, rng):
-        """site -> noise [K, *site.shape] at this rule's sites (None elsewhere); 'recompute' draws
-        each site from its own seed so that the second pass can draw it again."""
-        if self.memory == "recompute":
-            return _seeded_noise(int(rng.integers(0, 2 ** 63 - 1)), self.directions, self.site)
-        return lambda site: (_gaussian(rng, self.directions, site.shape, site.dtype)
-                             if site.kind == self.site and site.name != "block" else None)
 
     def _loss_derivatives(self, model, plan, trace, block):
         """d [K, N] (or replicas [K, N, P, G]) that block ``block``'s noise reaches."""

@@ -30,7 +30,7 @@ MODELS = {
     "localmixer": dict(model="localmixer", model_options={"config": "S/1/1", "channels": 8, "blocks": 2,
                                                           "groups": 2, "patches": 2}),
 }
-RULES = ["bp", "lg-bp", "fa", "lg-fa", "dfa", "dkp", "fdfa", "fg-w", "lg-fg-w"]
+RULES = ["bp", "lg-bp", "fa", "lg-fa", "dfa", "dkp", "fdfa", "fg-w", "lg-fg-w", "fg-a", "lg-fg-a"]
 
 
 def base(out):
