@@ -43,16 +43,17 @@ def _gaussian(rng, k, shape, dtype):
     return rng.standard_normal((k,) + tuple(shape), dtype=dtype)
 
 
-def example_noise(rng, batch, k, kind):
-    """site -> per-example noise [K, *site.shape] at the sites of ``kind`` (None elsewhere), keyed
-    by what it perturbs: direction j of the example in row n of the step's whole batch, at site
-    (block, layer), is row n of ``noise.normal(key(step, block, layer, j), (N,) + unit shape)``,
-    N = ``batch.total``.  A data-parallel shard draws exactly its rows of the single-process
-    draw, and drawing a site again gives the same noise (FG-A's ``memory='recompute'``)."""
+def example_noise(rng, batch, k, kind, layers="hidden"):
+    """site -> per-example noise [K, *site.shape] at the sites of ``kind`` (None elsewhere; with
+    ``layers='hidden'`` not at the block-level 'block' sites), keyed by what it perturbs: direction
+    j of the example in row n of the step's whole batch, at site (block, layer), is row n of
+    ``noise.normal(key(step, block, layer, j), (N,) + unit shape)``, N = ``batch.total``.  A
+    data-parallel shard draws exactly its rows of the single-process draw, and drawing a site
+    again gives the same noise (FG-A's ``memory='recompute'``)."""
     step = int(rng.integers(0, 2 ** 63 - 1))  # the step's generator is the same on every rank
 
     def draw(site):
-        if site.kind != kind or site.name == "block":
+        if site.kind != kind or (layers == "hidden" and site.name == "block"):
             return None
         rows, units = site.shape[0], tuple(site.shape[1:])
         out = backend.xp.empty((k,) + tuple(site.shape), dtype=site.dtype)

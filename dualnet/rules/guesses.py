@@ -77,7 +77,7 @@ from ..nn.layers import layer_norm, linear, value_of
 from ..nn.model import ParamSpec
 from ..nn.plan import Context, Plan
 from .base import Estimate, Rule, mean_value
-from .forward import _gaussian, _head_grads, _tangent
+from .forward import _batch_means, _gaussian, _head_grads, _tangent, example_noise
 
 GUESSES = ("gaussian", "rademacher", "local", "ntk", "fixed-ntk")
 RANDOM_GUESSES = ("gaussian", "rademacher")
@@ -126,6 +126,12 @@ def _weight_projection(guess, derivative, eps, normalised):
     squared_norm = sum(float((g * g).sum()) for g in guess.values())
     scale = _scale(derivative, squared_norm, eps, normalised)
     return {name: scale * g for name, g in guess.items()}
+
+
+def _signs(gaussian):
+    """Rademacher ±1 from Gaussian draws: the sign of a standard normal is +1 or −1 with
+    probability 1/2 each."""
+    return (1 - 2 * (gaussian < 0)).astype(gaussian.dtype)
 
 
 def random_guess(kind, rng, shape, dtype):
@@ -385,13 +391,18 @@ class GradientGuess(Rule):
         if self.guess not in RANDOM_GUESSES:  # guesses from aux nets need the activations first
             primal = model.forward(params, x, labels, Plan(record_points=False), state)
             values = self._block_values(model, x, primal)
+        if self.projection == "span" and batch.stop - batch.start != batch.total:
+            raise ValueError("guess: projection='span' projects every target on the span of the whole batch's "
+                             "guesses, which a shard does not hold; it cannot run data-parallel (use 'sample')")
         if self.space == "activity":
-            grads, trace = self._activity(model, params, x, labels, rng, state, values)
+            grads, trace = self._activity(model, params, x, labels, rng, state, values, batch)
+            batch_wide = frozenset()
         else:
-            grads, trace = self._weight(model, params, x, labels, rng, state, values)
+            grads, trace = self._weight(model, params, x, labels, rng, state, values, batch)
+            batch_wide = frozenset(grads)
         grads.update(_head_grads(model, params, trace, labels, model.has_local_heads))
-        self._train_aux(model, params, [value_of(h) for h in trace.outputs], labels)
-        return Estimate(grads, mean_value(trace.loss), trace.state)
+        self._train_aux(model, params, [value_of(h) for h in trace.outputs], labels, batch)
+        return Estimate(grads, mean_value(trace.loss), trace.state, batch_wide=batch_wide)
 
     @staticmethod
     def _block_values(model, x, trace):
@@ -412,27 +423,29 @@ class GradientGuess(Rule):
         net = self._trained_net(model, params, j, value_of(trace.outputs[j]))
         return _tangent(net(trace.outputs[j], labels), directions)
 
-    def _activity_estimate(self, k, guess, derivatives, row):
+    def _activity_estimate(self, k, guess, derivatives, row, batch):
         """The estimate [N, ...] of block k's per-example targets from the pass's derivatives [K, N]."""
         if self.projection == "span":
             return span_projection(guess, derivatives)
-        if self._coupled[k]:  # only the batch total is known: project the batch as one vector
-            return sample_projection(guess[None], derivatives[row].sum()[None], self.eps, self.normalised)[0]
+        if self._coupled[k]:  # only the batch total is known: project the whole batch as one vector
+            n = len(guess)
+            totals = batch.mean(backend.namespace(guess).stack([derivatives[row].sum() / n, (guess * guess).sum() / n]))
+            return guess * _scale(totals[0] * batch.total, totals[1] * batch.total, self.eps, self.normalised)
         return sample_projection(guess, derivatives[row], self.eps, self.normalised)
 
-    def _activity(self, model, params, x, labels, rng, state, values):
+    def _activity(self, model, params, x, labels, rng, state, values, batch):
         n = len(labels)
         guesses = {} if values is None else self._aux_guesses(model, params, labels, rng, values[1])
         blocks = list(range(model.num_blocks))
         groups = [blocks] if self.projection == "sample" else [[k] for k in blocks]
         estimates = {}
         for group in groups:
-            perturb = self._activity_tangents(group, guesses, rng)
+            perturb = self._activity_tangents(group, guesses, rng, batch)
             trace = model.forward(params, x, labels, Plan(perturb=perturb, record_points=False), state)
             directions = len(group) if self.projection == "sample" else n
             for row, k in enumerate(group):
                 derivatives = self._target_derivatives(model, params, trace, k, labels, directions)
-                estimates[k] = self._activity_estimate(k, guesses[k], derivatives, row)
+                estimates[k] = self._activity_estimate(k, guesses[k], derivatives, row, batch)
         inputs = (values or self._block_values(model, x, trace))[0]
         grads = {}
         for k, estimate in estimates.items():  # the block-output cotangent ĝ/N, through block k alone
@@ -440,19 +453,23 @@ class GradientGuess(Rule):
             grads.update(pullback(estimate / n))
         return grads, trace
 
-    def _activity_tangents(self, group, guesses, rng):
-        """``Plan.perturb`` putting each block's guess at its output (random guesses drawn here)."""
+    def _activity_tangents(self, group, guesses, rng, batch):
+        """``Plan.perturb`` putting each block's guess at its output (random guesses drawn here, per
+        example and keyed by the example's row in the whole batch, as FG-A's noise)."""
+        draw = example_noise(rng, batch, 1, "output", layers="all") if self.guess in RANDOM_GUESSES else None
+
         def perturb(site):
             if site.kind != "output" or site.block not in group:
                 return None
             if site.block not in guesses:
-                guesses[site.block] = random_guess(self.guess, rng, site.shape, site.dtype)
+                gaussian = draw(site)[0]
+                guesses[site.block] = gaussian if self.guess == "gaussian" else _signs(gaussian)
             guess = guesses[site.block]
             return (_one_per_row(group.index(site.block), len(group), guess) if self.projection == "sample"
                     else _every_example(guess))
         return perturb
 
-    def _weight_guesses(self, model, params, labels, rng, state, values):
+    def _weight_guesses(self, model, params, labels, rng, state, values, batch):
         """{k: {name: guess}} — one weight-shaped guess per block, shared by the batch."""
         if values is None:
             return {k: {name: random_guess(self.guess, rng, params[name].shape, params[name].dtype)
@@ -462,28 +479,31 @@ class GradientGuess(Rule):
         for k, activity_guess in self._aux_guesses(model, params, labels, rng, outputs).items():
             # ∇_θ mean_n ℓ_aux,n = (block k's Jacobian)ᵀ (∇_y Σ_n ℓ_aux,n) / N
             pullback = _block_pullback(model, k, params, self._block_params[k], inputs[k], state)
-            guesses[k] = pullback(activity_guess / len(labels))
+            guesses[k] = _batch_means(batch, pullback(activity_guess / len(labels)))  # the whole batch's
         return guesses
 
-    def _weight(self, model, params, x, labels, rng, state, values):
-        guesses = self._weight_guesses(model, params, labels, rng, state, values)
+    def _weight(self, model, params, x, labels, rng, state, values, batch):
+        guesses = self._weight_guesses(model, params, labels, rng, state, values, batch)
         blocks = model.num_blocks
         perturbed = dict(params)
         for k, guess in guesses.items():
             for name, g in guess.items():
                 perturbed[name] = Dual._make(value_of(params[name]), _one_per_row(k, blocks, g))
         trace = model.forward(perturbed, x, labels, Plan(record_points=False), state)
+        shard_means = {k: self._target_derivatives(model, params, trace, k, labels, blocks)[k].mean(keepdims=True)
+                       for k in guesses}
+        derivatives = _batch_means(batch, shard_means)  # the whole batch's mean directional derivatives
         grads = {}
         for k, guess in guesses.items():
-            derivative = float(self._target_derivatives(model, params, trace, k, labels, blocks)[k].mean())
+            derivative = float(derivatives[k][0])
             grads.update(_weight_projection(guess, derivative, self.eps, self.normalised))
         return grads, trace
 
-    def _train_aux(self, model, params, outputs, labels):
+    def _train_aux(self, model, params, outputs, labels, batch):
         """Plain SGD on the rule-owned trained aux nets' exact gradients (model heads are in the estimate)."""
         if self._heads_are_aux:
             return
         for k in self._trained_blocks(model.num_blocks):
             net = self._trained_net(model, params, k, outputs[k])
-            for name, g in net.param_gradients(outputs[k], labels).items():
+            for name, g in _batch_means(batch, net.param_gradients(outputs[k], labels)).items():
                 self.state[name] = self.state[name] - self.aux_lr * g

@@ -30,7 +30,11 @@ MODELS = {
     "localmixer": dict(model="localmixer", model_options={"config": "S/1/1", "channels": 8, "blocks": 2,
                                                           "groups": 2, "patches": 2}),
 }
-RULES = ["bp", "lg-bp", "fa", "lg-fa", "dfa", "dkp", "fdfa", "fg-w", "lg-fg-w", "fg-a", "lg-fg-a"]
+RULES = {name: (name, {}) for name in ["bp", "lg-bp", "fa", "lg-fa", "dfa", "dkp", "fdfa", "fg-w", "lg-fg-w", "fg-a",
+                                      "lg-fg-a", "guess"]}
+RULES.update({"guess-gaussian": ("guess", {"guess": "gaussian"}), "guess-weight": ("guess", {"space": "weight"}),
+              "guess-weight-aux": ("guess", {"space": "weight", "aux": "linear"}),
+              "fg-a-recompute": ("fg-a", {"memory": "recompute", "directions": 2})})
 
 
 def base(out):
@@ -58,8 +62,8 @@ def params_of(out):
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_p_ranks_follow_the_single_process_trajectory(tmp_path, model):
     single, parallel = {}, {2: {}, 3: {}}
-    for rule in RULES:
-        config = Config(rule=rule, **MODELS[model], **base(str(tmp_path / f"1-{rule}")))
+    for rule, (name, options) in RULES.items():
+        config = Config(rule=name, rule_options=options, **MODELS[model], **base(str(tmp_path / f"1-{rule}")))
         train(config)
         single[rule] = params_of(config.out)
         for size in parallel:
@@ -122,3 +126,17 @@ def test_rank_zero_writes_and_a_run_resumes_with_another_p(tmp_path):
         np.testing.assert_allclose(params_of(cut.out)[name], expected, rtol=2e-4, atol=2e-6, err_msg=name)
     changes = json.load(open(os.path.join(cut.out, "config.json")))["changes"]
     assert {"field": "parallel", "from": "data", "to": None, "at": {"epoch": 1, "step": 1}} in changes
+
+
+def test_a_span_projection_refuses_a_shard(tiny):
+    """Projecting on the span of the whole batch's guesses needs every example: one clear error."""
+    from dualnet import rules
+    from dualnet.rules import Batch
+    model = tiny.mlp()
+    params = tiny.params(model)
+    x, labels = tiny.batch(model, 4)
+    rule = rules.create("guess", guess="gaussian", projection="span")
+    rule.setup(model, params, 0)
+    with pytest.raises(ValueError, match="cannot run data-parallel"):
+        rule(model, params, x[:2], labels[:2], np.random.default_rng(0), None, Batch(0, 2, 4))
+    rule(model, params, x, labels, np.random.default_rng(0), None, Batch(0, 4, 4))  # the whole batch is fine
