@@ -624,22 +624,12 @@ class _Run:
     def _train_step(self, xb, yb, epoch, step, interrupted):
         """One update from the batch (xb, yb); returns whether any rank was interrupted."""
         config, position, world = self.config, self.position, self.world
-        total = len(yb)
-        rows, weight = distributed.shard(total, world.rank, world.size), 1.0
-        if world.size > 1:
-            weight = (rows.stop - rows.start) / len(yb)
-            if weight == 0:  # a last batch smaller than the ranks: this rank computes on a row and adds nothing
-                rows = slice(0, 1)
         views = None
-        if self.rule.contrastive:  # two augmented views of the whole batch, this rank's rows of each
+        if self.rule.contrastive:  # two augmented views of the whole batch (the ranks take their rows of each)
             views = data.two_views(xb, (config.seed, epoch, step, 1))
-        xb, yb = xb[rows], yb[rows]
-        if views is not None:  # stacked: [view 1; view 2]
-            xb = backend.namespace(xb).concatenate([views[0][rows], views[1][rows]], axis=0)
-        batch = rules.Batch(rows.start, rows.stop, total, mean=distributed.batch_mean(world, weight))
-        estimate = self.rule(self.model, self.params, xb, yb, _step_rng(config.seed, epoch, step), self.state,
-                             batch)
-        grads, loss, state, flag = distributed.combine(world, estimate, weight, float(interrupted))
+        estimate, grads, loss, state, flag = distributed.estimate_on_shard(
+            world, self.rule, self.model, self.params, xb, yb, _step_rng(config.seed, epoch, step), self.state,
+            views, float(interrupted))
         if not math.isfinite(loss):
             raise self._diverged("the loss", loss)
         if not self._finite_gradients(grads):

@@ -5,7 +5,7 @@ processes ``mpiexec`` started (mpi4py's ``COMM_WORLD``).  Collectives are plain 
 Allgather / Bcast on NumPy buffers, counted in ``bytes_sent`` so that benchmarks can report the
 exact traffic of a step.
 """
-from .data_parallel import batch_mean, combine, shard
+from .data_parallel import batch_mean, combine, estimate_on_shard, shard
 from .world import MPIWorld, SingleProcess, world
 
-__all__ = ["MPIWorld", "SingleProcess", "batch_mean", "combine", "shard", "world"]
+__all__ = ["MPIWorld", "SingleProcess", "batch_mean", "combine", "estimate_on_shard", "shard", "world"]

@@ -11,6 +11,7 @@ with BatchNorm trains as with "ghost batches" of size N_r.
 import numpy
 
 from .. import backend
+from ..rules.base import Batch
 
 
 def shard(n, rank, size):
@@ -19,6 +20,26 @@ def shard(n, rank, size):
     base, extra = divmod(n, size)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (rank < extra))
+
+
+def estimate_on_shard(world, rule, model, params, x, labels, rng, state, views=None, flag=0.0):
+    """One step's estimate for the whole batch (x [N, ...], labels [N]) from this rank's shard:
+    ``(shard estimate, grads, loss, state, flag)`` with grads, loss, BatchNorm state and the summed
+    ``flag`` those of the whole batch (``combine``).  ``views`` (two augmented views of x, for the
+    contrastive rules) are cut into the same rows and stacked [view 1; view 2].  A rank whose
+    shard is empty (a last batch smaller than the ranks) computes on one row and adds nothing."""
+    total = len(labels)
+    rows, weight = shard(total, world.rank, world.size), 1.0
+    if world.size > 1:
+        weight = (rows.stop - rows.start) / total
+        if weight == 0:
+            rows = slice(0, 1)
+    x, labels = x[rows], labels[rows]
+    if views is not None:
+        x = backend.namespace(x).concatenate([views[0][rows], views[1][rows]], axis=0)
+    batch = Batch(rows.start, rows.stop, total, mean=batch_mean(world, weight))
+    estimate = rule(model, params, x, labels, rng, state, batch)
+    return (estimate,) + combine(world, estimate, weight, flag)
 
 
 def batch_mean(world, weight):
@@ -30,7 +51,7 @@ def batch_mean(world, weight):
 
 def combine(world, estimate, weight, flag=0.0):
     """The full-batch (grads, loss, state, flag) from every rank's shard ``estimate`` weighted by
-    ``weight`` = N_r/N: one Allreduce of one float64 buffer holding the weighted gradients (in
+    ``weight`` = N_r/N: one Allreduce of one buffer (in the gradients' dtype) holding the weighted gradients (in
     sorted name order), the weighted loss, the weighted BatchNorm running statistics and
     ``flag`` (summed: any rank's Ctrl-C stops every rank at the same step).  Gradients the rule
     already made the batch's (``estimate.batch_wide``) are kept as they are.  With one process,
@@ -41,7 +62,8 @@ def combine(world, estimate, weight, flag=0.0):
     states = sorted(estimate.state or {})
     parts = [backend.to_numpy(estimate.grads[name]).ravel() for name in names]
     parts += [backend.to_numpy(a).ravel() for key in states for a in estimate.state[key]]
-    buffer = numpy.concatenate([numpy.asarray(p, numpy.float64) for p in parts] + [numpy.zeros(2)]) * weight
+    dtype = numpy.result_type(*parts) if parts else numpy.float64  # float32 weights travel as float32
+    buffer = numpy.concatenate([numpy.asarray(p, dtype) for p in parts] + [numpy.zeros(2, dtype)]) * dtype.type(weight)
     buffer[-2], buffer[-1] = weight * estimate.loss, flag
     total = world.allreduce(buffer)
     grads, offset = {name: estimate.grads[name] for name in estimate.batch_wide}, 0

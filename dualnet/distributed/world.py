@@ -2,8 +2,8 @@
 
 ``SingleProcess`` (rank 0 of 1) makes every collective the identity, so the runner has one code
 path.  ``MPIWorld`` wraps mpi4py's ``COMM_WORLD``; arrays on a GPU are staged through the host.
-``bytes_sent`` counts the payload this process contributed to each collective (an Allreduce of
-n float64 counts 8n bytes), which is what the benchmarks report per step.
+``bytes_sent`` counts the payload this process contributed to each Allreduce (n float64 count
+8n bytes) and ``allreduces`` their number, which is what the benchmarks report per step.
 """
 import numpy
 
@@ -17,7 +17,7 @@ class SingleProcess:
     rank, size = 0, 1
 
     def __init__(self):
-        self.bytes_sent = 0
+        self.bytes_sent, self.allreduces = 0, 0
 
     def allreduce(self, array):
         """Σ over ranks of ``array`` (any shape; here: ``array`` itself)."""
@@ -50,6 +50,7 @@ class MPIWorld(SingleProcess):
         total = numpy.empty_like(host)
         self.comm.Allreduce(host, total)
         self.bytes_sent += host.nbytes
+        self.allreduces += 1
         return total if xp is numpy else xp.asarray(total)
 
     def allgather(self, value):

@@ -176,7 +176,8 @@ class ActivityPerturbation(Rule):
 
 
 class _PerturbedParams(dict):
-    """Parameters whose tangents are drawn on access from a per-tensor seed and never stored.
+    """Parameters whose tangents are drawn on access from a per-tensor key (the counter-based
+    ``dualnet.noise``, the same on every rank) and never stored.
 
     The forward pass holds a weight's tangent only while the layer uses it, so FG-W's memory
     does not grow with depth; the same seed regenerates the tangent for the update.
@@ -188,8 +189,8 @@ class _PerturbedParams(dict):
 
     def tangent(self, name):
         value = value_of(dict.__getitem__(self, name))
-        generator = backend.namespace(value).random.default_rng(self.seeds[name])
-        return _gaussian(generator, self.directions, value.shape, value.dtype)
+        return noise.normal(self.seeds[name], (self.directions,) + tuple(value.shape), value.dtype,
+                            xp=backend.namespace(value))
 
     def __getitem__(self, name):
         value = value_of(dict.__getitem__(self, name))
