@@ -23,7 +23,7 @@ import numpy
 from .. import backend
 from .. import primitives as P
 from ..primitives import TABLE, Primitive
-from .layers import value_of
+from ..dual import value_of
 
 ns = backend.namespace
 

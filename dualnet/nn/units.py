@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from .. import primitives as P
 from .conv import conv_layer, flatten, output_size
-from .layers import batch_norm, linear, linear_map, value_of
+from ..dual import value_of
+from .layers import batch_norm, linear, linear_map
 
 
 def identity(a):
