@@ -55,7 +55,8 @@ class Primitive:
     back to ``value`` + ``jvp`` for these arguments.
     ``nested=True`` declares that the rules accept Duals (see the module docstring); otherwise
     applying the primitive inside another derivative raises ``NotImplementedError``.
-    A list or tuple argument holding Duals (``mean([x, x + 2])``) is stacked into one Dual first.
+    A first argument that is a list or tuple of Duals or arrays (``mean([x, x + 2])``) is stacked
+    into one operand first, as NumPy converts it to an array.
     """
 
     def __init__(self, name, value, jvp=None, vjp=None, broadcasting=False, value_and_jvp=None, nested=False):
@@ -63,8 +64,9 @@ class Primitive:
         self.broadcasting, self.value_and_jvp, self.nested = broadcasting, value_and_jvp, nested
 
     def __call__(self, *args, **params):
-        args = tuple(_stack(*a) if isinstance(a, (list, tuple)) and builtins.any(isinstance(e, Dual) for e in a)
-                     else a for a in args)
+        if args and isinstance(args[0], (list, tuple)) and builtins.any(
+                isinstance(e, Dual) or backend.is_array(e) for e in args[0]):
+            args = (stack(args[0]),) + args[1:]
         if self.broadcasting:
             args = _broadcast_duals(self.name, args)
         return bind(self, args, params)
