@@ -50,6 +50,7 @@ class Dual:
     dualnet function of the same name; one without a derivative rule raises ``TypeError``.
     """
     __slots__ = ("value", "tangent", "node", "tag")
+    __array_priority__ = 1000  # CuPy arrays defer to Dual's reflected operators
 
     def __init__(self, value, tangent=None):
         value = _as_float_array(value)

@@ -21,9 +21,11 @@ functions that also accept Duals, so a rule applied inside another derivative is
 differentiated (derivatives of any order, in any mix of modes).  A primitive whose rules are not
 written that way (a fused kernel) keeps ``nested=False`` and refuses to be nested, naming itself.
 
-Composite functions (``sort``, ``topk``, ``repeat``, ``tile``, ``roll``, ``split``, ``diagonal``,
-``trace``, ``tensordot``, ``dot``, ``swapaxes``, ``moveaxis``) re-index or contract through the
-primitives above and get their derivatives from them.  NumPy functions and ufuncs called on a
+Composite functions (``sort``, ``topk``, ``take_along_axis``, ``repeat``, ``split``,
+``diagonal``, ``trace``, ``tensordot``, ``dot``, ``swapaxes``, ``moveaxis``) select, re-index or
+contract through the primitives above (``getitem``, ``einsum``, ``transpose``), whose rules give
+their derivatives: a selection's tangent is the selected entries of the input's tangent, its
+cotangent is scattered back (``scatter_add``, which adds repeated entries).  NumPy functions and ufuncs called on a
 Dual run these functions (``numpy_dispatch``).
 """
 import builtins
@@ -724,6 +726,19 @@ def _unpad(g, out, x, pad_width, constant=0.0):
 
 pad = Op("pad", _pad_value,  # constant padding: pad(x, pad_width, constant=0.0)
          jvp=(_pad_jvp, None), vjp=(_unpad, None))
+
+
+def _tile_vjp(g, out, x, reps):
+    """Sum the copies: g [r₀n₀, r₁n₁, ...] -> [r₀, n₀, r₁, n₁, ...] summed over the r axes."""
+    split_shape = builtins.sum(((r, n) for r, n in zip(reps, x.shape)), ())
+    return g.reshape(split_shape).sum(axis=tuple(range(0, 2 * len(reps), 2)))
+
+
+_tile = Op("tile", lambda x, reps: ns(x).tile(x, reps),  # len(reps) == x.ndim (see ``tile``)
+           jvp=(lambda t, out, x, reps: ns(t).tile(t, (1,) + reps), None), vjp=(_tile_vjp, None))
+_roll = Op("roll", lambda x, shifts, axes: ns(x).roll(x, shifts, axes),  # a permutation: its transpose rolls back
+           jvp=(lambda t, out, x, shifts, axes: ns(t).roll(t, shifts, _k(axes)),),
+           vjp=(lambda g, out, x, shifts, axes: ns(g).roll(g, tuple(-s for s in shifts), axes),))
 stop_gradient = Op("stop_gradient", lambda x: x,
                    jvp=lambda tangents, out, x: None,
                    vjp=lambda g, out, x: (None,))
@@ -734,6 +749,11 @@ stop_gradient = Op("stop_gradient", lambda x: x,
 # ---------------------------------------------------------------------------------------
 def _shape(x):
     return numpy.shape(value_of(x))
+
+
+def _on_device_of(x, index):
+    """A host integer index array moved to the device of x's values (CuPy indexes with CuPy arrays)."""
+    return backend.namespace(value_of(x)).asarray(index)
 
 
 def matmul(x, y):
@@ -835,8 +855,8 @@ def diagonal(x, offset=0, axis1=0, axis2=1):
     rows, cols = _shape(moved)[-2:]
     first_row, first_col = builtins.max(0, -offset), builtins.max(0, offset)
     count = builtins.max(0, builtins.min(rows - first_row, cols - first_col))
-    return getitem(moved, (Ellipsis, numpy.arange(first_row, first_row + count),
-                           numpy.arange(first_col, first_col + count)))
+    return getitem(moved, (Ellipsis, _on_device_of(x, numpy.arange(first_row, first_row + count)),
+                           _on_device_of(x, numpy.arange(first_col, first_col + count))))
 
 
 def trace(x, offset=0, axis1=0, axis2=1):
@@ -849,7 +869,7 @@ def take_along_axis(x, indices, axis):
     shape = _shape(x)
     axis = axis % len(shape)
     grids = numpy.ogrid[tuple(slice(n) for n in shape)]
-    return getitem(x, tuple(indices if a == axis else grids[a] for a in range(len(shape))))
+    return getitem(x, tuple(_on_device_of(x, indices if a == axis else grids[a]) for a in range(len(shape))))
 
 
 def sort(x, axis=-1):
@@ -874,34 +894,28 @@ def repeat(x, repeats, axis=None):
     shape = _shape(x)
     axis = axis % len(shape)
     index = numpy.repeat(numpy.arange(shape[axis]), repeats)
-    return getitem(x, (slice(None),) * axis + (index,))
+    return getitem(x, (slice(None),) * axis + (_on_device_of(x, index),))
 
 
 def tile(x, reps):
-    """``x`` repeated ``reps`` times per axis, as NumPy's ``tile``."""
-    reps = tuple(numpy.atleast_1d(reps).tolist())
-    shape = _shape(x)
+    """``x`` repeated ``reps`` times per axis, as NumPy's ``tile`` (a shorter ``reps`` applies to
+    the last axes; a longer one prepends axes of length 1 to ``x``)."""
+    reps = tuple(int(r) for r in numpy.atleast_1d(reps).tolist())
+    shape = tuple(_shape(x))
     if len(reps) > len(shape):
-        x = reshape(x, (1,) * (len(reps) - len(shape)) + tuple(shape))
-    shape = _shape(x)
-    reps = (1,) * (len(shape) - len(reps)) + reps
-    if not shape:
-        return x
-    return getitem(x, numpy.ix_(*[numpy.tile(numpy.arange(n), r) for n, r in zip(shape, reps)]))
+        x = reshape(x, (1,) * (len(reps) - len(shape)) + shape)
+        shape = tuple(_shape(x))
+    return _tile(x, (1,) * (len(shape) - len(reps)) + reps)
 
 
 def roll(x, shift, axis=None):
     """Entries shifted by ``shift`` along ``axis`` (ints or tuples), wrapping around, as NumPy."""
     if axis is None:
-        return reshape(roll(reshape(x, (-1,)), shift, 0), _shape(x))
-    shape = _shape(x)
-    index = [slice(None)] * len(shape)
-    for s, a in numpy.broadcast(numpy.atleast_1d(shift), numpy.atleast_1d(axis)):
-        a = int(a) % len(shape)
-        index[a] = (numpy.arange(shape[a]) - int(s)) % builtins.max(shape[a], 1)
-        x = getitem(x, tuple(index))
-        index[a] = slice(None)
-    return x
+        return reshape(_roll(reshape(x, (-1,)), shifts=(int(shift),), axes=(0,)), _shape(x))
+    ndim = len(_shape(x))
+    pairs = numpy.broadcast(numpy.atleast_1d(shift), numpy.atleast_1d(axis))
+    shifts, axes = zip(*[(int(s), int(a) % ndim) for s, a in pairs])
+    return _roll(x, shifts=shifts, axes=axes)
 
 
 def split(x, indices_or_sections, axis=0):
@@ -917,8 +931,8 @@ TABLE = {p.name: p for p in (
     add, sub, mul, div, neg, power, exp, log, sqrt, tanh, sigmoid, sin, cos, tan, sinh, cosh, arctan, log1p,
     expm1, log2, log10, sign, floor, ceil, relu, abs, maximum, minimum, logaddexp, where, clip, _astype,
     sum, mean, max, min, var, std, prod, cumsum, _matmul, _einsum, reshape, transpose, broadcast_to,
-    expand_dims, squeeze, getitem, scatter_add, _concatenate, _stack, pad, stop_gradient, logsumexp, softmax,
-    log_softmax)}
+    expand_dims, squeeze, getitem, scatter_add, _concatenate, _stack, _tile, _roll, pad, stop_gradient,
+    logsumexp, softmax, log_softmax)}
 """Every primitive of the engine by name (fused ops register themselves here too)."""
 
 

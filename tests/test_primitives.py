@@ -345,6 +345,23 @@ def _scatter_add(draw):
     return (lambda g: dn.primitives.scatter_add(g, index, shape)), [normal(rng, np.zeros(shape)[index].shape)]
 
 
+def _tile(draw):
+    rng = _rng(draw)
+    shape = draw(array_shapes(**SMALL))
+    reps = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=4)))
+    return (lambda x: dn.tile(x, reps)), [normal(rng, shape)]
+
+
+def _roll(draw):
+    rng = _rng(draw)
+    shape = draw(array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=4))
+    ndim = len(shape)
+    shift, axis = draw(st.one_of(
+        st.tuples(st.integers(-5, 5), st.none()), st.tuples(st.integers(-5, 5), st.integers(-ndim, ndim - 1)),
+        st.tuples(st.just((1, -2)), st.just((0, -1)))))
+    return (lambda x: dn.roll(x, shift, axis)), [normal(rng, shape)]
+
+
 SPECS = {
     "add": _binary(dn.add), "sub": _binary(dn.sub), "mul": _binary(dn.mul),
     "div": _binary(dn.div, make_y=positive), "neg": _unary(dn.neg), "power": _power,
@@ -366,7 +383,7 @@ SPECS = {
     "sign": _unary(dn.sign, away_from_zero), "floor": _unary(dn.floor, between_integers),
     "ceil": _unary(dn.ceil, between_integers), "logaddexp": _binary(dn.logaddexp),
     "min": _reduction(dn.min, distinct), "var": _moments(dn.var), "std": _moments(dn.std),
-    "prod": _reduction(dn.prod), "cumsum": _cumsum, "astype": _astype, "scatter_add": _scatter_add,
+    "prod": _reduction(dn.prod), "cumsum": _cumsum, "astype": _astype, "scatter_add": _scatter_add, "tile": _tile, "roll": _roll,
 }
 ZERO_DERIVATIVE = {"stop_gradient", "sign", "floor", "ceil"}  # their tangent is a symbolic zero
 NAMES = sorted(SPECS)
