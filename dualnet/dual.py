@@ -125,6 +125,10 @@ class Dual:
     def __array_function__(self, func, types, args, kwargs):
         return P.numpy_dispatch(func, "__call__", args, kwargs)
 
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError("Dual: no implicit conversion to a NumPy array (it would drop the tangent); "
+                        "use dualnet.value_of(d) for the values, or a dualnet function")
+
     # --- array methods -------------------------------------------------------------------
     def reshape(self, *shape):
         return P.reshape(self, shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape)

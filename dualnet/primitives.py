@@ -188,8 +188,8 @@ def _flip(a, axis):
     return a[(slice(None),) * axis + (slice(None, None, -1),)]
 
 
-# The primitives of this table nest (their rules take Duals).
 def Op(name, value, **rules):
+    """A primitive of this table: ``Primitive(name, value, **rules)`` whose rules take Duals (it nests)."""
     return Primitive(name, value, nested=True, **rules)
 
 

@@ -136,6 +136,11 @@ def test_numpy_functions_without_a_rule_raise_a_type_error_naming_the_way_out(ca
     assert str(error.value).startswith(fragment)
 
 
+def test_a_dual_does_not_silently_become_an_array():
+    with pytest.raises(TypeError, match=r"Dual: no implicit conversion .* dualnet.value_of\(d\)"):
+        np.asarray(Dual(X, TX))
+
+
 # ---------------------------------------------------------------------------------------
 # Dual methods
 # ---------------------------------------------------------------------------------------
