@@ -20,8 +20,8 @@ import itertools
 import numpy
 
 from . import backend
-from .dual import Dual, Node, _as_float_array, value_of
 from . import primitives as P
+from .dual import Dual, Node, _as_float_array, value_of
 from .primitives import Primitive
 
 _TAGS = itertools.count(1)  # tag 0: Duals built by hand

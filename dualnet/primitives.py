@@ -363,7 +363,8 @@ sum = Op(
         _expand_reduced(g, x.shape, normalize_axes(axis, x.ndim), keepdims), x.shape),))
 mean = Op(
     "mean", lambda x, axis=None, keepdims=False: x.mean(axis=axis, keepdims=keepdims),
-    jvp=(lambda t, out, x, axis=None, keepdims=False: t.mean(axis=_k(normalize_axes(axis, x.ndim)), keepdims=keepdims),),
+    jvp=(lambda t, out, x, axis=None, keepdims=False:
+         t.mean(axis=_k(normalize_axes(axis, x.ndim)), keepdims=keepdims),),
     vjp=(lambda g, out, x, axis=None, keepdims=False: ns(g).broadcast_to(
         _expand_reduced(g, x.shape, normalize_axes(axis, x.ndim), keepdims) / _count(x, axis), x.shape),))
 

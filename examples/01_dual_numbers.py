@@ -133,7 +133,8 @@ def printing_step(name, d):
 def check(label, got, expected, tolerance):
     error = abs(got - expected)
     status = "OK" if error <= tolerance * max(1.0, abs(expected)) else "FAILED"
-    print(f"CHECK {label}: {got:+.10f} vs analytic {expected:+.10f} (|error| {error:.1e}, tolerance {tolerance:.0e}) {status}")
+    print(f"CHECK {label}: {got:+.10f} vs analytic {expected:+.10f} "
+          f"(|error| {error:.1e}, tolerance {tolerance:.0e}) {status}")
     return status == "OK"
 
 
@@ -174,7 +175,8 @@ def main():
     single = cubic(dn.Dual(1.5, 1.0), dn, silent)
     status = "OK" if single.dtype == np.float32 and abs(float(single.tangent) - 4.75) < 1e-5 else "FAILED"
     ok &= status == "OK"
-    print(f"CHECK float32 by default: Dual(1.5, 1.0) gives dtype {single.dtype}, tangent {float(single.tangent)} {status}")
+    print(f"CHECK float32 by default: Dual(1.5, 1.0) gives dtype {single.dtype}, "
+          f"tangent {float(single.tangent)} {status}")
     # float32 keeps ~7 significant digits: a handful of rounded operations stay within 1e-5 relative
     for f, _, derivative in CASES:
         ok &= check_points(f"float32 dualnet.jvp, {f.__name__}' at {len(points)} points", f, derivative,

@@ -71,7 +71,8 @@ def main():
     rng = np.random.default_rng(0)
     ok = True
     print(f"f(x) = tanh(A2 tanh(A1 x)), hidden width {HIDDEN}, float64.")
-    print(f"{'n':>5} {'m':>5} | {'forward (n passes)':>19} {'reverse (m passes)':>19} {'forward K=n (1 pass)':>21} | max |error|")
+    print(f"{'n':>5} {'m':>5} | {'forward (n passes)':>19} {'reverse (m passes)':>19} "
+          f"{'forward K=n (1 pass)':>21} | max |error|")
     timings = {}
     for n, m in SHAPES:
         f, jacobian = make_function(rng, n, m)

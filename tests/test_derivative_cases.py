@@ -10,7 +10,8 @@ Each case is a function of float64 arrays of given shapes, checked three ways:
   exact up to rounding of the same sums in different orders);
 * one pass with K = 3 stacked directions against three single-direction passes (1e-12 relative).
 """
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import pytest

@@ -148,7 +148,8 @@ METHODS = {  # method call, the NumPy call on value and tangent alike
     "ravel": (lambda v: v.ravel(), np.ravel), "flatten": (lambda v: v.flatten(), lambda v: v.reshape(-1)),
     "squeeze": (lambda v: v[:, None].squeeze(1), lambda v: v), "min": (lambda v: v.min(axis=1), None),
     "astype": (lambda v: v.astype(np.float32), lambda v: v.astype(np.float32)),
-    "dot": (lambda v: v.dot(X.T), lambda v: v.dot(X.T)), "abs": (abs, None), "swapaxes": (lambda v: v.swapaxes(0, 1), None),
+    "dot": (lambda v: v.dot(X.T), lambda v: v.dot(X.T)), "abs": (abs, None),
+    "swapaxes": (lambda v: v.swapaxes(0, 1), None),
     "var": (lambda v: v.var(axis=0), None), "prod": (lambda v: v.prod(axis=1), None),
     "cumsum": (lambda v: v.cumsum(axis=1), lambda v: v.cumsum(axis=1 if v.ndim == 2 else 2)),
 }
@@ -214,7 +215,8 @@ def test_topk_returns_the_largest_values_first_with_their_indices():
 # ---------------------------------------------------------------------------------------
 def test_jvp_with_a_bare_array_instead_of_a_tuple_is_a_type_error():
     x = np.ones(3)
-    with pytest.raises(TypeError, match=r"jvp: primals must be a tuple or list .* jvp\(f, \(x,\), \(v,\)\); got ndarray"):
+    expected = r"jvp: primals must be a tuple or list .* jvp\(f, \(x,\), \(v,\)\); got ndarray"
+    with pytest.raises(TypeError, match=expected):
         dn.jvp(dn.exp, x, x)
     with pytest.raises(TypeError, match="jvp: tangents must be a tuple or list"):
         dn.jvp(dn.exp, (x,), x)

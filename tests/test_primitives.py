@@ -383,7 +383,8 @@ SPECS = {
     "sign": _unary(dn.sign, away_from_zero), "floor": _unary(dn.floor, between_integers),
     "ceil": _unary(dn.ceil, between_integers), "logaddexp": _binary(dn.logaddexp),
     "min": _reduction(dn.min, distinct), "var": _moments(dn.var), "std": _moments(dn.std),
-    "prod": _reduction(dn.prod), "cumsum": _cumsum, "astype": _astype, "scatter_add": _scatter_add, "tile": _tile, "roll": _roll,
+    "prod": _reduction(dn.prod), "cumsum": _cumsum, "astype": _astype, "scatter_add": _scatter_add,
+    "tile": _tile, "roll": _roll,
 }
 ZERO_DERIVATIVE = {"stop_gradient", "sign", "floor", "ceil"}  # their tangent is a symbolic zero
 NAMES = sorted(SPECS)

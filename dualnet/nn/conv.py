@@ -22,8 +22,8 @@ import numpy
 
 from .. import backend
 from .. import primitives as P
-from ..primitives import TABLE, Primitive
 from ..dual import value_of
+from ..primitives import TABLE, Primitive
 
 ns = backend.namespace
 

@@ -18,8 +18,8 @@ import numpy
 
 from .. import autodiff, backend, losses
 from .. import primitives as P
-from . import init as initialisers
 from ..dual import value_of
+from . import init as initialisers
 from .layers import linear, linear_map
 from .plan import Context, Plan, Point
 
