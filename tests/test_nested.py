@@ -160,3 +160,13 @@ def test_a_fused_op_without_second_order_rule_refuses_nesting_by_name(transform,
     with pytest.raises(NotImplementedError, match=r"^layer_norm: no second-order rule"):
         transform(f, x)
     dn.grad(f)(x)  # one level is fine
+
+
+def test_k_hessian_vector_products_in_one_forward_over_reverse_pass(rng):
+    a = rng.standard_normal((4, 3))
+    f = lambda u: dn.sum(dn.exp(a @ u))  # noqa: E731
+    w, directions = rng.standard_normal(3), rng.standard_normal((5, 3))
+    hessian = a.T @ np.diag(np.exp(a @ w)) @ a
+    batched = dn.jvp(dn.grad(f), (w,), (directions,))[1]
+    assert batched.shape == (5, 3)
+    np.testing.assert_allclose(batched, directions @ hessian, rtol=EXACT, atol=EXACT)
