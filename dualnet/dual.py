@@ -46,11 +46,16 @@ class Dual:
     value's dtype (the value's dtype is the computation's).  Integer or complex tangents raise
     ``TypeError``; a tangent of another shape raises ``ValueError``.
 
-    NumPy functions and ufuncs called on a Dual (``numpy.tanh(d)``, ``numpy.sum(d)``) run the
-    dualnet function of the same name; one without a derivative rule raises ``TypeError``.
+    NumPy functions called on a Dual (``numpy.sum(d)``, ``numpy.concatenate``) run the dualnet
+    function of the same name; one without a derivative rule raises ``TypeError`` saying what to
+    use.  NumPy's ufuncs (``numpy.tanh(d)``) are refused by NumPy itself (a Dual opts out of
+    them, so that ``array * d`` runs ``Dual.__rmul__`` for NumPy and CuPy arrays alike): call
+    ``dualnet.tanh`` and the other dualnet functions of the same names.
     """
     __slots__ = ("value", "tangent", "node", "tag")
-    __array_priority__ = 1000  # CuPy arrays defer to Dual's reflected operators
+    # ``array (op) Dual``: NumPy and CuPy arrays defer to Dual's reflected operators.  This also
+    # makes NumPy refuse its ufuncs on a Dual (``numpy.tanh(d)``): use ``dualnet.tanh``.
+    __array_ufunc__ = None
 
     def __init__(self, value, tangent=None):
         value = _as_float_array(value)
@@ -118,12 +123,9 @@ class Dual:
     def __ne__(self, other): return value_of(self) != value_of(other)
     __hash__ = object.__hash__
 
-    # --- NumPy's protocols: numpy.<fn>(dual) runs dualnet.<fn> ------------------------------
-    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        return P.numpy_dispatch(ufunc, method, inputs, kwargs)
-
+    # --- NumPy's function protocol: numpy.<fn>(dual) runs dualnet.<fn> ---------------------
     def __array_function__(self, func, types, args, kwargs):
-        return P.numpy_dispatch(func, "__call__", args, kwargs)
+        return P.numpy_dispatch(func, args, kwargs)
 
     def __array__(self, dtype=None, copy=None):
         raise TypeError("Dual: no implicit conversion to a NumPy array (it would drop the tangent); "

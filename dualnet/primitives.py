@@ -25,8 +25,8 @@ Composite functions (``sort``, ``topk``, ``take_along_axis``, ``repeat``, ``spli
 ``diagonal``, ``trace``, ``tensordot``, ``dot``, ``swapaxes``, ``moveaxis``) select, re-index or
 contract through the primitives above (``getitem``, ``einsum``, ``transpose``), whose rules give
 their derivatives: a selection's tangent is the selected entries of the input's tangent, its
-cotangent is scattered back (``scatter_add``, which adds repeated entries).  NumPy functions and ufuncs called on a
-Dual run these functions (``numpy_dispatch``).
+cotangent is scattered back (``scatter_add``, which adds repeated entries).  NumPy functions
+called on a Dual run these functions (``numpy_dispatch``).
 """
 import builtins
 import math
@@ -951,24 +951,22 @@ NUMPY_NAMES = {
     "take_along_axis": take_along_axis, "sort": sort, "repeat": repeat, "tile": tile, "roll": roll,
     "ravel": lambda x: reshape(x, (-1,)),
 }
-"""NumPy function/ufunc name -> the dualnet function with NumPy's meaning and derivatives."""
+"""NumPy's name -> the dualnet function with NumPy's meaning and derivatives (for ``numpy_dispatch``,
+and as the namespace of rules applied to Duals)."""
 
 _ON_VALUES = {  # no derivative: answered from the values
-    "shape", "ndim", "size", "result_type", "isfinite", "isnan", "isinf", "argmax", "argmin", "argsort",
-    "less", "less_equal", "greater", "greater_equal", "equal", "not_equal", "signbit", "zeros_like", "ones_like",
-    "empty_like"}
+    "shape", "ndim", "size", "result_type", "argmax", "argmin", "argsort", "zeros_like", "ones_like", "empty_like"}
 
 
-def numpy_dispatch(func, method, args, kwargs):
-    """Run NumPy function or ufunc ``func`` on arguments that include Duals.
+def numpy_dispatch(func, args, kwargs):
+    """Run NumPy function ``func`` (``__array_function__``) on arguments that include Duals.
 
-    A function of ``NUMPY_NAMES`` runs its dualnet counterpart (derivatives included); a query or
-    comparison runs on the values; anything else raises ``TypeError`` naming what to use.
+    A function of ``NUMPY_NAMES`` runs its dualnet counterpart (derivatives included); a query
+    runs on the values; anything else raises ``TypeError`` naming what to use.
     """
     name = getattr(func, "__name__", repr(func))
-    if method != "__call__" or kwargs.get("out") is not None:
-        raise TypeError(f"numpy.{name}: {'out=' if method == '__call__' else method} is not supported on a "
-                        f"Dual; call dualnet.{name} or the operator instead")
+    if kwargs.get("out") is not None:
+        raise TypeError(f"numpy.{name}: out= is not supported on a Dual; call dualnet.{name} without out=")
     if name in _ON_VALUES:
         return func(*[value_of(a) for a in args], **kwargs)
     target = NUMPY_NAMES.get(name)
