@@ -2,7 +2,9 @@
 
 The engine in three names: ``Dual`` (value + tangent), the primitive table
 (``dualnet.primitives.TABLE``; each op is also a function here: ``dualnet.exp``,
-``dualnet.matmul``...), and the transformations ``jvp``, ``vjp``, ``grad``.
+``dualnet.matmul``...), and the transformations ``jvp``, ``vjp``, ``grad``, which nest
+(``grad(grad(f))``, ``jvp`` of ``grad``...).  Built on it: ``dualnet.nn``, ``dualnet.models``,
+``dualnet.losses``, ``dualnet.rules``, ``dualnet.optim``, ``dualnet.data``, ``dualnet.train``.
 """
 
 
@@ -31,12 +33,38 @@ def _bind_kernels():
 _bind_kernels()
 
 from . import backend  # noqa: E402
-from .autodiff import (custom_jvp, custom_vjp, grad, jvp, linearize, tree_flatten, tree_map, value_and_grad,
-                       vjp)
-from .dual import Dual
-from .primitives import (TABLE, Primitive, abs, add, broadcast_to, clip, concatenate, div, einsum, exp,
-                         expand_dims, getitem, log, log_softmax, logsumexp, matmul, max, maximum, mean, minimum,
-                         mul, neg, pad, power, relu, reshape, sigmoid, softmax, sqrt, squeeze, stack, stop_gradient,
-                         sub, sum, tanh, transpose, where)
+from .autodiff import (custom_jvp, custom_vjp, grad, jvp, linearize, tree_flatten, tree_map,  # noqa: E402
+                       value_and_grad, vjp)
+from .dual import Dual, value_of  # noqa: E402
+from .primitives import (TABLE, Primitive, abs, add, arctan, astype, broadcast_to, ceil, clip,  # noqa: E402
+                         concatenate, cos, cosh, cumsum, diagonal, div, dot, einsum, exp, expand_dims, expm1,
+                         floor, getitem, log, log1p, log2, log10, log_softmax, logaddexp, logsumexp, matmul, max,
+                         maximum, mean, min, minimum, moveaxis, mul, neg, pad, power, prod, relu, repeat, reshape,
+                         roll, sigmoid, sign, sin, sinh, softmax, sort, split, sqrt, squeeze, stack, std,
+                         stop_gradient, sub, sum, swapaxes, take_along_axis, tan, tanh, tensordot, tile, topk, trace,
+                         transpose, var, where)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Dual", "value_of", "TABLE", "Primitive", "backend",
+    "jvp", "vjp", "grad", "value_and_grad", "linearize", "custom_jvp", "custom_vjp", "tree_flatten", "tree_map",
+    "abs", "add", "arctan", "astype", "broadcast_to", "ceil", "clip", "concatenate", "cos", "cosh", "cumsum",
+    "diagonal", "div", "dot", "einsum", "exp", "expand_dims", "expm1", "floor", "getitem", "log", "log1p", "log2",
+    "log10", "log_softmax", "logaddexp", "logsumexp", "matmul", "max", "maximum", "mean", "min", "minimum",
+    "moveaxis", "mul", "neg", "pad", "power", "prod", "relu", "repeat", "reshape", "roll", "sigmoid", "sign", "sin",
+    "sinh", "softmax", "sort", "split", "sqrt", "squeeze", "stack", "std", "stop_gradient", "sub", "sum",
+    "swapaxes", "take_along_axis", "tan", "tanh", "tensordot", "tile", "topk", "trace", "transpose", "var", "where",
+]
+"""The engine's names.  The subpackages below are public too, imported on first use."""
+
+_SUBMODULES = ("models", "rules", "losses", "nn", "optim", "data", "fused", "train", "compare")
+
+
+def __getattr__(name):
+    """``dn.models``, ``dn.rules``, ``dn.losses``...: imported when first touched, so that
+    ``import dualnet`` stays light (no model, rule or kernel code runs until it is used)."""
+    if name in _SUBMODULES:
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,12 +8,23 @@
   feedback injection and fused losses plug in here).
 
 Arguments and outputs may be pytrees: nested tuples, lists and dicts of arrays.
+
+The transformations nest in any combination (``grad(grad(f))``, ``jvp`` of ``grad`` for a
+Hessian-vector product, ``vjp`` of ``jvp``...).  Each call perturbs its inputs with a fresh tag,
+larger than any tag alive outside it; inside, a Dual of another tag is a constant, so an inner
+derivative never picks up an outer perturbation.  The results of an inner call are Duals of the
+outer tags, which the outer call differentiates in turn.
 """
+import itertools
+
 import numpy
 
 from . import backend
-from .dual import Dual, Node
+from . import primitives as P
+from .dual import Dual, Node, _as_float_array, value_of
 from .primitives import Primitive
+
+_TAGS = itertools.count(1)  # tag 0: Duals built by hand
 
 
 # ---------------------------------------------------------------------------------------
@@ -62,36 +73,64 @@ def _writeable(array):
     return array.copy() if flags is not None and not getattr(flags, "writeable", True) else array
 
 
-def _tangent_of(out, directions):
-    """Materialise a Dual's tangent (symbolic zero -> zeros) for returning to the user."""
-    if not isinstance(out, Dual):
-        out = Dual._make(backend.namespace(out).asarray(out), None)
-    if out.tangent is not None:
-        if directions and out.tangent.ndim == out.value.ndim:
-            return backend.namespace(out.value).broadcast_to(out.tangent, (directions,) + out.shape).copy()
-        return _writeable(out.tangent)
-    shape = ((directions,) if directions else ()) + out.shape
-    return backend.namespace(out.value).zeros(shape, out.dtype)
+def _primal_at(x, tag):
+    """The value of ``x`` at level ``tag``: a Dual of that tag gives its value (possibly a Dual of an
+    outer tag), anything else is a constant of this level and is itself."""
+    return x.value if isinstance(x, Dual) and x.tag == tag else x
+
+
+def _tangent_at(out, tag, directions):
+    """The tangent of ``out`` at level ``tag``, materialised (symbolic zero -> zeros) for the user."""
+    tangent = out.tangent if isinstance(out, Dual) and out.tag == tag else None
+    value = _primal_at(out, tag)
+    if tangent is None:
+        array = value_of(value)
+        module = backend.namespace(array)
+        array = module.asarray(array)
+        return module.zeros(((directions,) if directions else ()) + array.shape, array.dtype)
+    if directions and tangent.ndim == value.ndim:
+        tangent = P.broadcast_to(tangent, (directions,) + value.shape)
+        return tangent if isinstance(tangent, Dual) else tangent.copy()
+    return tangent if isinstance(tangent, Dual) else _writeable(tangent)
+
+
+def _perturbed(p, tag):
+    """Primal ``p`` as a Dual of level ``tag`` (a Dual of an outer level is kept as the value)."""
+    return Dual._make(p if isinstance(p, Dual) else _as_float_array(p), None, None, tag)
+
+
+def _check_sequence(name, what, seq, example):
+    if not isinstance(seq, (tuple, list)):
+        raise TypeError(f"{name}: {what} must be a tuple or list with one entry per argument of f, "
+                        f"e.g. {example}; got {type(seq).__name__}")
 
 
 def jvp(f, primals, tangents):
     """Forward mode: ``(f(*primals), J_f(primals) · tangents)`` in one pass.
 
-    ``primals`` and ``tangents`` are sequences (pytrees) of the same structure; each tangent
-    leaf has the primal's shape, or ``(K,) + shape`` to push K directions at once, in which case
-    every output tangent has a leading K axis.  A ``None`` tangent is a symbolic zero.
+    ``primals`` and ``tangents`` are tuples or lists (of pytrees) of the same structure, one
+    entry per argument of ``f``: ``jvp(f, (x,), (v,))``.  Each tangent leaf has the primal's
+    shape, or ``(K,) + shape`` to push K directions at once, in which case every output tangent
+    has a leading K axis.  A ``None`` tangent is a symbolic zero.  A tangent is cast to its
+    primal's float dtype (the primal's precision is the computation's).
     """
+    _check_sequence("jvp", "primals", primals, "jvp(f, (x,), (v,))")
+    _check_sequence("jvp", "tangents", tangents, "jvp(f, (x,), (v,))")
     primals, tangents = tuple(primals), tuple(tangents)
     p_leaves, rebuild = tree_flatten(primals)
     t_leaves, _ = tree_flatten(tangents)
     if len(p_leaves) != len(t_leaves):
         raise ValueError(f"jvp: {len(p_leaves)} primal leaves but {len(t_leaves)} tangent leaves")
+    tag = next(_TAGS)
     directions = set()
     duals = []
     for i, (p, t) in enumerate(zip(p_leaves, t_leaves)):
-        d = Dual(p.value if isinstance(p, Dual) else p)
+        d = _perturbed(p, tag)
         if t is not None:
-            t = backend.namespace(d.value).asarray(t)
+            if not isinstance(t, Dual):
+                t = backend.namespace(value_of(d)).asarray(t)
+                if not numpy.issubdtype(t.dtype, numpy.floating):
+                    raise TypeError(f"jvp: tangent {i} must be real floating point, got dtype {t.dtype}")
             if t.shape == d.shape:
                 pass
             elif t.ndim == d.ndim + 1 and t.shape[1:] == d.shape and t.shape[0] >= 1:
@@ -99,14 +138,13 @@ def jvp(f, primals, tangents):
             else:
                 raise ValueError(f"jvp: tangent {i} has shape {t.shape}; expected the primal shape {d.shape} "
                                  f"or (K,) + {d.shape} with K >= 1 directions")
-            d = Dual(d.value, t)
+            d.tangent = t.astype(d.dtype) if t.dtype != d.dtype else t
         duals.append(d)
     if len(directions) > 1:
         raise ValueError(f"jvp: tangents disagree on the number of directions K: {sorted(directions)}")
     k = directions.pop() if directions else None
     out = f(*rebuild(duals))
-    values = tree_map(lambda o: o.value if isinstance(o, Dual) else o, out)
-    return values, tree_map(lambda o: _tangent_of(o, k), out)
+    return tree_map(lambda o: _primal_at(o, tag), out), tree_map(lambda o: _tangent_at(o, tag, k), out)
 
 
 def linearize(f, *primals):
@@ -114,9 +152,7 @@ def linearize(f, *primals):
 
     Forward mode keeps no tape, so each call of ``jvp_fn`` re-runs the forward pass.
     """
-    out = f(*primals)
-    return tree_map(lambda o: o.value if isinstance(o, Dual) else o, out), \
-        lambda *tangents: jvp(f, primals, tangents)[1]
+    return f(*primals), lambda *tangents: jvp(f, primals, tangents)[1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -169,33 +205,39 @@ def vjp(f, *primals):
     depend on get zeros.
     """
     p_leaves, rebuild = tree_flatten(primals)
+    tag = next(_TAGS)
     leaves = []
     for p in p_leaves:
-        d = Dual(p.value if isinstance(p, Dual) else p)
+        d = _perturbed(p, tag)
         d.node = Node(None, (), (), {}, d.value)
         leaves.append(d)
     out = f(*rebuild(leaves))
     out_leaves, _ = tree_flatten(out)
-    values = tree_map(lambda o: o.value if isinstance(o, Dual) else o, out)
+    values = tree_map(lambda o: _primal_at(o, tag), out)
 
     def pullback(cotangent):
         g_leaves, _ = tree_flatten(cotangent)
         if len(g_leaves) != len(out_leaves):
             raise ValueError(f"vjp: cotangent has {len(g_leaves)} leaves, output has {len(out_leaves)}")
-        moved = []
+        roots, moved = [], []
         for o, g in zip(out_leaves, g_leaves):
-            value = o.value if isinstance(o, Dual) else o
-            if g is not None and numpy.shape(g) != numpy.shape(value):
-                raise ValueError(f"vjp: cotangent shape {numpy.shape(g)} does not match output shape "
-                                 f"{numpy.shape(value)}")
+            shape = numpy.shape(value_of(o))
+            if g is not None and numpy.shape(value_of(g)) != shape:
+                raise ValueError(f"vjp: cotangent shape {numpy.shape(value_of(g))} does not match output shape "
+                                 f"{shape}")
             # a host cotangent (numpy.ones(()) for a scalar loss) moves to the output's device
-            moved.append(None if g is None else backend.namespace(value).asarray(g))
-        grads = backward(out_leaves, moved)
+            moved.append(g if g is None or isinstance(g, Dual) else backend.namespace(value_of(o)).asarray(g))
+            roots.append(o if isinstance(o, Dual) and o.tag == tag else None)
+        grads = backward(roots, moved)
         result = []
         for leaf in leaves:
             g = grads.get(id(leaf.node))
-            result.append(backend.namespace(leaf.value).zeros_like(leaf.value) if g is None
-                          else _writeable(backend.namespace(g).asarray(g, dtype=leaf.dtype).reshape(leaf.shape)))
+            if g is None:
+                result.append(backend.namespace(value_of(leaf)).zeros(leaf.shape, leaf.dtype))
+            elif isinstance(g, Dual):
+                result.append((g if g.dtype == leaf.dtype else g.astype(leaf.dtype)).reshape(leaf.shape))
+            else:
+                result.append(_writeable(backend.namespace(g).asarray(g, dtype=leaf.dtype).reshape(leaf.shape)))
         return rebuild(result)
     return values, pullback
 
@@ -210,9 +252,9 @@ def value_and_grad(f, argnums=0):
                 full[i] = c
             return f(*full)
         out, pullback = vjp(partial, *(args[i] for i in nums))
-        if numpy.ndim(out) != 0:
-            raise ValueError(f"grad: f must return a scalar, got shape {numpy.shape(out)}")
-        grads = pullback(backend.namespace(out).ones_like(out))
+        if numpy.ndim(value_of(out)) != 0:
+            raise ValueError(f"grad: f must return a scalar, got shape {numpy.shape(value_of(out))}")
+        grads = pullback(backend.namespace(value_of(out)).ones_like(value_of(out)))
         return out, grads[0] if isinstance(argnums, int) else grads
     return wrapped
 

@@ -6,10 +6,17 @@ A ``Dual`` carries a primal ``value`` and a ``tangent``:
 * an array of ``value.shape`` — one direction;
 * an array of ``(K,) + value.shape`` — K directions pushed through the same primal pass.
 
-``bind(primitive, args, params)`` is forward mode in one place: it computes the value, asks
-the primitive's jvp rule for the output tangent (rules always see tangents with a leading
-direction axis, so every rule is written once, K-aware), and, when some input is being
-recorded for reverse mode, appends a node to the tape.
+Nesting.  Every Dual has a ``tag``, the level of the transformation that perturbed it (0 for a
+Dual built by hand; each call of ``jvp``/``vjp``/``grad`` takes a fresh, larger tag).  The value
+and tangent of a Dual of tag L may themselves be Duals of smaller tags (outer derivatives); the
+tangent of an inner level therefore never mixes with an outer one (no "perturbation confusion").
+
+``bind(primitive, args, params)`` is forward mode in one place: it takes the largest tag among
+the arguments, treats every other argument as a constant of that level, computes the value (by
+binding again one level down when values are Duals), asks the primitive's jvp rule for the
+output tangent (rules always see tangents with a leading direction axis, so every rule is
+written once, K-aware), and, when some input is being recorded for reverse mode, appends a node
+to the tape.
 """
 import numpy
 
@@ -35,11 +42,20 @@ class Dual:
 
     ``value`` is converted to an array (float32 by default; float64 and other float dtypes are
     kept).  ``tangent`` is ``None`` (symbolic zero), an array of ``value.shape``, or of
-    ``(K,) + value.shape`` for K directions.  Integer or complex tangents raise ``TypeError``;
-    a tangent of another shape raises ``ValueError``.
+    ``(K,) + value.shape`` for K directions; a float tangent of another precision is cast to the
+    value's dtype (the value's dtype is the computation's).  Integer or complex tangents raise
+    ``TypeError``; a tangent of another shape raises ``ValueError``.
+
+    NumPy functions called on a Dual (``numpy.sum(d)``, ``numpy.concatenate``) run the dualnet
+    function of the same name; one without a derivative rule raises ``TypeError`` saying what to
+    use.  NumPy's ufuncs (``numpy.tanh(d)``) are refused by NumPy itself (a Dual opts out of
+    them, so that ``array * d`` runs ``Dual.__rmul__`` for NumPy and CuPy arrays alike): call
+    ``dualnet.tanh`` and the other dualnet functions of the same names.
     """
-    __slots__ = ("value", "tangent", "node")
-    __array_ufunc__ = None  # make `ndarray (op) Dual` defer to Dual's reflected operators
+    __slots__ = ("value", "tangent", "node", "tag")
+    # ``array (op) Dual``: NumPy and CuPy arrays defer to Dual's reflected operators.  This also
+    # makes NumPy refuse its ufuncs on a Dual (``numpy.tanh(d)``): use ``dualnet.tanh``.
+    __array_ufunc__ = None
 
     def __init__(self, value, tangent=None):
         value = _as_float_array(value)
@@ -54,12 +70,12 @@ class Dual:
             if tangent.ndim == value.ndim + 1 and tangent.shape[0] == 0:
                 raise ValueError(f"Dual: the direction axis K must be >= 1, got tangent shape {tangent.shape}")
             tangent = tangent.astype(value.dtype, copy=False)
-        self.value, self.tangent, self.node = value, tangent, None
+        self.value, self.tangent, self.node, self.tag = value, tangent, None, 0
 
     @classmethod
-    def _make(cls, value, tangent, node=None):
+    def _make(cls, value, tangent, node=None, tag=0):
         self = object.__new__(cls)
-        self.value, self.tangent, self.node = value, tangent, node
+        self.value, self.tangent, self.node, self.tag = value, tangent, node, tag
         return self
 
     # --- shape information -------------------------------------------------------------
@@ -93,18 +109,29 @@ class Dual:
     def __matmul__(self, other): return P.matmul(self, other)
     def __rmatmul__(self, other): return P.matmul(other, self)
     def __pow__(self, exponent): return P.power(self, exponent)
+    def __rpow__(self, base): return P.power(base, self)
     def __neg__(self): return P.neg(self)
     def __pos__(self): return self
+    def __abs__(self): return P.abs(self)
     def __getitem__(self, index): return P.getitem(self, index)
 
-    def __lt__(self, other): return self.value < _value(other)
-    def __le__(self, other): return self.value <= _value(other)
-    def __gt__(self, other): return self.value > _value(other)
-    def __ge__(self, other): return self.value >= _value(other)
-    def __eq__(self, other): return self.value == _value(other)
-    def __ne__(self, other): return self.value != _value(other)
+    def __lt__(self, other): return value_of(self) < value_of(other)
+    def __le__(self, other): return value_of(self) <= value_of(other)
+    def __gt__(self, other): return value_of(self) > value_of(other)
+    def __ge__(self, other): return value_of(self) >= value_of(other)
+    def __eq__(self, other): return value_of(self) == value_of(other)
+    def __ne__(self, other): return value_of(self) != value_of(other)
     __hash__ = object.__hash__
 
+    # --- NumPy's function protocol: numpy.<fn>(dual) runs dualnet.<fn> ---------------------
+    def __array_function__(self, func, types, args, kwargs):
+        return P.numpy_dispatch(func, args, kwargs)
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError("Dual: no implicit conversion to a NumPy array (it would drop the tangent); "
+                        "use dualnet.value_of(d) for the values, or a dualnet function")
+
+    # --- array methods -------------------------------------------------------------------
     def reshape(self, *shape):
         return P.reshape(self, shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape)
 
@@ -112,13 +139,27 @@ class Dual:
         return P.transpose(self, axes[0] if len(axes) == 1 and not isinstance(axes[0], int) else (axes or None))
 
     T = property(lambda self: P.transpose(self))
+    def swapaxes(self, axis1, axis2): return P.swapaxes(self, axis1, axis2)
+    def ravel(self): return P.reshape(self, (-1,))
+    def flatten(self): return P.reshape(self, (-1,))
+    def squeeze(self, axis=None): return P.squeeze(self, axis=axis)
+    def astype(self, dtype, copy=True): return P.astype(self, dtype)
+    def dot(self, other): return P.dot(self, other)
     def sum(self, axis=None, keepdims=False): return P.sum(self, axis=axis, keepdims=keepdims)
     def mean(self, axis=None, keepdims=False): return P.mean(self, axis=axis, keepdims=keepdims)
     def max(self, axis=None, keepdims=False): return P.max(self, axis=axis, keepdims=keepdims)
+    def min(self, axis=None, keepdims=False): return P.min(self, axis=axis, keepdims=keepdims)
+    def prod(self, axis=None, keepdims=False): return P.prod(self, axis=axis, keepdims=keepdims)
+    def var(self, axis=None, ddof=0, keepdims=False): return P.var(self, axis=axis, ddof=ddof, keepdims=keepdims)
+    def std(self, axis=None, ddof=0, keepdims=False): return P.std(self, axis=axis, ddof=ddof, keepdims=keepdims)
+    def cumsum(self, axis=None): return P.cumsum(self, axis=axis)
 
 
-def _value(x):
-    return x.value if isinstance(x, Dual) else x
+def value_of(x):
+    """The plain array under ``x``: ``x`` itself unless it is a Dual, else the innermost value."""
+    while isinstance(x, Dual):
+        x = x.value
+    return x
 
 
 def _as_float_array(value):
@@ -140,13 +181,53 @@ def _array(out):
     return numpy.asarray(out) if isinstance(out, numpy.generic) else out
 
 
-def _value_and_tangent(primitive, values, tangents, params):
+def top_tag(args):
+    """The largest tag among the Duals in ``args`` (the innermost perturbation), ``None`` if none."""
+    tag = None
+    for a in args:
+        if isinstance(a, Dual) and (tag is None or a.tag > tag):
+            tag = a.tag
+    return tag
+
+
+def split(name, args, tag):
+    """Separate level ``tag`` of ``args`` from everything else.
+
+    Returns ``(values, tangents, parents, single)``.  A Dual of tag ``tag`` gives its value, its
+    tangent with a leading direction axis K (``None`` for a symbolic zero) and its tape node;
+    any other argument (an array, a scalar, a Dual of an outer level) is a constant here: itself,
+    ``None``, ``None``.  ``single`` is True when no tangent had its own K axis (the output then
+    drops the K = 1 axis again).  Operands with different K raise ``ValueError`` naming ``name``.
+    """
+    values, tangents, parents, directions = [], [], [], set()
+    for a in args:
+        if isinstance(a, Dual) and a.tag == tag:
+            t = a.tangent
+            if t is not None:
+                if t.ndim == a.value.ndim:
+                    t = t[None]
+                else:
+                    directions.add(t.shape[0])
+            values.append(a.value)
+            tangents.append(t)
+            parents.append(a.node)
+        else:
+            values.append(a)
+            tangents.append(None)
+            parents.append(None)
+    if len(directions) > 1:
+        raise ValueError(f"{name}: inputs carry different numbers of directions K: {sorted(directions)}")
+    return values, tangents, parents, not directions
+
+
+def _value_and_tangent(primitive, values, tangents, params, nested):
     """The value and the (K,)-leading output tangent (or None) of one application."""
-    joint = primitive.value_and_jvp(tangents, *values, **params) if primitive.value_and_jvp else None
+    joint = (primitive.value_and_jvp(tangents, *values, **params)
+             if primitive.value_and_jvp and not nested else None)
     if joint is not None:
         out, out_tangent = joint
     else:
-        out = _array(primitive.value(*values, **params))
+        out = bind(primitive, values, params)
         out_tangent = primitive.jvp(tangents, out, values, params)
     if out_tangent is not None:
         if out_tangent.shape[1:] != out.shape:
@@ -161,41 +242,29 @@ def _value_and_tangent(primitive, values, tangents, params):
 def bind(primitive, args, params):
     """Apply ``primitive`` to ``args`` (Duals, arrays or Python scalars) in forward mode.
 
-    Returns a plain array when no argument is a Dual, else a Dual whose tangent is the jvp of
-    the inputs' tangents (``None`` when all are symbolic zeros) and whose node records the
-    application when any input is on a reverse-mode tape.
+    Returns a plain array when no argument is a Dual, else a Dual of the innermost tag whose
+    tangent is the jvp of the inputs' tangents (``None`` when all are symbolic zeros) and whose
+    node records the application when any input is on a reverse-mode tape.  A primitive whose
+    rules are not written in differentiable operations (``primitive.nested`` false, e.g. a fused
+    kernel) refuses values or tangents that are themselves Duals.
     """
-    values, tangents, parents = [], [], []
-    directions, any_dual, any_node = set(), False, False
-    for a in args:
-        if isinstance(a, Dual):
-            any_dual = True
-            values.append(a.value)
-            parents.append(a.node)
-            any_node = any_node or a.node is not None
-            t = a.tangent
-            if t is not None:
-                if t.ndim == a.value.ndim:
-                    t = t[None]
-                else:
-                    directions.add(t.shape[0])
-            tangents.append(t)
-        else:
-            values.append(a)
-            tangents.append(None)
-            parents.append(None)
-    if len(directions) > 1:
-        raise ValueError(f"{primitive.name}: inputs carry different numbers of directions K: {sorted(directions)}")
-    if not any_dual:
-        return _array(primitive.value(*values, **params))
+    tag = top_tag(args)
+    if tag is None:
+        return _array(primitive.value(*args, **params))
+    values, tangents, parents, single = split(primitive.name, args, tag)
+    nested = any(isinstance(v, Dual) for v in values) or any(isinstance(t, Dual) for t in tangents)
+    if nested and not primitive.nested:
+        raise NotImplementedError(
+            f"{primitive.name}: no second-order rule, so it cannot be differentiated inside another "
+            f"derivative (nested jvp/vjp/grad); compose it from dualnet primitives to nest it")
     if any(t is not None for t in tangents):
-        out, out_tangent = _value_and_tangent(primitive, values, tangents, params)
-        if out_tangent is not None and not directions:
+        out, out_tangent = _value_and_tangent(primitive, values, tangents, params, nested)
+        if out_tangent is not None and single:
             out_tangent = out_tangent[0]  # single-direction inputs give a single-direction output
     else:
-        out, out_tangent = _array(primitive.value(*values, **params)), None
-    node = Node(primitive, parents, values, params, out) if any_node else None
-    return Dual._make(out, out_tangent, node)
+        out, out_tangent = bind(primitive, values, params), None
+    node = Node(primitive, parents, values, params, out) if any(p is not None for p in parents) else None
+    return Dual._make(out, out_tangent, node, tag)
 
 
 from . import primitives as P  # noqa: E402  (operators above dispatch to the table)

@@ -34,7 +34,7 @@ ahead of time.
 import numpy
 
 from . import backend
-from .dual import Dual, bind
+from .dual import Dual, bind, split, top_tag, value_of
 from .primitives import TABLE, Primitive
 
 ns = backend.namespace
@@ -128,32 +128,17 @@ class FusedPrimitive(Primitive):
         self.value_and_jvp = value_and_jvp
 
     def __call__(self, *args, **params):
-        duals = [a for a in args if isinstance(a, Dual)]
-        if (not duals or any(d.node is not None for d in duals)
-                or all(d.tangent is None for d in duals)):
+        tag = top_tag(args)
+        if tag is None:
             return bind(self, args, params)
-        values, tangents, squeeze = _split_duals(self.name, args)
+        values, tangents, parents, single = split(self.name, args, tag)
+        if (any(p is not None for p in parents) or all(t is None for t in tangents)
+                or any(isinstance(v, Dual) for v in values + tangents)):
+            return bind(self, args, params)  # taped, tangent-free or nested: the generic path
         out, out_tangent = self.value_and_jvp(tangents, *values, **params)
-        if out_tangent is not None and squeeze:
+        if out_tangent is not None and single:
             out_tangent = out_tangent[0]
-        return Dual._make(out, out_tangent)
-
-
-def _split_duals(name, args):
-    """(values, tangents with a K axis or None, True when no tangent had a K axis)."""
-    values, tangents, directions = [], [], set()
-    for a in args:
-        tangent = a.tangent if isinstance(a, Dual) else None
-        if tangent is not None:
-            if tangent.ndim == a.value.ndim:
-                tangent = tangent[None]
-            else:
-                directions.add(tangent.shape[0])
-        values.append(a.value if isinstance(a, Dual) else a)
-        tangents.append(tangent)
-    if len(directions) > 1:
-        raise ValueError(f"{name}: inputs carry different numbers of directions K: {sorted(directions)}")
-    return values, tangents, not directions
+        return Dual._make(out, out_tangent, None, tag)
 
 
 def _num_directions(tangents):
@@ -172,12 +157,12 @@ class _Saved:
 # argument checks
 # ---------------------------------------------------------------------------------------
 def _shape(a):
-    return tuple(a.value.shape if isinstance(a, Dual) else numpy.shape(a))
+    return tuple(numpy.shape(value_of(a)))
 
 
 def _check_floating(name, **arrays):
     for label, a in arrays.items():
-        dtype = (a.value if isinstance(a, Dual) else numpy.asarray(a) if numpy.isscalar(a) else a).dtype
+        dtype = numpy.asarray(a).dtype if numpy.isscalar(a) else value_of(a).dtype
         if not numpy.issubdtype(dtype, numpy.floating):
             raise TypeError(f"{name}: {label} must be real floating point, got dtype {dtype}")
 

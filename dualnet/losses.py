@@ -33,7 +33,7 @@ import collections
 import numpy
 
 from . import backend
-from .dual import Dual
+from .dual import Dual, value_of
 from .primitives import TABLE, Primitive, log_softmax, matmul, sqrt, stop_gradient, transpose
 from .primitives import sum as sum_
 
@@ -45,10 +45,6 @@ NORM_EPS = 1e-12
 # ---------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------
-def _value_of(x):
-    return x.value if isinstance(x, Dual) else x
-
-
 def _reduce(op, losses, reduction):
     if reduction == "mean":
         return losses.mean()
@@ -99,7 +95,7 @@ def cross_entropy(logits, labels, reduction="mean"):
     (log-sum-exp with the max subtracted).  Built from ``log_softmax``, so its tangent is
     ⟨softmax·Σt − t, ḣ⟩ and its cotangent (softmax·Σt − t)·ḡ, in both modes, K-aware.
     """
-    values = _value_of(logits)
+    values = value_of(logits)
     if numpy.ndim(values) < 1:
         raise ValueError(f"cross_entropy: logits need a class axis, got shape {numpy.shape(values)}")
     module = backend.namespace(values)
@@ -121,7 +117,7 @@ def info_nce(queries, keys, temperature=0.5, reduction="mean", stop_gradient_key
     its negatives.  With ``stop_gradient_keys`` (default, Ren et al.'s setting) the keys carry
     no tangent and receive no cotangent.  ``reduction`` as in ``cross_entropy``.
     """
-    q_shape, k_shape = numpy.shape(_value_of(queries)), numpy.shape(_value_of(keys))
+    q_shape, k_shape = numpy.shape(value_of(queries)), numpy.shape(value_of(keys))
     if len(q_shape) != 2 or q_shape != k_shape:
         raise ValueError(f"info_nce: queries and keys must both be [N, D], got {q_shape} and {k_shape}")
     if temperature <= 0:
@@ -130,7 +126,7 @@ def info_nce(queries, keys, temperature=0.5, reduction="mean", stop_gradient_key
     key = l2_normalize(stop_gradient(keys) if stop_gradient_keys else keys)
     logits = matmul(query, transpose(key)) * (1.0 / temperature)
     positives = numpy.arange(q_shape[0])
-    return cross_entropy(logits, backend.namespace(_value_of(queries)).asarray(positives), reduction)
+    return cross_entropy(logits, backend.namespace(value_of(queries)).asarray(positives), reduction)
 
 
 def symmetric_info_nce(view1, view2, temperature=0.5, reduction="mean"):

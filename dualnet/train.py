@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy
 
 from . import backend, data, distributed, models, optim, rules
-from .nn.layers import value_of
+from .dual import value_of
 from .nn.plan import Plan
 
 SCHEDULES = ("constant", "linear", "warmup_cosine", "epoch_decay", "step", "exponential")

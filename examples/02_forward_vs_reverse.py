@@ -10,8 +10,8 @@ J = diag(1 - y²) A₂ diag(1 - z²) A₁ (m × n), with z = tanh(A₁ x), y = t
 All three must agree with the analytic J.  Forward mode costs grow with n (inputs), reverse mode
 costs with m (outputs): forward wins for "tall" Jacobians (n ≪ m), reverse for "wide" ones
 (n ≫ m, e.g. a scalar loss of many weights), and batching the n directions into one pass beats
-n separate passes.  Timings are the best of 3 runs; they depend on the machine, the ordering is
-what matters.
+n separate passes.  Timings are the best of 3 runs and are printed, not checked: they depend on
+the machine and its load, and only the agreement of the Jacobians is asserted.
 
 Run: ``python examples/02_forward_vs_reverse.py`` (a few seconds).
 """
@@ -91,19 +91,14 @@ def main():
               f"(max |error| {error:.1e} < 1e-12) {status}")
 
     tall, wide = timings[SHAPES[0]], timings[SHAPES[-1]]
-    checks = [
-        (f"forward mode is faster for a tall Jacobian (n={SHAPES[0][0]}, m={SHAPES[0][1]}): "
-         f"{tall['forward'] * 1e3:.2f} ms vs reverse {tall['reverse'] * 1e3:.2f} ms",
-         tall["forward"] < tall["reverse"]),
-        (f"reverse mode is faster for a wide Jacobian (n={SHAPES[-1][0]}, m={SHAPES[-1][1]}): "
-         f"{wide['reverse'] * 1e3:.2f} ms vs forward {wide['forward'] * 1e3:.2f} ms",
-         wide["reverse"] < wide["forward"]),
-        (f"one batched K=n pass beats n separate forward passes (n={SHAPES[-1][0]}): "
-         f"{wide['batched'] * 1e3:.2f} ms vs {wide['forward'] * 1e3:.2f} ms", wide["batched"] < wide["forward"]),
-    ]
-    for label, passed in checks:
-        ok &= passed
-        print(f"CHECK {label} {'OK' if passed else 'FAILED'}")
+    print()
+    print("Observed on this machine (timings vary with the machine and its load; not checked):")
+    print(f"  tall Jacobian (n={SHAPES[0][0]}, m={SHAPES[0][1]}): forward {tall['forward'] * 1e3:.2f} ms, "
+          f"reverse {tall['reverse'] * 1e3:.2f} ms (expected: forward faster)")
+    print(f"  wide Jacobian (n={SHAPES[-1][0]}, m={SHAPES[-1][1]}): reverse {wide['reverse'] * 1e3:.2f} ms, "
+          f"forward {wide['forward'] * 1e3:.2f} ms (expected: reverse faster)")
+    print(f"  n={SHAPES[-1][0]} directions: one batched pass {wide['batched'] * 1e3:.2f} ms, n passes "
+          f"{wide['forward'] * 1e3:.2f} ms (expected: the batched pass faster)")
     print()
     print("Conclusion: forward mode builds J a column per pass (cost ~ n), reverse mode a row per pass")
     print("(cost ~ m); pushing all n directions through one batched pass amortises the primal work.")

@@ -134,6 +134,8 @@ def _unary(primitive, make=normal):
 
 
 def _power(draw):
+    if draw(st.booleans()):  # base and exponent both differentiable, broadcasting against each other
+        return _binary(dn.power, make_x=positive)(draw)
     rng = _rng(draw)
     exponent = draw(st.sampled_from([2, 3, 0.5, -1.5, np.float64(1.7)]))
     return (lambda x: dn.power(x, exponent)), [positive(rng, draw(array_shapes(**SMALL)))]
@@ -304,6 +306,62 @@ def _pad(draw):
     return (lambda x: dn.pad(x, widths, constant)), [normal(rng, shape)]
 
 
+def bounded(rng, shape, bound=1.2):
+    return rng.uniform(-bound, bound, shape)
+
+
+def between_integers(rng, shape):
+    """Values at least 0.1 away from every integer (the jumps of floor and ceil)."""
+    return rng.integers(-3, 3, shape) + rng.uniform(0.1, 0.9, shape)
+
+
+def _moments(primitive):
+    """var/std over axes with ddof 0 or 1, at least two entries reduced (std is smooth there)."""
+    def spec(draw):
+        rng = _rng(draw)
+        shape = draw(array_shapes(min_dims=1, max_dims=3, min_side=2, max_side=4))
+        axis, keepdims, ddof = _axis(draw, len(shape)), draw(st.booleans()), draw(st.sampled_from([0, 1]))
+        return (lambda x: primitive(x, axis=axis, ddof=ddof, keepdims=keepdims)), [normal(rng, shape)]
+    return spec
+
+
+def _cumsum(draw):
+    rng = _rng(draw)
+    shape = draw(array_shapes(**SMALL))
+    axis = draw(st.none() if not shape else st.one_of(st.none(), st.integers(-len(shape), len(shape) - 1)))
+    return (lambda x: dn.cumsum(x, axis=axis)), [normal(rng, shape)]
+
+
+def _astype(draw):
+    """Through float64 and back to the input's dtype (a float32 run stays float32)."""
+    rng = _rng(draw)
+    return (lambda x: dn.astype(dn.astype(x, np.float64), x.dtype)), [normal(rng, draw(array_shapes(**SMALL)))]
+
+
+def _scatter_add(draw):
+    rng = _rng(draw)
+    shape = draw(array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=4))
+    index = _index(draw, rng, shape)
+    return (lambda g: dn.primitives.scatter_add(g, index, shape)), [normal(rng, np.zeros(shape)[index].shape)]
+
+
+def _tile(draw):
+    rng = _rng(draw)
+    shape = draw(array_shapes(**SMALL))
+    reps = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=4)))
+    return (lambda x: dn.tile(x, reps)), [normal(rng, shape)]
+
+
+def _roll(draw):
+    rng = _rng(draw)
+    shape = draw(array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=4))
+    ndim = len(shape)
+    shift, axis = draw(st.one_of(
+        st.tuples(st.integers(-5, 5), st.none()), st.tuples(st.integers(-5, 5), st.integers(-ndim, ndim - 1)),
+        st.tuples(st.just((1, -2)), st.just((0, -1)))))
+    return (lambda x: dn.roll(x, shift, axis)), [normal(rng, shape)]
+
+
 SPECS = {
     "add": _binary(dn.add), "sub": _binary(dn.sub), "mul": _binary(dn.mul),
     "div": _binary(dn.div, make_y=positive), "neg": _unary(dn.neg), "power": _power,
@@ -319,7 +377,16 @@ SPECS = {
     "stop_gradient": _unary(dn.stop_gradient),
     "logsumexp": _along_axis(dn.logsumexp, keepdims_param=True), "softmax": _along_axis(dn.softmax),
     "log_softmax": _along_axis(dn.log_softmax),
+    "sin": _unary(dn.sin), "cos": _unary(dn.cos), "tan": _unary(dn.tan, bounded), "sinh": _unary(dn.sinh),
+    "cosh": _unary(dn.cosh), "arctan": _unary(dn.arctan), "log1p": _unary(dn.log1p, positive),
+    "expm1": _unary(dn.expm1), "log2": _unary(dn.log2, positive), "log10": _unary(dn.log10, positive),
+    "sign": _unary(dn.sign, away_from_zero), "floor": _unary(dn.floor, between_integers),
+    "ceil": _unary(dn.ceil, between_integers), "logaddexp": _binary(dn.logaddexp),
+    "min": _reduction(dn.min, distinct), "var": _moments(dn.var), "std": _moments(dn.std),
+    "prod": _reduction(dn.prod), "cumsum": _cumsum, "astype": _astype, "scatter_add": _scatter_add,
+    "tile": _tile, "roll": _roll,
 }
+ZERO_DERIVATIVE = {"stop_gradient", "sign", "floor", "ceil"}  # their tangent is a symbolic zero
 NAMES = sorted(SPECS)
 
 
@@ -391,7 +458,7 @@ def test_jvp_matches_central_differences(name, data):
     tangents = [rng.standard_normal(x.shape) for x in inputs]
     out, tangent = dn.jvp(fn, inputs, tangents)
     assert_same_value(name, out, fn(*inputs))
-    expected = np.zeros_like(np.asarray(out)) if name == "stop_gradient" else central_difference(fn, inputs, tangents)
+    expected = np.zeros_like(np.asarray(out)) if name in ZERO_DERIVATIVE else central_difference(fn, inputs, tangents)
     assert tangent.shape == np.shape(out) and tangent.dtype == np.float64
     np.testing.assert_allclose(tangent, expected, rtol=FD_RTOL, atol=FD_ATOL)
 
@@ -462,7 +529,7 @@ def test_float32_stays_float32(name, data):
         tangents = [rng.standard_normal(shape + x.shape).astype(np.float32) for x in inputs]
         out = fn(*[Dual(x, t) for x, t in zip(inputs, tangents)])
         assert out.dtype == np.float32
-        assert out.tangent is None if name == "stop_gradient" else out.tangent.dtype == np.float32
+        assert out.tangent is None if name in ZERO_DERIVATIVE else out.tangent.dtype == np.float32
     out, pull = reverse_cotangents(fn, inputs)
     for cotangent in pull(np.ones(out.shape, np.float32)):
         assert cotangent is None or cotangent.dtype == np.float32

@@ -22,8 +22,8 @@ import numpy
 
 from .. import backend
 from .. import primitives as P
+from ..dual import value_of
 from ..primitives import TABLE, Primitive
-from .layers import value_of
 
 ns = backend.namespace
 

@@ -18,8 +18,9 @@ import numpy
 
 from .. import autodiff, backend, losses
 from .. import primitives as P
+from ..dual import value_of
 from . import init as initialisers
-from .layers import linear, linear_map, value_of
+from .layers import linear, linear_map
 from .plan import Context, Plan, Point
 
 ROLES = ("weight", "bias", "norm")

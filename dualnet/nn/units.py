@@ -9,8 +9,9 @@ so the rules see a ``Point``) or directly (auxiliary heads).  Parameter names un
 from dataclasses import dataclass
 
 from .. import primitives as P
+from ..dual import value_of
 from .conv import conv_layer, flatten, output_size
-from .layers import batch_norm, linear, linear_map, value_of
+from .layers import batch_norm, linear, linear_map
 
 
 def identity(a):

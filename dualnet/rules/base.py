@@ -13,7 +13,7 @@ import numpy
 
 from .. import autodiff, backend
 from .. import primitives as P
-from ..nn.layers import value_of
+from ..dual import value_of
 from ..nn.plan import Plan
 
 

@@ -24,8 +24,7 @@ exact gradients from their own layer alone ("always backprop" for the last layer
 import zlib
 
 from .. import backend, noise
-from ..dual import Dual
-from ..nn.layers import value_of
+from ..dual import Dual, value_of
 from ..nn.plan import Plan, Site
 from .base import PLANS, Estimate, Rule, contrastive_plan, expand_replicas, local_head_grads, mean_value, output_error
 

@@ -69,11 +69,11 @@ import numpy
 
 from .. import autodiff, backend, losses
 from .. import primitives as P
-from ..dual import Dual
+from ..dual import Dual, value_of
 from ..nn import init as initialisers
 from ..nn.aux_heads import POOL  # images are pooled to POOL × POOL before an aux net's linear layers
 from ..nn.conv import adaptive_avg_pool2d, conv2d, flatten
-from ..nn.layers import layer_norm, linear, value_of
+from ..nn.layers import layer_norm, linear
 from ..nn.model import ParamSpec
 from ..nn.plan import Context, Plan
 from .base import Estimate, Rule, mean_value

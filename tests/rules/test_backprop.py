@@ -20,7 +20,7 @@ import pytest
 
 from dualnet import primitives as P
 from dualnet import rules
-from dualnet.nn.layers import value_of
+from dualnet.dual import value_of
 from dualnet.nn.plan import Plan
 from dualnet.rules.base import PLANS, objective
 
