@@ -174,6 +174,8 @@ class Device:
             """A host copy of ``array``."""
             return array.get() if isinstance(array, ndarray) else numpy.asarray(array)
         cupy.asnumpy = asnumpy
+        cupy.cuda = types.ModuleType("cupy.cuda")  # one device, number 0
+        cupy.cuda.runtime = types.SimpleNamespace(getDevice=lambda: 0, getDeviceCount=lambda: 1)
         cupy.random = types.ModuleType("cupy.random")
         cupy.random.Generator = Generator
         cupy.random.default_rng = Generator
