@@ -5,12 +5,13 @@ Rule estimates are means over the examples of a batch, ĝ = (1/N) Σ_n c_n, so w
 sizes N_r, ĝ = Σ_r (N_r/N) ĝ_r: each rank scales its shard's estimate by N_r/N and the ranks sum.
 That needs every per-example term c_n to be the one the single process computes: noise is keyed
 by the global example index (FG-A) or shared by all ranks (FG-W's per-tensor draws), and a
-BatchNorm uses its shard's statistics (as PyTorch's DistributedDataParallel does), so a model
-with BatchNorm trains as with "ghost batches" of size N_r.
+BatchNorm normalises with the whole batch's statistics, summed over the ranks by ``rank_sum``.
 """
 import numpy
 
 from .. import backend
+from ..nn.layers import batch_statistics_over_ranks
+from ..primitives import Primitive
 from ..rules.base import Batch
 
 
@@ -38,8 +39,26 @@ def estimate_on_shard(world, rule, model, params, x, labels, rng, state, views=N
     if views is not None:
         x = backend.namespace(x).concatenate([views[0][rows], views[1][rows]], axis=0)
     batch = Batch(rows.start, rows.stop, total, mean=batch_mean(world, weight))
-    estimate = rule(model, params, x, labels, rng, state, batch)
+    if world.size == 1:
+        estimate = rule(model, params, x, labels, rng, state, batch)
+    else:
+        with batch_statistics_over_ranks(rank_sum(world, weight), round(weight * total), total):
+            estimate = rule(model, params, x, labels, rng, state, batch)
     return (estimate,) + combine(world, estimate, weight, flag)
+
+
+def rank_sum(world, weight):
+    """The primitive y = Σ_r x_r over the ranks (every rank holds y), for the statistics a
+    BatchNorm shares across the ranks.  jvp: Σ_r t_r.  vjp: a rank's gradients are later scaled
+    by its weight w_r = N_r/N (``combine``) while the true objective is Σ_r w_r L_r, so the
+    cotangent of x_r is Σ_r' w_r' ḡ_r' / w_r.  A rank with an empty shard (w_r = 0) adds
+    nothing and passes nothing back."""
+    def reduce(array, scale=1.0):
+        return world.allreduce(array * scale) if weight else world.allreduce(array * 0) * 0
+
+    return Primitive("rank_sum", reduce,
+                     jvp=(lambda tangent, out, x: reduce(tangent),),
+                     vjp=(lambda cotangent, out, x: reduce(cotangent, weight) / (weight or 1),))
 
 
 def batch_mean(world, weight):

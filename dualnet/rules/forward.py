@@ -144,7 +144,7 @@ class ActivityPerturbation(Rule):
 
         def layer_grads(point, u):
             if point.block not in derivatives:  # scaled by 1/(K·N): the mean over directions and examples
-                derivatives[point.block] = self._loss_derivatives(model, plan, trace, point.block) / (len(u) * n)
+                derivatives[point.block] = self._loss_derivatives(model, plan, trace, point.block, batch) / (len(u) * n)
             products = expand_replicas(derivatives[point.block], point.h.shape, point.replica) * u  # [K, N, ...]
             site_grad = products[0] if len(u) == 1 else products.sum(axis=0)
             # 'pre': the ReLU-sparsity trick (zero where the unit is off, unbiased since the true
@@ -164,11 +164,15 @@ class ActivityPerturbation(Rule):
         grads.update(_head_grads(model, params, trace, labels, self.local, self.contrastive, self.temperature))
         return Estimate(grads, mean_value(trace.loss), trace.state)
 
-    def _loss_derivatives(self, model, plan, trace, block):
-        """d [K, N] (or replicas [K, N, P, G]) that block ``block``'s noise reaches."""
+    def _loss_derivatives(self, model, plan, trace, block, batch):
+        """d [K, N] (or replicas [K, N, P, G]) that block ``block``'s noise reaches; under a later
+        BatchNorm, the total over the whole batch (all ranks' shards, whose statistics it shares)."""
         d = _tangent(trace.local_losses[block] if self.local else trace.loss, self.directions)
         if self.batch_coupling == "total" and model.couples_examples_after(block, plan):  # E[d_m u_n] = ∂ℓ_m/∂h_n
-            d = backend.namespace(d).broadcast_to(d.sum(axis=1, keepdims=True), d.shape)
+            total = d.sum(axis=1, keepdims=True)
+            if batch.stop - batch.start != batch.total:
+                total = batch.mean(total / (batch.stop - batch.start)) * batch.total
+            d = backend.namespace(d).broadcast_to(total, d.shape)
         if self.contrastive:  # replica derivatives reach the units of both views
             d = backend.namespace(d).concatenate([d, d], axis=1)
         return d
