@@ -24,7 +24,7 @@ from .train import SCHEDULES, Config, Interrupted, RunError, default_out, epoch_
 
 MODEL_FLAGS = {"config": str, "hidden": int, "layers": int, "blocks": int, "patches": int, "channels": int,
                "groups": int, "aux": str}
-RESUME_FLAGS = {"resume", "epochs", "lr", "device", "parallel", "max_steps", "progress"}
+RESUME_FLAGS = {"resume", "epochs", "lr", "device", "parallel", "stages", "max_steps", "progress"}
 """What ``train --resume`` accepts; any other flag given with it is refused by name."""
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -161,11 +161,26 @@ def _add_run_arguments(parser):
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         help="default: cuda with DUALNET_BACKEND=cupy, else cpu; with --resume, "
                              "overrides the run's device (a GPU run can continue on a CPU)")
-    parser.add_argument("--parallel", choices=("data",),
-                        help="under mpiexec -n P: 'data' splits every batch over the P ranks (needs the mpi extra)")
+    parser.add_argument("--parallel", choices=("data", "pipeline"),
+                        help="under mpiexec -n P: 'data' splits every batch over the P ranks; 'pipeline' puts "
+                             "stage s of the blocks on rank s (local greedy rules; needs the mpi extra)")
+    parser.add_argument("--stages", type=_block_counts,
+                        help="with --parallel pipeline: blocks per stage, e.g. 2,1 (default: balanced by "
+                             "estimated cost)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar on stderr (default: when stderr is a terminal)")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+
+
+def _block_counts(text):
+    """``--stages 2,1``: positive block counts, one per stage."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive block counts separated by commas, e.g. 2,1")
+    return counts
 
 
 def build_parser():
@@ -237,7 +252,8 @@ def _config(args, rule, out):
                   optimizer=args.optimizer, lr=args.lr, optimizer_options=_optimizer_options(args),
                   schedule=args.schedule, lr_decay_rate=args.lr_decay_rate, seed=args.seed,
                   normalize=args.normalize, train_limit=args.train_limit, eval_limit=args.eval_limit,
-                  diagnostics=args.diagnostics, device=args.device, parallel=args.parallel, out=out)
+                  diagnostics=args.diagnostics, device=args.device, parallel=args.parallel, stages=args.stages,
+                  out=out)
 
 
 def _report(epochs):
@@ -261,6 +277,8 @@ def cmd_train(args, given):
         stored = read_config(args.resume)
         config = Config(**{**stored.__dict__, **{k: getattr(args, k) for k in ("epochs", "lr", "device", "parallel")
                                                   if k in given}})
+        if "parallel" in given or "stages" in given:  # a new layout: the stored partition does not carry over
+            config.stages = getattr(args, "stages", None)
         return train(config, resume=True, progress=args.progress, on_epoch=_report(config.epochs),
                      max_steps=args.max_steps)
     out = args.out or default_out(args.model, args.rule)

@@ -44,7 +44,7 @@ from .nn.plan import Plan
 SCHEDULES = ("constant", "linear", "warmup_cosine", "epoch_decay", "step", "exponential")
 HORIZON_SCHEDULES = ("linear", "warmup_cosine")
 """Schedules sized to the run's total number of steps (extending a run adds a segment)."""
-RESUMABLE_FIELDS = ("epochs", "lr", "device", "parallel")
+RESUMABLE_FIELDS = ("epochs", "lr", "device", "parallel", "stages")
 """The only ``Config`` fields a resumed run may change (recorded under ``changes``)."""
 
 
@@ -87,6 +87,8 @@ class Config:
     diagnostics: bool = False
     device: str = None        # 'cpu' or 'cuda'; None: the active backend's (DUALNET_BACKEND, backend.use)
     parallel: str = None      # 'data': the ranks of mpiexec split every batch (dualnet.distributed); None: one process
+    # parallel 'pipeline': rank s trains stage s of the blocks (distributed/pipeline.py)
+    stages: list = None       # with 'pipeline': blocks per stage, e.g. [2, 1]; None: balanced by estimated cost
     out: str = "runs/run"     # where the run lives; never read back from config.json (a run resumes in place)
     changes: list = field(default_factory=list)  # what each resume changed (epochs, lr, device), in order
 
@@ -116,6 +118,8 @@ class Config:
                              "(lr_t = lr * exp(-K t))")
         if self.schedule != "exponential" and self.lr_decay_rate is not None:
             raise ValueError(f"--lr-decay-rate applies to --schedule exponential only, not {self.schedule!r}")
+        if self.stages is not None and self.parallel != "pipeline":
+            raise ValueError("--stages splits the blocks of --parallel pipeline; give both, or neither")
         if self.normalize not in data.NORMALIZATIONS:
             raise ValueError(f"normalize={self.normalize!r}; choose one of {', '.join(data.NORMALIZATIONS)}")
 
@@ -452,8 +456,11 @@ def train(config, resume=False, progress=None, on_epoch=None, overwrite=False, m
     config = dataclasses.replace(config, device=device, data_dir=config.data_dir and os.path.abspath(config.data_dir))
     config.check()
     world = distributed.world(config.parallel)
+    run = _Run
+    if config.parallel == "pipeline":
+        from .distributed.pipeline import PipelineRun as run
     with backend.using(backend.DEVICES[device]):
-        return _Run(config, resume, overwrite, world).loop(progress, on_epoch, max_steps)
+        return run(config, resume, overwrite, world).loop(progress, on_epoch, max_steps)
 
 
 def _resumed_config(config):
@@ -470,7 +477,7 @@ def _resumed_config(config):
                for name in RESUMABLE_FIELDS if getattr(config, name) != getattr(stored, name)]
     # the optimiser keeps the run's first lr: a new lr starts a schedule piece scaled to it
     return dataclasses.replace(stored, epochs=config.epochs, device=config.device, parallel=config.parallel,
-                               data_dir=config.data_dir or stored.data_dir), changes
+                               stages=config.stages, data_dir=config.data_dir or stored.data_dir), changes
 
 
 class _Run:
@@ -504,7 +511,7 @@ class _Run:
         if resume:
             self.optimizer.load_state_dict(parts["optimizer"])
             self.rule.load_state_dict(parts["rule"])
-        if world.size > 1 and config.batch_size < world.size:
+        if config.parallel == "data" and world.size > 1 and config.batch_size < world.size:
             raise RunError(f"--batch-size {config.batch_size} is smaller than the {world.size} ranks; each rank "
                            f"needs at least one example of every batch")
         if self.writes:

@@ -80,7 +80,9 @@ class Trace:
     ``local_losses``: one entry per block — [N, P, G] replicas when the plan asks for
     replicated losses, else the pooled per-example loss [N]; ``points``: the hidden layers
     (see ``Point``); ``outputs``: block outputs (empty unless the plan records them);
-    ``readout_input``: the read-out's input feature value; ``state``: updated running statistics.
+    ``readout_input``: the read-out's input feature value; ``state``: updated running statistics;
+    ``last_output``, ``last_tangent``: the value and tangent (None: none) of the last block's output
+    (see ``Model.forward``'s ``blocks``).
     """
     logits: object
     loss: object
@@ -90,6 +92,8 @@ class Trace:
     output_tangents: list
     readout_input: object
     state: dict = field(default_factory=dict)
+    last_output: object = None
+    last_tangent: object = None
 
 
 @dataclass(frozen=True)
@@ -181,13 +185,25 @@ class Model:
         return counts
 
     # --- one pass ----------------------------------------------------------------------
-    def forward(self, params, x, labels=None, plan=None, state=None):
-        """Run the whole model once under ``plan``; returns a ``Trace``."""
+    def forward(self, params, x, labels=None, plan=None, state=None, blocks=None):
+        """Run the whole model once under ``plan``; returns a ``Trace``.
+
+        ``blocks``: run only this contiguous range of block indices (a stage of the block
+        pipeline).  ``x`` is then the output of block ``blocks.start − 1`` (the raw input when the
+        range starts at 0); ``outputs``, ``output_tangents`` and ``local_losses`` hold None for the
+        blocks before the range, so that they stay indexed by block; the read-out runs only when the
+        range ends at the last block (else ``logits`` and ``loss`` are None).  ``Trace.last_output``
+        and ``last_tangent`` are the value and tangent of the last block run, the next stage's input
+        (``x`` may be a ``Dual`` carrying the tangent of the previous stages).
+        """
         plan = plan or Plan()
         ctx = Context(plan, state if state is not None else self.init_state())
-        h = self.embed(x)
-        outputs, output_tangents, local = [], [], []
-        for k in range(self.num_blocks):
+        blocks = range(self.num_blocks) if blocks is None else blocks
+        h = self.embed(x) if blocks.start == 0 else x
+        outputs, output_tangents, local = [None] * blocks.start, [None] * blocks.start, [None] * blocks.start
+        if not plan.record_outputs:
+            outputs, output_tangents = [], []
+        for k in blocks:
             if plan.greedy and k > 0:
                 h = ctx.stop(h)
             h = self.block(k, params, h, ctx)
@@ -199,13 +215,19 @@ class Model:
                 local.append(self.contrastive_loss(k, params, h, plan.replicated, plan.temperature))
             elif plan.local_losses:
                 local.append(self.local_loss(k, params, h, labels, plan.replicated, plan.feedback, ctx))
+        if blocks.stop < self.num_blocks:  # a pipeline stage before the last: no read-out
+            state = {**ctx.state, **ctx.new_state}
+            return Trace(None, None, local, ctx.points, outputs, output_tangents, None, state, value_of(h),
+                         getattr(h, "tangent", None))
+        last_output, last_tangent = value_of(h), getattr(h, "tangent", None)
         if plan.contrastive:  # the online linear probe reads view 1 under stop-gradient
             h = ctx.stop(P.getitem(h, slice(0, value_of(h).shape[0] // 2)))
         features = self.pooled_features(ctx.stop(h) if plan.readout_stop_gradient else h)
         logits = self.readout(params, features, ctx)
         loss = None if labels is None else losses.cross_entropy(logits, labels, reduction="none")
         state = {**ctx.state, **ctx.new_state}
-        return Trace(logits, loss, local, ctx.points, outputs, output_tangents, value_of(features), state)
+        return Trace(logits, loss, local, ctx.points, outputs, output_tangents, value_of(features), state,
+                     last_output, last_tangent)
 
     def readout(self, params, features, ctx):
         return linear_map(linear, features, [params["head.weight"], params["head.bias"]],

@@ -19,10 +19,11 @@ from ..nn.plan import Plan
 
 @dataclass
 class Estimate:
-    """``grads``: {param name: array}; ``loss``: mean final loss (float); ``state``: model running
-    statistics after the step; ``diagnostics``: per-layer cosine/norm when requested;
-    ``batch_wide``: names whose gradient is already the whole batch's (``Batch.mean`` was applied:
-    the data-parallel runner must not reduce them again)."""
+    """``grads``: {param name: array}; ``loss``: mean final loss (float; None on a pipeline stage
+    before the last, which has no read-out); ``state``: model running statistics after the step;
+    ``diagnostics``: per-layer cosine/norm when requested; ``batch_wide``: names whose gradient is
+    already the whole batch's (``Batch.mean`` was applied: the data-parallel runner must not reduce
+    them again)."""
     grads: dict
     loss: float
     state: dict
@@ -56,7 +57,7 @@ class Batch:
 # i-th tensor from numpy.random.default_rng(seed + SEED_STREAMS[s] + i), apart from the other streams.
 SEED_STREAMS = {
     "feedback-alignment": 7919,  # FA: one fixed B per weight, drawn in declaration order
-    "direct-feedback": 104729,   # DFA: B_l of the i-th hidden layer met
+    "direct-feedback": 104729,   # DFA: B_l of each hidden layer, keyed by (block, layer name)
 }
 
 
@@ -122,10 +123,13 @@ class Rule:
 
 
 def objective(trace):
-    """Mean final loss plus the mean of every local loss (pooled per example)."""
-    total = P.mean(trace.loss)
-    for local in trace.local_losses:
-        total = total + P.mean(local)
+    """Mean final loss plus the mean of every local loss (pooled per example); a pipeline stage's
+    trace (``Model.forward``'s ``blocks``) has only its own blocks' losses, and the final loss only
+    on the last stage."""
+    terms = [loss for loss in [trace.loss] + list(trace.local_losses) if loss is not None]
+    total = P.mean(terms[0])
+    for loss in terms[1:]:
+        total = total + P.mean(loss)
     return total
 
 
@@ -144,13 +148,14 @@ def exact_gradients(model, params, x, labels, target="global", state=None, feedb
         traces.append(trace)
         return objective(trace)
 
-    _, pullback = autodiff.vjp(loss_of, params)
-    grads = pullback(numpy.ones((), dtype=value_of(traces[0].loss).dtype))[0]
+    total, pullback = autodiff.vjp(loss_of, params)
+    grads = pullback(numpy.ones((), dtype=value_of(total).dtype))[0]
     return grads, traces[0]
 
 
 def mean_value(x):
-    return float(value_of(x).mean())
+    """The mean of ``x``'s value as a float; None for None (a pipeline stage without the read-out)."""
+    return None if x is None else float(value_of(x).mean())
 
 
 def output_error(logits, labels):
@@ -169,7 +174,7 @@ def local_head_grads(model, params, trace, labels, contrastive=False, temperatur
     grads = {}
     for k, block_output in enumerate(trace.outputs):
         names = sorted(model.parameters_of(k, local_head=True))
-        if not names:
+        if not names or block_output is None:  # None: a block of an earlier pipeline stage
             continue
         h = value_of(block_output)
 

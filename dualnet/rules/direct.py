@@ -13,13 +13,15 @@ read-out gets its exact gradient.  B_l is [classes, units_l]:
   since the u_m are independent), or an Adam step on the residual B_l − mean_n(d_n u_{l,n}ᵀ)
   as the authors' code does (``adam=True``).
 """
+import zlib
+
 import numpy
 
 from .. import backend
 from ..nn import init as initialisers
 from ..nn.plan import Plan
 from ..optim import Adam
-from .base import Estimate, Rule, mean_value, output_error, stream_rng
+from .base import SEED_STREAMS, Estimate, Rule, mean_value, output_error
 from .forward import _tangent, example_noise
 
 
@@ -55,17 +57,17 @@ class DirectFeedback(Rule):
         if adam is not None:
             self._adam.load_state_dict(adam)
 
-    def initial_feedback(self, classes, units, dtype):
-        """B_l before any learning: zero (DKP and FDFA learn it)."""
+    def initial_feedback(self, classes, units, dtype, point):
+        """B_l of hidden layer ``point`` before any learning: zero (DKP and FDFA learn it)."""
         return numpy.zeros((classes, units), dtype)
 
     def perturbation(self, rng, batch):
         """The plan's ``perturb`` for the forward pass (None: a plain pass)."""
         return None
 
-    def learn_before_use(self, key, point, trace, batch):
-        """Update B (``self.state[key]``) from the forward pass, before δ is formed from it
-        (``batch.mean`` makes a shard's mean the whole batch's)."""
+    def learn_before_use(self, key, point, signal, batch):
+        """Update B (``self.state[key]``) from the forward pass and the ``signal``, before δ is formed
+        from it (``batch.mean`` makes a shard's mean the whole batch's)."""
 
     def learn_after_use(self, key, point, error, batch):
         """Update B from the output error e [N, classes], after δ is formed."""
@@ -74,17 +76,32 @@ class DirectFeedback(Rule):
         key = f"B.{point.block}.{point.name}"
         if key not in self.state:
             units = int(numpy.prod(point.h.shape[1:]))
-            self.state[key] = backend.to_device(self.initial_feedback(classes, units, dtype))
+            self.state[key] = backend.to_device(self.initial_feedback(classes, units, dtype, point))
         return key
 
     def estimate(self, model, params, x, labels, rng, state, batch):
-        trace = model.forward(params, x, labels, Plan(perturb=self.perturbation(rng, batch)), state)
-        error = output_error(trace.logits, labels)
+        trace = self.forward_pass(model, params, x, labels, rng, state, batch)
+        return self.updates(model, params, trace, self.signal(trace, labels), batch)
+
+    def forward_pass(self, model, params, x, labels, rng, state, batch):
+        """The forward pass whose hidden layers the updates use (the block pipeline runs it on each
+        stage's blocks, then hands every stage the last stage's ``signal``)."""
+        return model.forward(params, x, labels, Plan(perturb=self.perturbation(rng, batch)), state)
+
+    def signal(self, trace, labels):
+        """What the hidden layers need from the end of the network, a tuple of arrays: the output
+        error e = ∂(mean loss)/∂logits [N, classes] (FDFA adds the logits' tangent)."""
+        return (output_error(trace.logits, labels),)
+
+    def updates(self, model, params, trace, signal, batch):
+        """The estimate from a ``forward_pass`` trace and the ``signal`` (e [N, classes] first): the
+        exact read-out gradient (when the trace has the read-out) and δ_l = (e B_l) ⊙ f′(a_l) per layer."""
+        error = signal[0]
         classes = error.shape[1]
-        grads = model.readout_grads(trace, error)
+        grads = {} if trace.logits is None else model.readout_grads(trace, error)
         for point in trace.points:
             key = self._feedback(point, classes, error.dtype)
-            self.learn_before_use(key, point, trace, batch)
+            self.learn_before_use(key, point, signal, batch)
             delta = (error @ self.state[key]).reshape(point.h.shape) * point.mask
             grads.update(point.weight_grads(delta))
             self.learn_after_use(key, point, error, batch)
@@ -108,9 +125,11 @@ class DFA(DirectFeedback):
                              "allowed with 'dkp' and 'fdfa'")
         super().__init__(diagnostics=diagnostics)
 
-    def initial_feedback(self, classes, units, dtype):
-        """Kaiming-uniform, the i-th layer met drawn from the ``direct-feedback`` stream at index i."""
-        rng = stream_rng(self.seed, "direct-feedback", len(self.state))
+    def initial_feedback(self, classes, units, dtype, point):
+        """Kaiming-uniform, drawn from the ``direct-feedback`` stream keyed by the layer (its block and
+        name), so that a block's matrices are the same on whichever process runs it."""
+        rng = numpy.random.default_rng([self.seed + SEED_STREAMS["direct-feedback"], point.block,
+                                        zlib.crc32(point.name.encode())])
         return initialisers.kaiming_uniform(rng, (classes, units), units, dtype)
 
 
@@ -141,9 +160,14 @@ class FDFA(DirectFeedback):
     def perturbation(self, rng, batch):
         return example_noise(rng, batch, self.directions, "post")
 
-    def learn_before_use(self, key, point, trace, batch):
+    def signal(self, trace, labels):
+        """e [N, classes] and the logits' tangent [K, N, classes] (every layer's noise through the
+        rest of the network)."""
+        return output_error(trace.logits, labels), _tangent(trace.logits, self.directions)
+
+    def learn_before_use(self, key, point, signal, batch):
         k, classes, n = self.directions, self.state[key].shape[0], point.h.shape[0]
-        output_tangent = _tangent(trace.logits, k)  # [K, N, classes]
+        output_tangent = signal[1]  # [K, N, classes]
         u = point.u_post.reshape(k * n, -1)
         self._learn_jacobian(key, batch.mean(output_tangent.reshape(k * n, classes).T @ u / (k * n)))
 

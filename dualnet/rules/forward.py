@@ -5,7 +5,8 @@ Every directional derivative here comes from one genuine forward-mode pass (Dual
 no reverse pass of the loss through the network is ever taken.  Heads (local and final) get
 exact gradients from their own layer alone ("always backprop" for the last layer).
 
-* FG-W: v ~ N(0, I) per weight tensor, shared by the batch; ĝ_θ = (∇_θL·v) v, with ∇_θL·v the
+* FG-W: v ~ N(0, I) per weight tensor, shared by the batch (each tensor's from its own key: the
+  step, its block and its name); ĝ_θ = (∇_θL·v) v, with ∇_θL·v the
   JVP of the batch-mean loss.  ``directions=K`` averages K directions from one K-batched pass.
   With local losses, a grouped weight's group g uses only the replicas of group g.
 * FG-A: u ~ N(0, I) per example (and patch and unit) at every normalised pre-activation, all
@@ -89,7 +90,7 @@ def _plan(local, contrastive=False, temperature=0.5, **extra):
 
 
 def _head_grads(model, params, trace, labels, local, contrastive=False, temperature=0.5):
-    grads = model.readout_grads(trace, output_error(trace.logits, labels))
+    grads = {} if trace.logits is None else model.readout_grads(trace, output_error(trace.logits, labels))
     if local:
         grads.update(local_head_grads(model, params, trace, labels, contrastive, temperature))
     return grads
@@ -133,18 +134,40 @@ class ActivityPerturbation(Rule):
         self.target = "local-greedy" if local else "global"
 
     def estimate(self, model, params, x, labels, rng, state, batch):
-        n, recompute = len(labels), self.memory == "recompute"
+        forward = self.forward_pass(model, params, x, labels, rng, state, batch)
+        return self.updates(model, params, forward, self.signal(forward, labels), batch)
+
+    def forward_pass(self, model, params, x, labels, rng, state, batch):
+        """The forward-mode pass (the block pipeline runs it on each stage's blocks, ``x`` then being
+        the previous stage's output with its tangent); returns what ``updates`` needs."""
+        recompute = self.memory == "recompute"
         sample = example_noise(rng, batch, self.directions, self.site)
         if self.contrastive:
             sample = _same_for_both_views(sample)
         plan = _plan(self.local, self.contrastive, self.temperature, perturb=sample,
                      record_points=not recompute, record_outputs=self.local or not recompute)
         trace = model.forward(params, x, labels, plan, state)
+        return {"trace": trace, "plan": plan, "sample": sample, "x": value_of(x), "labels": labels,
+                "state": state}
+
+    def signal(self, forward, labels):
+        """What the blocks of a global estimate need from the end of the network, a tuple of arrays:
+        FG-A's loss derivatives d [K, N] (the final loss's tangent); () for LG-FG-A (each block has
+        its own)."""
+        return () if self.local else (_tangent(forward["trace"].loss, self.directions),)
+
+    def updates(self, model, params, forward, signal, batch):
+        """The estimate from a ``forward_pass`` and the ``signal`` (FG-A: the final loss's tangent)."""
+        loss_tangent = signal[0] if signal else None
+        trace, plan, sample, x, labels, state = (forward[key] for key in ("trace", "plan", "sample", "x", "labels",
+                                                                          "state"))
+        n, recompute = len(labels), self.memory == "recompute"
         derivatives = {}
 
         def layer_grads(point, u):
             if point.block not in derivatives:  # scaled by 1/(K·N): the mean over directions and examples
-                derivatives[point.block] = self._loss_derivatives(model, plan, trace, point.block, batch) / (len(u) * n)
+                derivatives[point.block] = self._loss_derivatives(model, plan, trace, point.block, batch,
+                                                                  loss_tangent) / (len(u) * n)
             products = expand_replicas(derivatives[point.block], point.h.shape, point.replica) * u  # [K, N, ...]
             site_grad = products[0] if len(u) == 1 else products.sum(axis=0)
             # 'pre': the ReLU-sparsity trick (zero where the unit is off, unbiased since the true
@@ -164,10 +187,11 @@ class ActivityPerturbation(Rule):
         grads.update(_head_grads(model, params, trace, labels, self.local, self.contrastive, self.temperature))
         return Estimate(grads, mean_value(trace.loss), trace.state)
 
-    def _loss_derivatives(self, model, plan, trace, block, batch):
-        """d [K, N] (or replicas [K, N, P, G]) that block ``block``'s noise reaches; under a later
-        BatchNorm, the total over the whole batch (all ranks' shards, whose statistics it shares)."""
-        d = _tangent(trace.local_losses[block] if self.local else trace.loss, self.directions)
+    def _loss_derivatives(self, model, plan, trace, block, batch, loss_tangent=None):
+        """d [K, N] (or replicas [K, N, P, G]) that block ``block``'s noise reaches (``loss_tangent``:
+        the final loss's, for FG-A); under a later BatchNorm, the total over the whole batch (all
+        ranks' shards, whose statistics it shares)."""
+        d = _tangent(trace.local_losses[block], self.directions) if self.local else loss_tangent
         if self.batch_coupling == "total" and model.couples_examples_after(block, plan):  # E[d_m u_n] = ∂ℓ_m/∂h_n
             total = d.sum(axis=1, keepdims=True)
             if batch.stop - batch.start != batch.total:
@@ -213,7 +237,8 @@ class WeightPerturbation(Rule):
     def estimate(self, model, params, x, labels, rng, state, batch):
         k = self.directions
         names = sorted(name for name in params if not model.specs[name].head)
-        seeds = dict(zip(names, rng.integers(0, 2 ** 63 - 1, len(names)).tolist()))  # one host transfer
+        step = int(rng.integers(0, 2 ** 63 - 1))  # each tensor's key: (step, its block, its name)
+        seeds = {name: noise.key(step, model.specs[name].block, zlib.crc32(name.encode())) for name in names}
         perturbed = _PerturbedParams(params, seeds, k)
         plan = _plan(self.local, record_points=False, record_outputs=self.local)  # local heads read the outputs
         trace = model.forward(perturbed, x, labels, plan, state)

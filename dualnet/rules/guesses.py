@@ -250,6 +250,19 @@ def _block_pullback(model, k, params, names, block_input, state):
     return lambda cotangent: dict(zip(names, pullback(cotangent)))
 
 
+def _block_streams(step_seed):
+    """``streams(k)``: block k's generator for this step (on the active backend), a function of the
+    step's seed and k only, so that a block draws the same guesses whichever process runs it (the
+    block pipeline) and whichever blocks run with it."""
+    made = {}
+
+    def streams(k):
+        if k not in made:
+            made[k] = backend.rng(int(numpy.random.SeedSequence((step_seed, k)).generate_state(1)[0]))
+        return made[k]
+    return streams
+
+
 def _check_choice(option, value, allowed):
     if value not in allowed:
         raise ValueError(f"guess: {option}={value!r}; allowed: {', '.join(map(repr, allowed))}")
@@ -300,7 +313,7 @@ class GradientGuess(Rule):
         self._model = model
         self._heads_are_aux = self.aux is None and model.has_local_heads
         self._kind = self.aux or "linear"
-        self._block_params = [sorted(model.parameters_of(k, local_head=False)) for k in model.blocks()]
+        self._block_params = {k: sorted(model.parameters_of(k, local_head=False)) for k in model.blocks()}
         self._coupled = [model.couples_examples_after(k, self._target_plan(model, k))
                          for k in range(model.num_blocks)]
         if self.projection == "span" and any(self._coupled):
@@ -369,24 +382,25 @@ class GradientGuess(Rule):
             return self._net(model, k, {name: params[name] for name in self._head_names(model, k)}, "blocks.")
         return self._stored_net(model, k, h, "aux.", 1)
 
-    def _guess_net(self, model, params, k, h, rng):
+    def _guess_net(self, model, params, k, h, streams):
         if self.guess == "local":
             return self._trained_net(model, params, k, h)
         if self.guess == "fixed-ntk":
             return self._stored_net(model, k, h, "ntk.", 2)
-        generator = numpy.random.default_rng(int(rng.integers(0, 2 ** 63 - 1)))  # ntk: a new net every step
+        generator = numpy.random.default_rng(int(streams(k).integers(0, 2 ** 63 - 1)))  # ntk: a new net every step
         return self._net(model, k, self._draw(model, k, h, generator, "ntk."), "ntk.")
 
-    def _trained_blocks(self, num_blocks):
-        """Blocks whose trained aux net is used (as a guess or as a target)."""
+    def _trained_blocks(self, model):
+        """Blocks (of ``model.blocks()``) whose trained aux net is used (as a guess or as a target)."""
         if self.guess == "local" or self.target_loss == "local":
-            return list(range(num_blocks))
-        return list(range(1, num_blocks)) if self.target_loss == "intermediate" else []
+            return list(model.blocks())
+        return [k for k in model.blocks() if k > 0] if self.target_loss == "intermediate" else []
 
     # --- one step --------------------------------------------------------------------------
     def estimate(self, model, params, x, labels, rng, state, batch):
         if self._model is not model:
             self._bind(model)
+        streams = _block_streams(int(rng.integers(0, 2 ** 63 - 1)))
         values = None
         if self.guess not in RANDOM_GUESSES:  # guesses from aux nets need the activations first
             primal = model.forward(params, x, labels, Plan(record_points=False), state)
@@ -395,24 +409,28 @@ class GradientGuess(Rule):
             raise ValueError("guess: projection='span' projects every target on the span of the whole batch's "
                              "guesses, which a shard does not hold; it cannot run data-parallel (use 'sample')")
         if self.space == "activity":
-            grads, trace = self._activity(model, params, x, labels, rng, state, values, batch)
+            grads, trace = self._activity(model, params, x, labels, (rng, streams), state, values, batch)
             batch_wide = frozenset()
         else:
-            grads, trace = self._weight(model, params, x, labels, rng, state, values, batch)
+            grads, trace = self._weight(model, params, x, labels, streams, state, values, batch)
             batch_wide = frozenset(grads)
         grads.update(_head_grads(model, params, trace, labels, model.has_local_heads))
-        self._train_aux(model, params, [value_of(h) for h in trace.outputs], labels, batch)
+        self._train_aux(model, params, {k: value_of(trace.outputs[k]) for k in model.blocks()}, labels, batch)
         return Estimate(grads, mean_value(trace.loss), trace.state, batch_wide=batch_wide)
 
     @staticmethod
     def _block_values(model, x, trace):
-        """(block inputs, block outputs) as values, one per block."""
-        outputs = [value_of(h) for h in trace.outputs]
-        return [value_of(model.embed(x))] + outputs[:-1], outputs
+        """({block: input}, {block: output}) as values, for the blocks ``model.blocks()`` (a pipeline
+        stage's: the first one's input is ``x``, the previous stage's output)."""
+        blocks = list(model.blocks())
+        outputs = {k: value_of(trace.outputs[k]) for k in blocks}
+        first = value_of(model.embed(x)) if blocks[0] == 0 else value_of(x)
+        return {k: outputs[k - 1] if k - 1 in outputs else first for k in blocks}, outputs
 
-    def _aux_guesses(self, model, params, labels, rng, outputs):
+    def _aux_guesses(self, model, params, labels, streams, outputs):
         """Activity-space guesses of the aux nets: {k: ∇_{y_k} Σ_n ℓ_aux,n [N, ...]}."""
-        return {k: self._guess_net(model, params, k, h, rng).input_gradient(h, labels) for k, h in enumerate(outputs)}
+        return {k: self._guess_net(model, params, k, h, streams).input_gradient(h, labels)
+                for k, h in outputs.items()}
 
     def _target_derivatives(self, model, params, trace, k, labels, directions):
         """[K, N]: the tangent of every example's target loss for block k, from the forward pass."""
@@ -433,14 +451,17 @@ class GradientGuess(Rule):
             return guess * _scale(totals[0] * batch.total, totals[1] * batch.total, self.eps, self.normalised)
         return sample_projection(guess, derivatives[row], self.eps, self.normalised)
 
-    def _activity(self, model, params, x, labels, rng, state, values, batch):
+    def _activity(self, model, params, x, labels, generators, state, values, batch):
+        rng, streams = generators
         n = len(labels)
-        guesses = {} if values is None else self._aux_guesses(model, params, labels, rng, values[1])
-        blocks = list(range(model.num_blocks))
+        guesses = {} if values is None else self._aux_guesses(model, params, labels, streams, values[1])
+        blocks = list(model.blocks())
         groups = [blocks] if self.projection == "sample" else [[k] for k in blocks]
         estimates = {}
+        # random guesses keyed by (step, block, example row): one draw for every group of blocks
+        draw = example_noise(rng, batch, 1, "output", layers="all") if self.guess in RANDOM_GUESSES else None
         for group in groups:
-            perturb = self._activity_tangents(group, guesses, rng, batch)
+            perturb = self._activity_tangents(group, guesses, draw)
             trace = model.forward(params, x, labels, Plan(perturb=perturb, record_points=False), state)
             directions = len(group) if self.projection == "sample" else n
             for row, k in enumerate(group):
@@ -453,10 +474,10 @@ class GradientGuess(Rule):
             grads.update(pullback(estimate / n))
         return grads, trace
 
-    def _activity_tangents(self, group, guesses, rng, batch):
-        """``Plan.perturb`` putting each block's guess at its output (random guesses drawn here, per
-        example and keyed by the example's row in the whole batch, as FG-A's noise)."""
-        draw = example_noise(rng, batch, 1, "output", layers="all") if self.guess in RANDOM_GUESSES else None
+    def _activity_tangents(self, group, guesses, draw):
+        """``Plan.perturb`` putting each block's guess at its output (random guesses drawn here by
+        ``draw``, per example and keyed by the block and the example's row in the whole batch, as
+        FG-A's noise)."""
 
         def perturb(site):
             if site.kind != "output" or site.block not in group:
@@ -469,29 +490,30 @@ class GradientGuess(Rule):
                     else _every_example(guess))
         return perturb
 
-    def _weight_guesses(self, model, params, labels, rng, state, values, batch):
-        """{k: {name: guess}} — one weight-shaped guess per block, shared by the batch."""
+    def _weight_guesses(self, model, params, labels, streams, state, values, batch):
+        """{k: {name: guess}} — one weight-shaped guess per block, shared by the batch (random ones
+        from block k's stream)."""
         if values is None:
-            return {k: {name: random_guess(self.guess, rng, params[name].shape, params[name].dtype)
-                        for name in names} for k, names in enumerate(self._block_params)}
+            return {k: {name: random_guess(self.guess, streams(k), params[name].shape, params[name].dtype)
+                        for name in names} for k, names in self._block_params.items()}
         inputs, outputs = values
         guesses = {}
-        for k, activity_guess in self._aux_guesses(model, params, labels, rng, outputs).items():
+        for k, activity_guess in self._aux_guesses(model, params, labels, streams, outputs).items():
             # ∇_θ mean_n ℓ_aux,n = (block k's Jacobian)ᵀ (∇_y Σ_n ℓ_aux,n) / N
             pullback = _block_pullback(model, k, params, self._block_params[k], inputs[k], state)
             guesses[k] = _batch_means(batch, pullback(activity_guess / len(labels)))  # the whole batch's
         return guesses
 
-    def _weight(self, model, params, x, labels, rng, state, values, batch):
-        guesses = self._weight_guesses(model, params, labels, rng, state, values, batch)
-        blocks = model.num_blocks
+    def _weight(self, model, params, x, labels, streams, state, values, batch):
+        guesses = self._weight_guesses(model, params, labels, streams, state, values, batch)
+        blocks = list(model.blocks())  # direction i carries the guess of blocks[i]
         perturbed = dict(params)
         for k, guess in guesses.items():
             for name, g in guess.items():
-                perturbed[name] = Dual._make(value_of(params[name]), _one_per_row(k, blocks, g))
+                perturbed[name] = Dual._make(value_of(params[name]), _one_per_row(blocks.index(k), len(blocks), g))
         trace = model.forward(perturbed, x, labels, Plan(record_points=False), state)
-        shard_means = {k: self._target_derivatives(model, params, trace, k, labels, blocks)[k].mean(keepdims=True)
-                       for k in guesses}
+        shard_means = {k: self._target_derivatives(model, params, trace, k, labels, len(blocks))[blocks.index(k)]
+                       .mean(keepdims=True) for k in guesses}
         derivatives = _batch_means(batch, shard_means)  # the whole batch's mean directional derivatives
         grads = {}
         for k, guess in guesses.items():
@@ -503,7 +525,7 @@ class GradientGuess(Rule):
         """Plain SGD on the rule-owned trained aux nets' exact gradients (model heads are in the estimate)."""
         if self._heads_are_aux:
             return
-        for k in self._trained_blocks(model.num_blocks):
+        for k in self._trained_blocks(model):
             net = self._trained_net(model, params, k, outputs[k])
             for name, g in _batch_means(batch, net.param_gradients(outputs[k], labels)).items():
                 self.state[name] = self.state[name] - self.aux_lr * g
