@@ -28,6 +28,15 @@ EXPECTED = {  # example: fragments of CHECK lines that must be printed (each end
         "CHECK gaussian: error matches sqrt((d+1)/S)", "CHECK gaussian: unbiased",
         "CHECK rademacher: log-log slope of error vs S", "CHECK rademacher: error matches sqrt((d-1)/S)",
         "CHECK rademacher: unbiased", "CHECK Rademacher directions give a lower error than Gaussian"],
+    "04_forward_gradient_descent.py": [
+        "CHECK jvp's directional derivative equals ∇f·v from reverse mode",
+        "CHECK Rosenbrock: GD comes within 0.05 of the minimum within 20,000 iterations",
+        "CHECK Rosenbrock: FGD comes within 0.05 of the minimum within 20,000 iterations",
+        "CHECK Beale: GD comes within 0.05 of the minimum", "CHECK Beale: FGD comes within 0.05 of the minimum",
+        "CHECK d=2: the forward gradient's relative error", "CHECK d=10: the forward gradient's relative error",
+        "CHECK d=100: the forward gradient's relative error", "CHECK d=100: unbiased",
+        "CHECK the largest stable FGD step shrinks relative to GD's as d grows",
+        "CHECK from d=2 to d=100 the ratio grows at least 10×"],
     "05_nested_derivatives.py": [
         "CHECK hyper-dual second derivative in one pass", "CHECK dualnet jvp of jvp (a hyper-dual pass)",
         "CHECK dualnet grad of grad", "CHECK Hessian-vector product (forward over reverse)",
@@ -36,11 +45,14 @@ EXPECTED = {  # example: fragments of CHECK lines that must be printed (each end
         "CHECK dualnet, forward over forward, gives 1", "CHECK dualnet, forward over reverse, gives 1",
         "CHECK dualnet, reverse over forward, gives 1", "CHECK dualnet, reverse over reverse, gives 1"],
 }
+PLOTS = {"04_forward_gradient_descent.py"}  # examples that save a figure to --plot
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_example_prints_its_conclusions(name):
-    result = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True, text=True,
+def test_example_prints_its_conclusions(name, tmp_path):
+    figure = tmp_path / "figure.png"
+    extra = ["--plot", str(figure)] if name in PLOTS else []
+    result = subprocess.run([sys.executable, str(EXAMPLES / name), *extra], capture_output=True, text=True,
                             timeout=180, cwd=EXAMPLES.parent)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     checks = [line for line in result.stdout.splitlines() if line.startswith("CHECK")]
@@ -49,6 +61,8 @@ def test_example_prints_its_conclusions(name):
     for fragment in EXPECTED[name]:
         assert any(line.startswith(fragment) for line in checks), f"{name} did not print {fragment!r}"
     assert result.stdout.rstrip().endswith("ALL CHECKS OK")
+    if name in PLOTS and importlib.util.find_spec("matplotlib"):
+        assert f"plot saved to {figure}" in result.stdout and figure.stat().st_size > 0
 
 
 
