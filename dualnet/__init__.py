@@ -33,8 +33,8 @@ def _bind_kernels():
 _bind_kernels()
 
 from . import backend  # noqa: E402
-from .autodiff import (custom_jvp, custom_vjp, grad, jvp, linearize, tree_flatten, tree_map,  # noqa: E402
-                       value_and_grad, vjp)
+from .autodiff import (checkpoint, custom_jvp, custom_vjp, grad, jvp, linearize, tree_flatten,  # noqa: E402
+                       tree_map, value_and_grad, vjp)
 from .dual import Dual, value_of  # noqa: E402
 from .primitives import (TABLE, Primitive, abs, add, arctan, astype, broadcast_to, ceil, clip,  # noqa: E402
                          concatenate, cos, cosh, cumsum, diagonal, div, dot, einsum, exp, expand_dims, expm1,
@@ -48,7 +48,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Dual", "value_of", "TABLE", "Primitive", "backend",
-    "jvp", "vjp", "grad", "value_and_grad", "linearize", "custom_jvp", "custom_vjp", "tree_flatten", "tree_map",
+    "jvp", "vjp", "grad", "value_and_grad", "linearize", "custom_jvp", "custom_vjp", "checkpoint", "tree_flatten",
+    "tree_map",
     "abs", "add", "arctan", "astype", "broadcast_to", "ceil", "clip", "concatenate", "cos", "cosh", "cumsum",
     "diagonal", "div", "dot", "einsum", "exp", "expand_dims", "expm1", "floor", "getitem", "log", "log1p", "log2",
     "log10", "log_softmax", "logaddexp", "logsumexp", "matmul", "max", "maximum", "mean", "min", "minimum",

@@ -322,3 +322,24 @@ def custom_jvp(f):
         return rule
     primitive.defjvp = defjvp
     return primitive
+
+
+def checkpoint(f, name=None):
+    """``f`` with activation checkpointing (rematerialisation) in reverse mode.
+
+    ``checkpoint(f)(*args)`` returns ``f(*args)``.  On a reverse-mode tape the call is recorded as
+    one node that keeps only its inputs and its output: ``f``'s body runs on plain arrays, so none
+    of its intermediate values is kept.  The node's backward rule re-runs ``f``'s body under
+    ``vjp`` and pulls the cotangent back through that fresh tape, which is dropped once the
+    cotangents of the inputs are out:
+
+        forward:  y = f(x, θ)                   (intermediates of f discarded)
+        backward: (x̄, θ̄) = vjp(f, x, θ)[1](ȳ)    (f evaluated a second time)
+
+    So a network split into S segments stores S segment boundaries plus one segment's
+    intermediates at a time, for one extra forward pass; with S ≈ √L for L equal layers, the
+    memory of the activations grows like √L instead of L.  Forward mode differentiates ``f``'s
+    body as usual.  Positional array arguments only; the cotangents equal those of ``f`` itself.
+    """
+    return Primitive(name or f"checkpoint({getattr(f, '__name__', 'f')})", f,
+                     jvp=_forward_through(f), vjp=_reverse_through(f))

@@ -135,6 +135,37 @@ def test_custom_vjp_replaces_reverse_mode_only(rng):
     np.testing.assert_allclose(tangent, tx @ w, rtol=1e-14)
 
 
+def test_checkpoint_keeps_only_inputs_and_output_and_recomputes_in_the_backward_pass(rng):
+    """A checkpointed segment is one tape node (its interior is not recorded); its backward pass
+    re-runs the body (counted) and gives the plain gradient; forward mode goes through the body."""
+    x, w1, w2 = rng.standard_normal((5, 4)), rng.standard_normal((4, 6)), rng.standard_normal((6, 3))
+    calls = []
+
+    def segment(h, a, b):
+        calls.append(1)
+        return dn.tanh(dn.tanh(h @ a) @ b)
+
+    def loss(x, w1, w2, wrap):
+        return dn.sum(wrap(segment)(x, w1, w2) ** 2)
+
+    plain = dn.grad(lambda *p: loss(*p, lambda f: f), argnums=(0, 1, 2))(x, w1, w2)
+    calls.clear()
+    dn.vjp(lambda *p: dn.checkpoint(segment)(*p), x, w1, w2)
+    assert len(calls) == 1  # taping the segment ran its body once
+    checkpointed = dn.grad(lambda *p: loss(*p, dn.checkpoint), argnums=(0, 1, 2))(x, w1, w2)
+    assert len(calls) == 3  # the vjp above, then forward and recomputation for grad
+    for a, b in zip(checkpointed, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
+    nodes = []
+    dn.vjp(lambda *p: nodes.append(dn.checkpoint(segment)(*p)) or nodes[-1], x, w1, w2)
+    node = nodes[0].node
+    assert node.primitive.name == "checkpoint(segment)"
+    assert all(parent.primitive is None for parent in node.parents)  # its parents are the inputs: nothing inside
+    tangent = tuple(rng.standard_normal(a.shape) for a in (x, w1, w2))
+    np.testing.assert_allclose(dn.jvp(dn.checkpoint(segment), (x, w1, w2), tangent)[1],
+                               dn.jvp(segment, (x, w1, w2), tangent)[1], rtol=1e-13)
+
+
 def test_custom_jvp_replaces_forward_mode_only(rng):
     x = rng.standard_normal(3)
 
