@@ -1,6 +1,7 @@
 """Peak memory and time of one training step as an MLP deepens (Baydin et al. 2022, Figure 6).
 
     python benchmarks/memory_depth.py                 # width 1024, depths 2..32, batch 64
+    python benchmarks/memory_depth.py --depths 2 4 8 16 32 64 --repeats 5   # benchmarks/README.md
     python benchmarks/memory_depth.py --quick
 
 For each depth: one FG-W step (weight tangents drawn per tensor from a seed on access and
@@ -9,7 +10,8 @@ FG-A step with ``memory='recompute'`` (a value-only second pass regenerates each
 seeded noise; ``fg-a-recompute``), and one BP step of an MLP of width 1024 without
 norm layers, batch 64, float32.  Memory is the peak of NumPy allocations during the step
 (tracemalloc) minus the parameters, the gradient dict the step returns and the input batch —
-what the *method* needs on top of the model.  Prints a JSON object and writes
+what the *method* needs on top of the model.  Time is the fastest of ``--repeats`` steps taken in
+rounds (one step of every method per round), without tracemalloc.  Prints a JSON object and writes
 ``memory_depth.png``.
 """
 import argparse
@@ -22,7 +24,7 @@ import math
 
 import numpy as np
 
-from dualnet import autodiff, losses, models, rules
+from dualnet import Dual, autodiff, losses, models, rules
 from dualnet.nn.plan import Context, Plan
 from dualnet.rules.base import Estimate, Rule
 
@@ -54,7 +56,7 @@ def checkpointed_bp(model, params, x, labels, segments=None):
     names = {k: sorted(n for n in params if model.block_of(n) == k) for k in range(model.num_blocks)}
     plan = Plan(record_points=False, record_outputs=False)
 
-    def run_blocks(start, stop):
+    def run_blocks(start, stop, h, p):
         chosen = [n for k in range(start, stop) for n in names[k]]
 
         def segment(h, *weights):
@@ -63,13 +65,17 @@ def checkpointed_bp(model, params, x, labels, segments=None):
             for k in range(start, stop):
                 h = model.block(k, local, h, ctx)
             return h
-        return autodiff.checkpoint(segment, f"blocks {start}-{stop - 1}"), chosen
+        label = f"blocks {start}-{stop - 1}"
+        weights = [p[n] for n in chosen]
+        if isinstance(h, Dual):
+            return autodiff.checkpoint(segment, label)(h, *weights)
+        # the batch itself needs no cotangent: keep it out of the arguments (checkpoint differentiates all)
+        return autodiff.checkpoint(lambda *w: segment(h, *w), label)(*weights)
 
     def loss_of(p):
         h = model.embed(x)
         for start, stop in segment_bounds(model.num_blocks, segments):
-            run, chosen = run_blocks(start, stop)
-            h = run(h, *(p[n] for n in chosen))
+            h = run_blocks(start, stop, h, p)
         logits = model.readout(p, model.pooled_features(h), Context(plan))
         return losses.cross_entropy(logits, labels)
 
@@ -94,29 +100,39 @@ RULES = {"bp": ("bp", {}), "bp-checkpoint": (CheckpointedBackprop, {}), "fg-w": 
          "fg-a": ("fg-a", {}), "fg-a-recompute": ("fg-a", {"memory": "recompute"})}
 
 
-def measure(depth, label, repeats):
+def measure(depth, repeats):
+    """Every method of ``RULES`` at one depth: {label: {"ms", "peak_mb", "params_mb"}}.
+
+    Memory: one step under tracemalloc per method (the peak is deterministic).  Time: ``repeats``
+    rounds without tracemalloc, each round one step of every method in turn, so that a change in
+    the machine's load hits all of them; the fastest step of each method is kept.
+    """
     model = models.create("mlp", input_shape=(1, 32, 32), num_classes=10, hidden=WIDTH, layers=depth,
                           batch_norm=False)
     params = model.init(0)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((BATCH, 1, 32, 32)).astype(np.float32)
     y = rng.integers(0, 10, BATCH)
-    name, options = RULES[label]
-    rule = name(**options) if isinstance(name, type) else rules.create(name, **options)
-    rule(model, params, x, y, rng)  # warm-up
-    times, peaks = [], []
+    steps = {label: (name(**options) if isinstance(name, type) else rules.create(name, **options))
+             for label, (name, options) in RULES.items()}
     param_bytes = sum(p.nbytes for p in params.values())
-    for _ in range(repeats):
+    result = {}
+    for label, rule in steps.items():
+        rule(model, params, x, y, rng)  # warm-up
         tracemalloc.start()
-        start = time.perf_counter()
         estimate = rule(model, params, x, y, rng)
-        times.append(time.perf_counter() - start)
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         grad_bytes = sum(g.nbytes for g in estimate.grads.values())
-        peaks.append(peak - grad_bytes)
         del estimate
-    return {"ms": 1000 * min(times), "peak_mb": min(peaks) / 2 ** 20, "params_mb": param_bytes / 2 ** 20}
+        result[label] = {"peak_mb": (peak - grad_bytes) / 2 ** 20, "params_mb": param_bytes / 2 ** 20,
+                         "ms": float("inf")}
+    for _ in range(repeats):
+        for label, rule in steps.items():
+            start = time.perf_counter()
+            rule(model, params, x, y, rng)
+            result[label]["ms"] = min(result[label]["ms"], 1000 * (time.perf_counter() - start))
+    return result
 
 
 def plot(result, depths, path):
@@ -131,7 +147,7 @@ def plot(result, depths, path):
         memory.plot(depths, [result[f"{name}_{d}"]["peak_mb"] for d in depths], marker="o", label=name)
         speed.plot(depths, [result[f"{name}_{d}"]["ms"] for d in depths], marker="o", label=name)
     memory.set(ylabel="peak memory beyond params+grads (MB)")
-    speed.set(ylabel="ms per step")
+    speed.set(ylabel="ms per step", yscale="log")
     for axes in (memory, speed):
         axes.set_xscale("log", base=2)
         axes.set_xticks(depths, [str(d) for d in depths])
@@ -145,14 +161,16 @@ def plot(result, depths, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--depths", type=int, nargs="+", default=[2, 4, 8, 16, 32], help="layers, counting the output")
+    parser.add_argument("--repeats", type=int, default=3, help="steps timed per method and depth (the minimum is kept)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory_depth.png"),
                         help="the plot (default: beside this script, shown in benchmarks/README.md)")
     args = parser.parse_args()
-    depths = [2, 4, 8, 16, 32]
-    repeats = 1 if args.quick else 3
-    result = {f"{name}_{d}": measure(d, name, repeats) for d in depths for name in RULES}
-    summary = {f"{name}_peak_growth_2_to_32": round(result[f"{name}_32"]["peak_mb"] / result[f"{name}_2"]["peak_mb"], 2)
-               for name in RULES}
+    depths, first, last = args.depths, min(args.depths), max(args.depths)
+    repeats = 1 if args.quick else args.repeats
+    result = {f"{name}_{d}": values for d in depths for name, values in measure(d, repeats).items()}
+    summary = {f"{name}_peak_growth_{first}_to_{last}":
+               round(result[f"{name}_{last}"]["peak_mb"] / result[f"{name}_{first}"]["peak_mb"], 2) for name in RULES}
     plot(result, depths, args.out)
     print(json.dumps({"summary": summary, "per_depth": {k: {m: round(v, 2) for m, v in r.items()}
                                                          for k, r in result.items()}}, indent=2))

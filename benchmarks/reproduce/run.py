@@ -6,6 +6,8 @@
     python benchmarks/reproduce/run.py ren --dataset fashion-mnist --config S/1/1 --epochs 3
     # one rule with an option
     python benchmarks/reproduce/run.py fdfa --layers 3 --epochs 10 --rules fg-a --rule-opt batch_coupling=own
+    # Baydin et al. Figures 4-5: FG-W vs BP loss against iterations and wall time (see baydin.py)
+    python benchmarks/reproduce/run.py baydin --seeds 5 --mlp-iterations 600 --cnn-iterations 25
 
 Each rule is trained with the paper's optimiser settings (FDFA: Adam, lr 1e-4 weights and
 feedback, batch 64, inputs in [-1, 1], ×0.95 per epoch; FG-W lr 1e-3.  Ren: SGD lr 0.01,
@@ -63,22 +65,46 @@ def ren_config(rule, args):
                   out=os.path.join(args.out, _run_name("ren", rule, args)))
 
 
+def _with_dataset(args, default):
+    if args.dataset is None:
+        args.dataset = default
+    return args
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=("fdfa", "ren"))
-    parser.add_argument("--dataset", default="fashion-mnist", choices=tuple(DATASET_COLUMN))
+    parser.add_argument("table", choices=("fdfa", "ren", "baydin"))
+    parser.add_argument("--dataset", choices=tuple(DATASET_COLUMN) + ("auto",),
+                        help="default: fashion-mnist (fdfa, ren); auto = MNIST when on disk, else Fashion-MNIST "
+                             "(baydin)")
     parser.add_argument("--data-dir")
     parser.add_argument("--layers", type=int, default=3, choices=(2, 3, 4))
     parser.add_argument("--config", default="S/1/1", choices=tuple(REN_PAPER))
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--rules", help="comma-separated subset")
+    parser.add_argument("--rules", help="comma-separated subset (baydin: of bp,fg-w,readout-only; default bp,fg-w)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-limit", type=int, default=0)
     parser.add_argument("--rule-opt", action="append", default=[], metavar="KEY=VALUE",
                         help="an option for every rule of the run, e.g. --rules fg-a --rule-opt batch_coupling=own")
     parser.add_argument("--out", default="runs/reproduce")
     parser.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier reproduction")
+    baydin_options = parser.add_argument_group("baydin")
+    baydin_options.add_argument("--seeds", type=int, default=5)
+    baydin_options.add_argument("--mlp-iterations", type=int, default=600)
+    baydin_options.add_argument("--cnn-iterations", type=int, default=25)
+    baydin_options.add_argument("--test-limit", type=int, default=2000, help="test examples scored (MLP)")
+    baydin_options.add_argument("--cnn-test-limit", type=int, default=500, help="test examples scored (CNN)")
+    baydin_options.add_argument("--plot", help="where the figure goes (default: beside the results in --out)")
+    baydin_options.add_argument("--models", default="mlp,cnn", help="comma-separated subset of mlp,cnn")
+    baydin_options.add_argument("--merge", nargs="+", metavar="JSON",
+                                help="train nothing: table and plot from saved baydin-*.json files, merged")
     args = parser.parse_args()
+    if args.table == "baydin":
+        import baydin  # beside this script
+        return baydin.main(_with_dataset(args, "auto"))
+    if args.dataset == "auto":
+        parser.error("--dataset auto applies to the baydin reproduction only")
+    args = _with_dataset(args, "fashion-mnist")
     if args.table == "fdfa":
         names = [r for r in FDFA_RULES if (args.layers, r) in FDFA_PAPER]
         make, title = fdfa_config, f"FDFA fully-connected, {args.layers} layers, {args.dataset}"
