@@ -340,6 +340,8 @@ def checkpoint(f, name=None):
     intermediates at a time, for one extra forward pass; with S ≈ √L for L equal layers, the
     memory of the activations grows like √L instead of L.  Forward mode differentiates ``f``'s
     body as usual.  Positional array arguments only; the cotangents equal those of ``f`` itself.
+    The backward pass computes a cotangent for every array argument, so pass constants (a data
+    batch) through a closure rather than as arguments.
     """
     return Primitive(name or f"checkpoint({getattr(f, '__name__', 'f')})", f,
                      jvp=_forward_through(f), vjp=_reverse_through(f))
