@@ -15,12 +15,12 @@ rounds (one step of every method per round), without tracemalloc.  Prints a JSON
 ``memory_depth.png``.
 """
 import argparse
+import itertools
 import json
+import math
 import os
 import time
 import tracemalloc
-
-import math
 
 import numpy as np
 
@@ -36,7 +36,7 @@ def segment_bounds(blocks, segments=None):
     contiguous runs of near-equal length: a list of (start, stop)."""
     count = max(1, min(blocks, segments or round(math.sqrt(blocks))))
     edges = np.linspace(0, blocks, count + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
 
 def checkpointed_bp(model, params, x, labels, segments=None):

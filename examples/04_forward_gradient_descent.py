@@ -242,7 +242,7 @@ def plot(path, rosenbrock_runs, beale_runs, variance, steps, curves):
             (axes[1], "Beale", beale_runs, (0.5, 3.5, -0.2, 1.3), BEALE_MIN)):
         f = f_of(name)
         u, w = np.meshgrid(np.linspace(box[0], box[1], 200), np.linspace(box[2], box[3], 200))
-        z = np.vectorize(lambda a, b: float(f(np.array([a, b]))))(u, w)
+        z = np.vectorize(lambda a, b, f=f: float(f(np.array([a, b]))))(u, w)
         row[0].contour(u, w, np.log10(z + 1e-3), levels=25, cmap="Greys", linewidths=0.6)
         for method, (points, losses, seconds) in runs.items():
             row[0].plot(points[:, 0], points[:, 1], color=colours[method], lw=0.8, label=method)

@@ -1,6 +1,7 @@
 """benchmarks/memory_depth.py's BP with activation checkpointing: the exact gradient of plain BP
 (float64, every segmentation, depths 2 to 9), and less memory than plain BP on a deep net."""
 import importlib.util
+import itertools
 import pathlib
 import tracemalloc
 
@@ -33,7 +34,8 @@ def test_segments_cover_the_blocks_in_order(memory_depth):
         for segments in (None, 1, 2, 5, 100):
             bounds = memory_depth.segment_bounds(blocks, segments)
             assert bounds[0][0] == 0 and bounds[-1][1] == blocks
-            assert all(a < b for a, b in bounds) and all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:]))
+            assert all(a < b for a, b in bounds)
+            assert all(b == c for (_, b), (c, _) in itertools.pairwise(bounds))
 
 
 @pytest.mark.parametrize("depth", [2, 3, 5, 9])

@@ -75,7 +75,7 @@ def load(dataset, data_dir=None):
     for name in names:
         try:
             loaded = data.load(name, data_dir=data_dir, download=False)
-        except Exception:  # noqa: BLE001 -- not on disk: try the next one
+        except Exception:  # not on disk: try the next one
             if name == names[-1]:
                 raise
             continue
@@ -166,9 +166,10 @@ def summarise(results):
 
 
 def table(rows, dataset):
+    header = ("| experiment | rule | iterations | loss at start | loss, last 10% | test acc % "
+              "| ms / iteration (median) | ÷ BP's |")
     lines = [f"### Baydin et al. Figures 4-5 on {dataset}: FG-W vs BP (mean ± std over seeds)", "",
-             "| experiment | rule | iterations | loss at start | loss, last 10% | test acc % "
-             "| ms / iteration (median) | ÷ BP's |", "|---|---|---|---|---|---|---|---|"]
+             header, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r.get("time_ratio_to_bp")
         lines.append(f"| {r['experiment']} | {r['rule']} | {r['iterations']} | {r['start_loss']:.3f} "
