@@ -91,7 +91,7 @@ class CheckpointedBackprop(Rule):
         super().__init__()
         self.segments = segments
 
-    def estimate(self, model, params, x, labels, rng, state):
+    def estimate(self, model, params, x, labels, rng, state, batch):
         grads, loss = checkpointed_bp(model, params, x, labels, self.segments)
         return Estimate(grads, loss, {})
 

@@ -59,7 +59,7 @@ class ReadoutOnly(Rule):
         super().__init__()
         self.backprop = rules.create("bp")
 
-    def estimate(self, model, params, x, labels, rng, state):
+    def estimate(self, model, params, x, labels, rng, state, batch):
         full = self.backprop(model, params, x, labels, rng, state)
         return Estimate({n: g for n, g in full.grads.items() if model.block_of(n) == "head"}, full.loss, full.state)
 
@@ -255,7 +255,8 @@ def main(args):
     print(f"Baydin et al. on {dataset}: {args.seeds} seeds, rules {', '.join(names)}; "
           + ", ".join(f"{k.upper()} {iterations[k]} iterations" for k in kinds)
           + f", batch {BATCH}; SGD lr_t = lr_0 exp(-{LR_DECAY:g} t)", flush=True)
-    results = run_all(arrays, args.seeds, iterations, test_limit, kinds, names, log=lambda line: print(line, flush=True))
+    results = run_all(arrays, args.seeds, iterations, test_limit, kinds, names,
+                      log=lambda line: print(line, flush=True))
     os.makedirs(args.out, exist_ok=True)
     with open(result_path, "w") as f:
         json.dump({"dataset": dataset, "seeds": args.seeds, "iterations": iterations, "batch": BATCH,
