@@ -1,4 +1,4 @@
-"""Forward gradient descent: optimisation without a backward pass (Baydin et al. 2022, Section 5.1).
+"""Forward gradient descent: optimisation without a backward pass (Baydin et al. 2022, test functions).
 
 Gradient descent (GD) steps along the gradient: x ← x − η ∇f(x).  Reverse mode (``dualnet.grad``)
 gets ∇f from one forward pass that records a tape and one backward pass through it.
