@@ -7,12 +7,14 @@
 For each depth: one FG-W step (weight tangents drawn per tensor from a seed on access and
 regenerated for the update), one FG-A step keeping every layer for its update (``fg-a``), one
 FG-A step with ``memory='recompute'`` (a value-only second pass regenerates each layer and its
-seeded noise; ``fg-a-recompute``), and one BP step of an MLP of width 1024 without
-norm layers, batch 64, float32.  Memory is the peak of NumPy allocations during the step
-(tracemalloc) minus the parameters, the gradient dict the step returns and the input batch —
-what the *method* needs on top of the model.  Time is the fastest of ``--repeats`` steps taken in
-rounds (one step of every method per round), without tracemalloc.  Prints a JSON object and writes
-``memory_depth.png``.
+seeded noise; ``fg-a-recompute``), one BP step, and one BP step with activation checkpointing
+(``bp-checkpoint``: the L hidden layers cut into round(√L) segments, each a ``dualnet.checkpoint``
+that keeps only its input and output on the tape and recomputes its interior in the backward
+pass; ``checkpointed_bp``) of an MLP of width 1024 without norm layers, batch 64, float32.
+Memory is the peak of NumPy allocations during the step (tracemalloc) minus the parameters, the
+gradient dict the step returns and the input batch — what the *method* needs on top of the model.
+Time is the fastest of ``--repeats`` steps taken in rounds (one step of every method per round),
+without tracemalloc.  Prints a JSON object and writes ``memory_depth.png``.
 """
 import argparse
 import itertools
