@@ -146,6 +146,12 @@ def _add_run_arguments(parser):
                         help="learning-rate schedule (linear and warmup_cosine span the run's epochs)")
     parser.add_argument("--lr-decay-rate", type=_rate, metavar="K",
                         help="per-step rate of --schedule exponential: lr_t = lr exp(-K t)")
+    parser.add_argument("--readout-lr", type=_rate, default=1.0,
+                        help="the read-out's learning-rate multiplier (Ren et al.: 0.1)")
+    parser.add_argument("--weight-decay-on", default="all", choices=("all", "weights"),
+                        help="'weights': weight decay on the linear maps' weights only, not biases or norms")
+    parser.add_argument("--augment", choices=("crop-flip",),
+                        help="supervised augmentation of every training batch: pad 4, random crop, flip")
     parser.add_argument("--seed", type=_whole(0), default=0, help="initialisation, batch order and noise")
     parser.add_argument("--normalize", default="standardize", choices=data.NORMALIZATIONS,
                         help="input normalisation")
@@ -251,6 +257,7 @@ def _config(args, rule, out):
                   dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size,
                   optimizer=args.optimizer, lr=args.lr, optimizer_options=_optimizer_options(args),
                   schedule=args.schedule, lr_decay_rate=args.lr_decay_rate, seed=args.seed,
+                  augment=args.augment, readout_lr=args.readout_lr, weight_decay_on=args.weight_decay_on,
                   normalize=args.normalize, train_limit=args.train_limit, eval_limit=args.eval_limit,
                   diagnostics=args.diagnostics, device=args.device, parallel=args.parallel, stages=args.stages,
                   out=out)

@@ -64,6 +64,10 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C: a checkpoint was written; ``str()`` says where and how to resume."""
 
 
+AUGMENTATIONS = (None, "crop-flip")
+WEIGHT_DECAY_ON = ("all", "weights")
+
+
 @dataclass
 class Config:
     """Everything that defines a run (saved as ``config.json``)."""
@@ -82,6 +86,9 @@ class Config:
     lr_decay_rate: float = None  # the per-step rate k of schedule 'exponential' (lr_t = lr e^{-k t})
     seed: int = 0
     normalize: str = "standardize"
+    augment: str = None       # 'crop-flip': pad 4, random crop and horizontal flip of every training batch
+    readout_lr: float = 1.0   # the read-out's learning-rate multiplier (Ren et al.'s last_layer_lr, 0.1)
+    weight_decay_on: str = "all"  # 'weights': the optimiser's weight decay on linear maps' weights only
     train_limit: int = 0      # use only the first N training examples (0: all)
     eval_limit: int = 10000   # training error measured on at most this many examples
     diagnostics: bool = False
@@ -120,6 +127,12 @@ class Config:
             raise ValueError(f"--lr-decay-rate applies to --schedule exponential only, not {self.schedule!r}")
         if self.stages is not None and self.parallel != "pipeline":
             raise ValueError("--stages splits the blocks of --parallel pipeline; give both, or neither")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment={self.augment!r}; choose one of {', '.join(map(str, AUGMENTATIONS))}")
+        if not (isinstance(self.readout_lr, (int, float)) and math.isfinite(self.readout_lr) and self.readout_lr >= 0):
+            raise ValueError(f"readout_lr={self.readout_lr!r}: the read-out's learning-rate multiplier must be >= 0")
+        if self.weight_decay_on not in WEIGHT_DECAY_ON:
+            raise ValueError(f"weight_decay_on={self.weight_decay_on!r}; choose one of {', '.join(WEIGHT_DECAY_ON)}")
         if self.normalize not in data.NORMALIZATIONS:
             raise ValueError(f"normalize={self.normalize!r}; choose one of {', '.join(data.NORMALIZATIONS)}")
 
@@ -153,13 +166,34 @@ def build_model(config, dataset):
     return models.create(config.model, **options)
 
 
-def build_optimizer(config, segments):
-    """The optimiser of ``config`` with the piecewise schedule ``segments``; its options are checked
-    (an option the optimiser does not take is one clear error)."""
+def parameter_groups(config, model):
+    """The optimiser groups ``config`` asks of ``model``'s parameters, from their specs: the read-out's
+    learning-rate multiplier ``readout_lr``, and no weight decay on biases and norms with
+    ``weight_decay_on='weights'``.  Each group names one parameter exactly."""
+    groups = {}
+    for name, spec in model.specs.items():
+        options = {}
+        if spec.readout and config.readout_lr != 1.0:
+            options["lr"] = float(config.readout_lr)
+        if config.weight_decay_on == "weights" and spec.role != "weight":
+            options["weight_decay"] = 0.0
+        if options:
+            groups[name] = options
+    return groups
+
+
+def build_optimizer(config, segments, model=None):
+    """The optimiser of ``config`` with the piecewise schedule ``segments``, and the groups of
+    ``parameter_groups`` when ``model`` is given; its options are checked (an option the optimiser
+    does not take is one clear error)."""
+    options = dict(config.optimizer_options)
+    groups = parameter_groups(config, model) if model is not None else {}
+    if groups:
+        options["groups"] = {**groups, **options.get("groups", {})}
     try:
         return optim.create(config.optimizer, lr=config.lr, schedule=Segments(segments, config.schedule,
                                                                               config.lr_decay_rate),
-                            **config.optimizer_options)
+                            **options)
     except TypeError as error:
         raise ValueError(str(error)) from None
 
@@ -507,7 +541,7 @@ class _Run:
             self._restore(parts, meta)
             segments = self._resumed_schedule(meta.get("segments") or segments, changes)
         self.segments = segments
-        self.optimizer = build_optimizer(self.config, segments)
+        self.optimizer = build_optimizer(self.config, segments, self.model)
         if resume:
             self.optimizer.load_state_dict(parts["optimizer"])
             self.rule.load_state_dict(parts["rule"])
@@ -632,6 +666,8 @@ class _Run:
         """One update from the batch (xb, yb); returns whether any rank was interrupted."""
         config, position, world = self.config, self.position, self.world
         views = None
+        if config.augment == "crop-flip" and not self.rule.contrastive:  # the whole batch, then this rank's rows
+            xb = data.random_crop_flip(xb, (config.seed, epoch, step, 2))
         if self.rule.contrastive:  # two augmented views of the whole batch (the ranks take their rows of each)
             views = data.two_views(xb, (config.seed, epoch, step, 1))
         estimate, grads, loss, state, flag = distributed.estimate_on_shard(

@@ -26,8 +26,9 @@ initial parameters and the same batches, and they run back to back (alternating 
 so that a change in the machine's load hits both.
 
 FG-W is dualnet's ``fg-w``: one Gaussian direction per weight tensor, the directional derivative
-from one forward-mode pass.  Its read-out layer gets the exact gradient (see benchmarks/README.md);
-Baydin et al. perturb every parameter.
+from one forward-mode pass.  As Baydin et al. do, every parameter is perturbed, the read-out's
+included (``readout='perturbed'``, ``AUTHORS_OPTIONS``); ``--unaligned`` gives the read-out its
+exact gradient instead, dualnet's default (docs/fidelity.md).
 """
 import json
 import os
@@ -46,13 +47,14 @@ MODELS = {
 }
 EXPERIMENTS = [("mlp", 2e-5), ("mlp", 2e-4), ("cnn", 2e-4)]  # (model, lr_0): Figures 4 (two rows) and 5
 RULES = ("bp", "fg-w")
+AUTHORS_OPTIONS = {"fg-w": {"readout": "perturbed"}}  # rule -> the options that run it as the authors did
 
 
 class ReadoutOnly(Rule):
     """An ablation, not in the paper: BP's exact gradient for the read-out layer only, the hidden
-    layers frozen at their initialisation.  dualnet's FG-W also gives the read-out its exact
-    gradient, so the gap between FG-W and this rule is what FG-W's forward gradients of the hidden
-    layers add."""
+    layers frozen at their initialisation.  With ``--unaligned``, dualnet's FG-W also gives the
+    read-out its exact gradient, and the gap between FG-W and this rule is what FG-W's forward
+    gradients of the hidden layers add."""
     name = "readout-only"
 
     def __init__(self):
@@ -64,8 +66,9 @@ class ReadoutOnly(Rule):
         return Estimate({n: g for n, g in full.grads.items() if model.block_of(n) == "head"}, full.loss, full.state)
 
 
-def make_rule(name):
-    return ReadoutOnly() if name == ReadoutOnly.name else rules.create(name)
+def make_rule(name, options=AUTHORS_OPTIONS):
+    """Rule ``name`` with its entry of ``options`` (rule -> keyword options; {}: dualnet's defaults)."""
+    return ReadoutOnly() if name == ReadoutOnly.name else rules.create(name, **options.get(name, {}))
 
 
 def load(dataset, data_dir=None):
@@ -84,7 +87,7 @@ def load(dataset, data_dir=None):
                 data.normalize(loaded.test_x, "standardize", stats), loaded.test_y)
 
 
-def run_curve(kind, rule_name, lr, seed, arrays, iterations, test_limit):
+def run_curve(kind, rule_name, lr, seed, arrays, iterations, test_limit, options=AUTHORS_OPTIONS):
     """Train ``kind`` ('mlp' or 'cnn') with ``rule_name`` for ``iterations`` SGD steps of batch 64.
 
     Returns {"loss": [iterations] minibatch losses, "time_s": [iterations] cumulative step time,
@@ -94,7 +97,7 @@ def run_curve(kind, rule_name, lr, seed, arrays, iterations, test_limit):
     name, options = MODELS[kind]
     model = models.create(name, input_shape=train_x.shape[1:], num_classes=int(train_y.max()) + 1, **options)
     params, state = model.init(seed), model.init_state()
-    rule = make_rule(rule_name)
+    rule = make_rule(rule_name, options)
     rule.setup(model, params, seed)
     optimizer = optim.create("sgd", lr=lr, schedule=optim.make_schedule("exponential", rate=LR_DECAY))
     losses, times, elapsed, step, epoch = [], [], 0.0, 0, 0
@@ -117,7 +120,8 @@ def run_curve(kind, rule_name, lr, seed, arrays, iterations, test_limit):
     return {"loss": losses, "time_s": times, "test_loss": test_loss, "test_acc": 1 - test_error}
 
 
-def run_all(arrays, seeds, iterations, test_limit, kinds=("mlp", "cnn"), names=RULES, log=print):
+def run_all(arrays, seeds, iterations, test_limit, kinds=("mlp", "cnn"), names=RULES, log=print,
+            options=AUTHORS_OPTIONS):
     """Every experiment of ``EXPERIMENTS`` on models ``kinds`` × rules ``names`` × ``seeds``;
     {"kind lr": {rule: [curve per seed]}}."""
     results = {}
@@ -129,7 +133,7 @@ def run_all(arrays, seeds, iterations, test_limit, kinds=("mlp", "cnn"), names=R
         for seed in range(seeds):
             order = tuple(names) if seed % 2 == 0 else tuple(names)[::-1]
             for rule in order:
-                curve = run_curve(kind, rule, lr, seed, arrays, iterations[kind], test_limit[kind])
+                curve = run_curve(kind, rule, lr, seed, arrays, iterations[kind], test_limit[kind], options)
                 results[key][rule].append(curve)
                 log(f"{key:>10} {rule:>5} seed {seed}: final loss {numpy.mean(curve['loss'][-10:]):.4f}  "
                     f"{1000 * curve['time_s'][-1] / len(curve['loss']):.1f} ms/iteration  "
@@ -256,7 +260,8 @@ def main(args):
           + ", ".join(f"{k.upper()} {iterations[k]} iterations" for k in kinds)
           + f", batch {BATCH}; SGD lr_t = lr_0 exp(-{LR_DECAY:g} t)", flush=True)
     results = run_all(arrays, args.seeds, iterations, test_limit, kinds, names,
-                      log=lambda line: print(line, flush=True))
+                      log=lambda line: print(line, flush=True),
+                      options={} if getattr(args, "unaligned", False) else AUTHORS_OPTIONS)
     os.makedirs(args.out, exist_ok=True)
     with open(result_path, "w") as f:
         json.dump({"dataset": dataset, "seeds": args.seeds, "iterations": iterations, "batch": BATCH,

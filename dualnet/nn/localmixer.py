@@ -10,7 +10,10 @@ embedding).  Activations are [N, P, C]; grouped tensors are [N, P, G, c] with C 
 LN has no affine parameters; it normalises per token (and per group on grouped tensors).
 ``begin_ln`` adds an LN on the block input, ``middle_ln`` an LN before every later linear
 layer ("LN before and after every linear layer"); ``post_linear_ln=False`` drops the LN after
-the linear layers.  Every block has a local linear head [C→classes] shared by all patches and
+the linear layers.  As in the authors' flags of the same names, ``inter_ln`` normalises a block's
+output (per token and group) before its local head only, and ``last_layer_ln`` normalises the
+patch-mean features (over all channels) before the read-out; the next block and the read-out's
+pooling still see the un-normalised output.  Every block has a local linear head [C→classes] shared by all patches and
 groups (a projector [C→``projection_dim``] for contrastive runs, Ren uses 128); the read-out
 [C→classes] acts on the patch mean of the last block and starts at zero.
 """
@@ -33,7 +36,7 @@ class LocalMixer(Model):
 
     def __init__(self, input_shape=(1, 28, 28), num_classes=10, config="M/1/16", blocks=None, patches=None,
                  channels=None, groups=None, begin_ln=False, middle_ln=False, post_linear_ln=True,
-                 init="localmixer", projection_dim=None):
+                 init="localmixer", projection_dim=None, inter_ln=False, last_layer_ln=False):
         super().__init__()
         if config not in CONFIGS:
             raise ValueError(f"localmixer: config={config!r} is unknown; choose one of {sorted(CONFIGS)}")
@@ -46,6 +49,7 @@ class LocalMixer(Model):
         self.channels, self.groups = chosen["channels"], chosen["groups"]
         self.input_shape, self.num_classes = tuple(input_shape), num_classes
         self.begin_ln, self.middle_ln, self.post_linear_ln = begin_ln, middle_ln, post_linear_ln
+        self.inter_ln, self.last_layer_ln = inter_ln, last_layer_ln
         self._validate()
         in_channels, height, width = self.input_shape
         self.tokens = self.patches ** 2
@@ -54,13 +58,16 @@ class LocalMixer(Model):
         for k in range(self.num_blocks):
             prefix = f"blocks.{k}"
             if k > 0:
-                self.add_param(f"{prefix}.token.weight", (Ptok, Ptok), Ptok, init, block=k, role="weight")
-                self.add_param(f"{prefix}.token.bias", (Ptok,), Ptok, "zeros", block=k, role="bias")
+                token = dict(block=k, module=f"{prefix}.token")
+                self.add_param(f"{prefix}.token.weight", (Ptok, Ptok), Ptok, init, role="weight", **token)
+                self.add_param(f"{prefix}.token.bias", (Ptok,), Ptok, "zeros", role="bias", **token)
             fan_in = self.patch_dim if k == 0 else C
-            self.add_param(f"{prefix}.dense.weight", (fan_in, C), fan_in, init, block=k, role="weight")
-            self.add_param(f"{prefix}.dense.bias", (C,), fan_in, "zeros", block=k, role="bias")
-            self.add_param(f"{prefix}.grouped.weight", (G, c, c), c, init, block=k, role="weight", group_axis=0)
-            self.add_param(f"{prefix}.grouped.bias", (G, c), c, "zeros", block=k, role="bias", group_axis=0)
+            dense, grouped = dict(block=k, module=f"{prefix}.dense"), dict(block=k, module=f"{prefix}.grouped")
+            self.add_param(f"{prefix}.dense.weight", (fan_in, C), fan_in, init, role="weight", channel_group_axis=1,
+                           **dense)
+            self.add_param(f"{prefix}.dense.bias", (C,), fan_in, "zeros", role="bias", channel_group_axis=0, **dense)
+            self.add_param(f"{prefix}.grouped.weight", (G, c, c), c, init, role="weight", group_axis=0, **grouped)
+            self.add_param(f"{prefix}.grouped.bias", (G, c), c, "zeros", role="bias", group_axis=0, **grouped)
             head = projection_dim or num_classes  # contrastive runs: a linear projector [C→128]
             self.add_linear_head(f"{prefix}.head", C, head, init, block=k, bias_init="zeros")
         self.add_linear_head("head", C, num_classes, "zeros")
@@ -116,7 +123,9 @@ class LocalMixer(Model):
         return self._flat(h)
 
     def pooled_features(self, h):
-        return P.mean(h, axis=1)
+        pooled = P.mean(h, axis=1)
+        return layer_norm(pooled) if self.last_layer_ln else pooled
 
     def replica_grid(self, h):
-        return self._grid(h)
+        grid = self._grid(h)
+        return layer_norm(grid) if self.inter_ln else grid

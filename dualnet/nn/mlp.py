@@ -27,8 +27,9 @@ class MLP(Model):
         self.num_blocks, self.has_local_heads = layers - 1, local_heads
         width = int(numpy.prod(input_shape))
         for k in range(self.num_blocks):
-            self.add_param(f"blocks.{k}.linear.weight", (width, hidden), width, init, block=k, role="weight")
-            self.add_param(f"blocks.{k}.linear.bias", (hidden,), width, init, block=k, role="bias")
+            layer = dict(block=k, module=f"blocks.{k}.linear")
+            self.add_param(f"blocks.{k}.linear.weight", (width, hidden), width, init, role="weight", **layer)
+            self.add_param(f"blocks.{k}.linear.bias", (hidden,), width, init, role="bias", **layer)
             if batch_norm:
                 declare_norm(self, f"blocks.{k}", hidden, block=k)
             if local_heads:

@@ -40,6 +40,13 @@ class ParamSpec:
     backbone.
     ``group_axis``: for a grouped layer's tensors, the axis that indexes the groups (slice g acts on
     group g's units only); ``None`` otherwise.
+    ``channel_group_axis``: for a dense layer whose output channels the following grouped layers
+    split into G contiguous blocks (channel block g feeds group g), the axis of those channels;
+    ``None`` otherwise.  (Whether channel block g reaches *only* group g also depends on the norms
+    after the layer: an LN over all channels mixes the groups.)
+    ``module``: the layer or norm the tensor belongs to (a conv's or linear map's weight and bias
+    share one; a norm's scale and shift another) — the unit of Fournier's per-module weight-space
+    projection; ``None``: the tensor alone.
     """
     shape: tuple
     fan_in: int
@@ -48,6 +55,8 @@ class ParamSpec:
     role: str
     local_head: bool = False
     group_axis: int | None = None
+    channel_group_axis: int | None = None
+    module: str | None = None
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -82,7 +91,8 @@ class Trace:
     (see ``Point``); ``outputs``: block outputs (empty unless the plan records them);
     ``readout_input``: the read-out's input feature value; ``state``: updated running statistics;
     ``last_output``, ``last_tangent``: the value and tangent (None: none) of the last block's output
-    (see ``Model.forward``'s ``blocks``).
+    (see ``Model.forward``'s ``blocks``); ``logits_tangent``: the tangent the plan injected at the
+    logits (the ``'logits'`` site), or None.
     """
     logits: object
     loss: object
@@ -94,6 +104,7 @@ class Trace:
     state: dict = field(default_factory=dict)
     last_output: object = None
     last_tangent: object = None
+    logits_tangent: object = None
 
 
 @dataclass(frozen=True)
@@ -118,17 +129,19 @@ class Model:
         self.running_specs = {}  # state key -> RunningSpec
 
     # --- parameters --------------------------------------------------------------------
-    def add_param(self, name, shape, fan_in, init, *, block, role, local_head=False, group_axis=None):
+    def add_param(self, name, shape, fan_in, init, *, block, role, local_head=False, group_axis=None,
+                  channel_group_axis=None, module=None):
         """Declare parameter ``name`` (see ``ParamSpec``); declaration order is the parameters' order."""
         if name in self.specs:
             raise ValueError(f"{self.name}: parameter {name!r} is declared twice")
-        self.specs[name] = ParamSpec(tuple(shape), int(fan_in), init, block, role, local_head, group_axis)
+        self.specs[name] = ParamSpec(tuple(shape), int(fan_in), init, block, role, local_head, group_axis,
+                                     channel_group_axis, module)
 
     def add_linear_head(self, prefix, features, classes, init, block=None, bias_init=None):
         """A linear head ``{prefix}.weight`` [features, classes] and ``{prefix}.bias`` [classes]
         (initialised by ``bias_init``, default ``init``): block ``block``'s local head, or the read-out
         (``block=None``)."""
-        where = dict(block=block, local_head=block is not None)
+        where = dict(block=block, local_head=block is not None, module=prefix)
         self.add_param(f"{prefix}.weight", (features, classes), features, init, role="weight", **where)
         self.add_param(f"{prefix}.bias", (classes,), features, bias_init or init, role="bias", **where)
 
@@ -223,11 +236,11 @@ class Model:
         if plan.contrastive:  # the online linear probe reads view 1 under stop-gradient
             h = ctx.stop(P.getitem(h, slice(0, value_of(h).shape[0] // 2)))
         features = self.pooled_features(ctx.stop(h) if plan.readout_stop_gradient else h)
-        logits = self.readout(params, features, ctx)
+        logits, logits_tangent = ctx.inject(None, "readout", "logits", self.readout(params, features, ctx))
         loss = None if labels is None else losses.cross_entropy(logits, labels, reduction="none")
         state = {**ctx.state, **ctx.new_state}
         return Trace(logits, loss, local, ctx.points, outputs, output_tangents, value_of(features), state,
-                     last_output, last_tangent)
+                     last_output, last_tangent, logits_tangent)
 
     def readout(self, params, features, ctx):
         return linear_map(linear, features, [params["head.weight"], params["head.bias"]],
@@ -275,6 +288,13 @@ class Model:
         With a BatchNorm in every block (``use_batch_norm``): the later blocks' BatchNorms, in training
         mode, unless a greedy plan stops the path at the next block's input."""
         return self.use_batch_norm and plan.train and not plan.greedy and block < self.num_blocks - 1
+
+    def couples_examples_after_output(self, block, plan):
+        """Whether a BatchNorm in training mode mixes the batch between block ``block``'s *output* and
+        the plan's losses (the site of Fournier's activity guesses): as ``couples_examples_after``
+        without the block's own layers, which lie before its output.  Here (a BatchNorm in every
+        block, before its output) the two agree; models whose blocks hold several layers override it."""
+        return self.couples_examples_after(block, plan)
 
     # --- hidden layers -----------------------------------------------------------------
     def hidden(self, ctx, k, name, fn, x, params, param_names, normalize=None, norm_param_names=(),

@@ -10,7 +10,9 @@ Sites (where a tangent may be injected):
                before the activation; in a residual block's last layer, before the residual add)
                — FG-A's site;
   ``'post'``   the post-activation of a hidden layer — FDFA's site;
-  ``'output'`` a block's output — the site of Fournier's activity-space guesses.
+  ``'output'`` a block's output — the site of Fournier's activity-space guesses;
+  ``'logits'`` the read-out's output (block ``None``, name ``'readout'``) — where FG-A with
+               ``readout='perturbed'`` perturbs the output layer as Bacho & Chu's FG-A does.
 """
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from .. import primitives as P
 from ..dual import Dual
 
-SITE_KINDS = ("pre", "post", "output")
+SITE_KINDS = ("pre", "post", "output", "logits")
 
 
 @dataclass(frozen=True)

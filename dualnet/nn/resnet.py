@@ -146,12 +146,18 @@ class ResNet18(Model):
         """Whether a later BatchNorm (in training mode) mixes the batch on the way from block
         ``block``'s perturbation sites to the loss: this block's own later layers, then the aux
         head (local losses) or the later blocks (the final loss, unless greedy)."""
+        own_later_layers = plan.train and len(self.layout[block].layers) > 1
+        return own_later_layers or self.couples_examples_after_output(block, plan)
+
+    def couples_examples_after_output(self, block, plan):
+        """From block ``block``'s output on: the aux head's BatchNorm (local losses), or the later
+        blocks' (the final loss, unless greedy).  The last block's output reaches the final loss
+        through the pooling and the read-out only, which keep the examples apart."""
         if not plan.train:
             return False
-        later = len(self.layout[block].layers) > 1
-        if plan.local_losses:
-            later = later or self.aux_heads[block].has_norm
-        return later or (not plan.greedy and block < self.num_blocks - 1)
+        if plan.local_losses and self.aux_heads[block].has_norm:
+            return True
+        return not plan.greedy and block < self.num_blocks - 1
 
     def embed(self, x):
         return x

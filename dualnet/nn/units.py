@@ -40,8 +40,9 @@ def declare_norm(model, prefix, width, block, local_head=False):
     """A BatchNorm of ``width`` channels in block ``block`` (its local head's with ``local_head``):
     parameters ``{prefix}.bn.gamma`` (ones) and ``.beta`` (zeros), running statistics
     ``state['{prefix}.bn']``."""
-    model.add_param(f"{prefix}.bn.gamma", (width,), width, "ones", block=block, role="norm", local_head=local_head)
-    model.add_param(f"{prefix}.bn.beta", (width,), width, "zeros", block=block, role="norm", local_head=local_head)
+    where = dict(block=block, role="norm", local_head=local_head, module=f"{prefix}.bn")
+    model.add_param(f"{prefix}.bn.gamma", (width,), width, "ones", **where)
+    model.add_param(f"{prefix}.bn.beta", (width,), width, "zeros", **where)
     model.add_running(f"{prefix}.bn", width, block=block, local_head=local_head)
 
 
@@ -80,12 +81,12 @@ class Unit:
         ``local_head``)."""
         fan_in = self.c_in * max(self.kernel, 1) ** 2
         shape = (self.c_in, self.c_out) if self.kernel == 0 else (self.c_out, self.c_in, self.kernel, self.kernel)
-        where = dict(block=block, local_head=local_head)
+        where = dict(block=block, local_head=local_head, module=self.prefix)
         model.add_param(f"{self.prefix}.weight", shape, fan_in, init, role="weight", **where)
         if self.bias:
             model.add_param(f"{self.prefix}.bias", (self.c_out,), fan_in, init, role="bias", **where)
         if self.norm:
-            declare_norm(model, self.prefix, self.c_out, **where)
+            declare_norm(model, self.prefix, self.c_out, block=block, local_head=local_head)
 
     def out_side(self, side):
         """Spatial side length after this layer (< 1: the input is too small)."""

@@ -5,6 +5,7 @@
 | bp, l-bp, lg-bp | backprop | exact gradients of the global / local / local greedy objective |
 | fa, l-fa, lg-fa | feedback | backprop with fixed random backward weights |
 | dfa, dkp, fdfa | feedback | direct (forward-gradient-learned for FDFA) feedback of the output error |
+| dfa-local | feedback | Ren et al.'s "DFA" row: a fixed random local classifier per hidden layer |
 | fg-w, lg-fg-w | forward | weight-perturbed forward gradient |
 | fg-a, lg-fg-a | forward | activity-perturbed forward gradient |
 | guess | guesses | Fournier et al.'s gradient guesses × targets |
@@ -18,6 +19,7 @@ from .base import Batch, Estimate, Rule, exact_gradients
 from .direct import DFA, DKP, FDFA, DirectFeedback
 from .forward import ActivityPerturbation, WeightPerturbation
 from .guesses import GradientGuess
+from .local_classifier import RandomLocalClassifier
 
 RULES = {
     "bp": functools.partial(Backprop, target="global"),
@@ -29,6 +31,7 @@ RULES = {
     "dfa": DFA,
     "dkp": DKP,
     "fdfa": FDFA,
+    "dfa-local": RandomLocalClassifier,
     "fg-w": functools.partial(WeightPerturbation, local=False),
     "lg-fg-w": functools.partial(WeightPerturbation, local=True),
     "fg-a": functools.partial(ActivityPerturbation, local=False),

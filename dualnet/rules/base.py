@@ -58,6 +58,7 @@ class Batch:
 SEED_STREAMS = {
     "feedback-alignment": 7919,  # FA: one fixed B per weight, drawn in declaration order
     "direct-feedback": 104729,   # DFA: B_l of each hidden layer, keyed by (block, layer name)
+    "random-local-classifier": 15485863,  # dfa-local (Ren's "DFA"): C_l of each hidden layer, keyed likewise
 }
 
 

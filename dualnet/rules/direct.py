@@ -149,13 +149,19 @@ class DKP(DirectFeedback):
 class FDFA(DirectFeedback):
     """Bacho & Chu's FDFA: B_l learns the output Jacobian from K forward-gradient directions per
     example at every hidden post-activation: B ← (1−α)B + α·mean(d uᵀ) (``alpha``), or Adam on the
-    residual B − mean(d uᵀ) with rate ``feedback_lr`` (``adam=True``)."""
+    residual B − mean(d uᵀ) with rate ``feedback_lr`` (``adam=True``).  ``update='before'``: B
+    learns from this step's pass before δ_l is formed from it; ``'after'``: δ_l uses the B of the
+    previous step and B learns afterwards, as the authors' code does."""
 
-    def __init__(self, alpha=0.1, feedback_lr=1e-4, adam=False, directions=1, diagnostics=False):
+    def __init__(self, alpha=0.1, feedback_lr=1e-4, adam=False, directions=1, update="before", diagnostics=False):
         if not 0 < alpha <= 1:
             raise ValueError(f"fdfa: alpha={alpha} must be in (0, 1]")
+        if update not in ("before", "after"):
+            raise ValueError(f"fdfa: update={update!r}; allowed: 'before' (B learns, then δ uses it) or 'after' "
+                             f"(δ uses the previous B, then B learns; the authors' order)")
         super().__init__(adam, feedback_lr, diagnostics)
-        self.alpha, self.directions = alpha, directions
+        self.alpha, self.directions, self.update = alpha, directions, update
+        self._signal = None
 
     def perturbation(self, rng, batch):
         return example_noise(rng, batch, self.directions, "post")
@@ -166,6 +172,18 @@ class FDFA(DirectFeedback):
         return output_error(trace.logits, labels), _tangent(trace.logits, self.directions)
 
     def learn_before_use(self, key, point, signal, batch):
+        if self.update == "before":
+            self._learn_from_pass(key, point, signal, batch)
+        else:
+            self._signal = signal
+
+    def learn_after_use(self, key, point, error, batch):
+        if self.update == "after":
+            self._learn_from_pass(key, point, self._signal, batch)
+
+    def _learn_from_pass(self, key, point, signal, batch):
+        """B toward the Jacobian sample of this step's forward-mode pass at ``point`` (``signal``: e and
+        the logits' tangent)."""
         k, classes, n = self.directions, self.state[key].shape[0], point.h.shape[0]
         output_tangent = signal[1]  # [K, N, classes]
         u = point.u_post.reshape(k * n, -1)

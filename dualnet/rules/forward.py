@@ -9,6 +9,11 @@ exact gradients from their own layer alone ("always backprop" for the last layer
   step, its block and its name); ĝ_θ = (∇_θL·v) v, with ∇_θL·v the
   JVP of the batch-mean loss.  ``directions=K`` averages K directions from one K-batched pass.
   With local losses, a grouped weight's group g uses only the replicas of group g.
+  ``readout='perturbed'`` (global only) perturbs the read-out's parameters too, as Bacho & Chu's
+  and Baydin et al.'s code do, instead of giving them their exact gradient.  ``dense_groups='own'``
+  (local only) updates a dense layer's group-g output columns from group g's replicas only, as
+  Ren et al.'s code does; the default 'all' uses every replica of the block, which is unbiased
+  where a norm over all channels follows the layer (then a column reaches every group).
 * FG-A: u ~ N(0, I) per example (and patch and unit) at every normalised pre-activation, all
   layers in one pass; d_n = JVP of example n's loss (or of replica (n, p, g)); the estimate
   at the site is d·u ⊙ relu_mask, pulled back through the exact norm Jacobian (``norm_grad``;
@@ -17,6 +22,11 @@ exact gradients from their own layer alone ("always backprop" for the last layer
   example's loss, so d_n is replaced by the batch total Σ_m d_m (unbiased, higher variance);
   ``batch_coupling='own'`` keeps d_n there (lower variance, biased: it misses the cross-example
   terms of the batch statistics).
+  ``readout='perturbed'`` (global only): u ~ N(0, I) at the logits too (Bacho & Chu perturb every
+  layer's output, the output layer's included); the read-out gets xᵀ(d·u)/N instead of its exact
+  gradient.  ``loss_reduction='sum'`` (global only): the hidden layers follow the gradient of the
+  batch *sum* of the per-example losses, as Ren et al.'s global FG-A does (a step N times larger
+  at the same learning rate); the heads keep the batch mean.
   ``memory='recompute'``: the forward-mode pass keeps no layer; each site's noise comes from its
   own seed, and once the loss tangents are known a second, value-only pass regenerates every
   layer's input, mask and noise and forms its update on the spot — the same estimate, one more
@@ -110,12 +120,51 @@ def _same_for_both_views(draw):
     return sample
 
 
+READOUTS = ("exact", "perturbed")
+
+
+def _check_readout(rule, readout, local):
+    if readout not in READOUTS:
+        raise ValueError(f"{rule}: readout={readout!r}; allowed: 'exact' (the read-out's exact gradient) or "
+                         f"'perturbed' (perturbed like every other layer, as Bacho & Chu and Baydin et al. do)")
+    if readout == "perturbed" and local:
+        raise ValueError(f"lg-{rule}: readout='perturbed' is for the global rule ({rule}); local rules train the "
+                         f"read-out on stop-gradient features, with its exact gradient")
+
+
+def _with_logits_noise(draw, rng, batch, k):
+    """``draw`` plus u ~ N(0, I) [K, N, classes] at the logits (the 'logits' site), keyed per example
+    like the hidden layers' noise."""
+    logits = example_noise(rng, batch, k, "logits")
+
+    def sample(site):  # the read-out's site has no block index: keyed as block 0, layer 'readout'
+        return logits(site.__class__(0, site.name, site.kind, site.shape, site.dtype)) if site.kind == "logits" \
+            else draw(site)
+    return sample
+
+
+def _perturbed_readout_grads(model, trace, k):
+    """FG-A's read-out estimate from the noise u at the logits: the cotangent Σ_K d·u / (K·N) at the
+    logits, carried to the read-out's parameters by the read-out layer alone."""
+    d = _tangent(trace.loss, k)  # [K, N]: no BatchNorm after the read-out, so d_n is example n's own
+    u = trace.logits_tangent
+    cotangent = (d[..., None] * u).sum(axis=0) / (k * d.shape[1])
+    return model.readout_grads(trace, cotangent)
+
+
 class ActivityPerturbation(Rule):
     """FG-A (``local=False``) and LG-FG-A (``local=True``)."""
 
     def __init__(self, local=False, directions=1, norm_grad=True, site="pre", contrastive=False, temperature=0.5,
-                 memory="store", batch_coupling="total", diagnostics=False):
+                 memory="store", batch_coupling="total", readout="exact", loss_reduction="mean", diagnostics=False):
         super().__init__(diagnostics)
+        _check_readout("fg-a", readout, local)
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"fg-a: loss_reduction={loss_reduction!r}; allowed: 'mean' (the batch-mean loss) or "
+                             f"'sum' (the batch sum, Ren et al.'s global FG-A)")
+        if loss_reduction == "sum" and local:
+            raise ValueError("lg-fg-a: loss_reduction='sum' is Ren et al.'s convention for global FG-A; use fg-a")
+        self.readout, self.loss_reduction = readout, loss_reduction
         if contrastive and not local:
             raise ValueError("fg-a: contrastive=True is Ren's local setting; use lg-fg-a")
         if site not in ("pre", "post"):
@@ -142,6 +191,8 @@ class ActivityPerturbation(Rule):
         the previous stage's output with its tangent); returns what ``updates`` needs."""
         recompute = self.memory == "recompute"
         sample = example_noise(rng, batch, self.directions, self.site)
+        if self.readout == "perturbed":
+            sample = _with_logits_noise(sample, rng, batch, self.directions)
         if self.contrastive:
             sample = _same_for_both_views(sample)
         plan = _plan(self.local, self.contrastive, self.temperature, perturb=sample,
@@ -168,6 +219,8 @@ class ActivityPerturbation(Rule):
             if point.block not in derivatives:  # scaled by 1/(K·N): the mean over directions and examples
                 derivatives[point.block] = self._loss_derivatives(model, plan, trace, point.block, batch,
                                                                   loss_tangent) / (len(u) * n)
+                if self.loss_reduction == "sum":  # Ren's global FG-A: d of the whole batch's sum, no 1/N
+                    derivatives[point.block] = derivatives[point.block] * batch.total
             products = expand_replicas(derivatives[point.block], point.h.shape, point.replica) * u  # [K, N, ...]
             site_grad = products[0] if len(u) == 1 else products.sum(axis=0)
             # 'pre': the ReLU-sparsity trick (zero where the unit is off, unbiased since the true
@@ -185,6 +238,8 @@ class ActivityPerturbation(Rule):
             for point in trace.points:
                 grads.update(layer_grads(point, point.u_pre if self.site == "pre" else point.u_post))
         grads.update(_head_grads(model, params, trace, labels, self.local, self.contrastive, self.temperature))
+        if self.readout == "perturbed" and trace.logits is not None:  # the stage that holds the read-out
+            grads.update(_perturbed_readout_grads(model, trace, self.directions))
         return Estimate(grads, mean_value(trace.loss), trace.state)
 
     def _loss_derivatives(self, model, plan, trace, block, batch, loss_tangent=None):
@@ -227,18 +282,30 @@ class _PerturbedParams(dict):
 class WeightPerturbation(Rule):
     """FG-W (``local=False``) and LG-FG-W (``local=True``)."""
 
-    def __init__(self, local=False, directions=1, diagnostics=False):
+    def __init__(self, local=False, directions=1, readout="exact", dense_groups="all", diagnostics=False):
         super().__init__(diagnostics)
         if directions < 1:
             raise ValueError(f"fg-w: directions={directions} must be >= 1")
-        self.local, self.directions = local, directions
+        _check_readout("fg-w", readout, local)
+        if dense_groups not in ("all", "own"):
+            raise ValueError(f"lg-fg-w: dense_groups={dense_groups!r}; allowed: 'all' (every replica of the block) "
+                             f"or 'own' (group g's columns from group g's replicas, Ren et al.'s code)")
+        if dense_groups == "own" and not local:
+            raise ValueError("fg-w: dense_groups='own' applies to local losses' replicas; use lg-fg-w")
+        self.local, self.directions, self.readout, self.dense_groups = local, directions, readout, dense_groups
         self.target = "local-greedy" if local else "global"
+
+    def _perturbed_names(self, model, params):
+        """The parameters this rule perturbs: the backbone's, and the read-out's with ``readout='perturbed'``."""
+        spec = model.specs
+        return sorted(name for name in params
+                      if not spec[name].head or (self.readout == "perturbed" and spec[name].readout))
 
     def estimate(self, model, params, x, labels, rng, state, batch):
         k = self.directions
-        names = sorted(name for name in params if not model.specs[name].head)
+        names = self._perturbed_names(model, params)
         step = int(rng.integers(0, 2 ** 63 - 1))  # each tensor's key: (step, its block, its name)
-        seeds = {name: noise.key(step, model.specs[name].block, zlib.crc32(name.encode())) for name in names}
+        seeds = {name: noise.key(step, _key_block(model, name), zlib.crc32(name.encode())) for name in names}
         perturbed = _PerturbedParams(params, seeds, k)
         plan = _plan(self.local, record_points=False, record_outputs=self.local)  # local heads read the outputs
         trace = model.forward(perturbed, x, labels, plan, state)
@@ -252,20 +319,25 @@ class WeightPerturbation(Rule):
         directional = _batch_means(batch, shard_means)
         for name in names:
             v, spec, d = perturbed.tangent(name), model.specs[name], directional[keys[name]]
-            if d.ndim == 2:  # group g's slice reaches only group g's replicas
+            if d.ndim == 2 and spec.group_axis is not None:  # group g's slice reaches only group g's replicas
                 grads[name] = (_along(d, spec.group_axis, v.ndim - 1) * v).mean(axis=0)
+            elif d.ndim == 2:  # dense_groups='own': channel block g from group g's replicas
+                grads[name] = _own_group_columns(d, spec.channel_group_axis, v)
             else:
                 grads[name] = (d.reshape((k,) + (1,) * (v.ndim - 1)) * v).mean(axis=0)
-        batch_wide = frozenset(grads)
-        grads.update(_head_grads(model, params, trace, labels, self.local))
+        batch_wide = frozenset(grads)  # the read-out's too, when it is perturbed
+        head_grads = _head_grads(model, params, trace, labels, self.local)
+        grads.update({name: g for name, g in head_grads.items() if name not in grads})
         return Estimate(grads, mean_value(trace.loss), trace.state, batch_wide=batch_wide)
 
     def _shared_by(self, spec, trace):
         """Which directional derivative a perturbed tensor's estimate uses: None (the global loss's),
-        (block, 'block') (the sum of the block's replicas) or (block, 'grouped') (per group)."""
+        (block, 'block') (the sum of the block's replicas) or (block, 'grouped') (per group: a grouped
+        layer's tensors, and with ``dense_groups='own'`` a dense layer's channel blocks)."""
         if not self.local:
             return None
-        if spec.group_axis is not None and trace.local_losses[spec.block].shape[-1] > 1:
+        if trace.local_losses[spec.block].shape[-1] > 1 and (
+                spec.group_axis is not None or (self.dense_groups == "own" and spec.channel_group_axis is not None)):
             return spec.block, "grouped"
         return spec.block, "block"
 
@@ -278,3 +350,20 @@ class WeightPerturbation(Rule):
         if key[1] == "grouped":
             return d.sum(axis=(1, 2)) / n
         return d.reshape(k, -1).sum(axis=1) / n
+
+
+def _key_block(model, name):
+    """The block index in a perturbed tensor's noise key; the read-out (no block) keys as one past the last."""
+    block = model.specs[name].block
+    return model.num_blocks if block is None else block
+
+
+def _own_group_columns(per_group, axis, v):
+    """Ren et al.'s LG-FG-W for a dense layer whose output channels (``axis`` of the tangent v
+    [K, ...]) split into G contiguous groups: channel block g is scaled by group g's total
+    derivative ``per_group`` [K, G]; the mean over the K directions."""
+    k, groups = per_group.shape
+    shape = v.shape[1:]
+    split = shape[:axis] + (groups, shape[axis] // groups) + shape[axis + 1:]
+    scale = per_group.reshape((k,) + (1,) * axis + (groups, 1) + (1,) * (len(shape) - axis - 1))
+    return (scale * v.reshape((k,) + split)).mean(axis=0).reshape(shape)

@@ -20,13 +20,18 @@ uses the global target, as Fournier et al. do.
   cotangent ĝ/N of the batch-mean loss is then carried to θ_k by one reverse pass through
   block k alone, from its stored input (the paper's "backprop inside the block").
   Where BatchNorm in training mode lies between block k's output and the target loss
-  (``model.couples_examples_after``), example n's activity reaches every example's loss, and a
+  (``model.couples_examples_after_output``), example n's activity reaches every example's loss, and a
   forward pass only gives the batch total Σ_m d_m = ⟨T, G⟩ with T_n = Σ_m ∂ℓ_m/∂y_{k,n}: the
   batch is then projected as ONE vector, ĝ = ⟨T, G⟩ / (‖G‖² + ε) · G (random: ⟨T, G⟩ · G, still
   unbiased), and ``projection='span'`` is refused (it would need N² directions).
 * Weight space: one guess G (all of θ_k's tensors) shared by the batch; D = ⟨∇_{θ_k} L_T, G⟩ is
   the JVP of the batch-mean target loss with tangent G on θ_k; ĝ = D·G (random guesses) or
-  D / (‖G‖² + ε) · G.
+  D / (‖G‖² + ε) · G.  ``weight_unit='module'`` projects each module of the block (a conv or
+  linear map with its bias, a norm's scale and shift: the spec's ``module``) on its own scalar
+  D_m = ⟨∇_{θ_m} L_T, G_m⟩, every module in its own direction of the one pass, as Fournier et
+  al.'s code does (it also projects per example; that is not implemented).
+  ``normalise_random=True`` normalises random guesses too (D / (‖G‖² + ε) · G: biased, E = T/d,
+  as the authors' code does); by default they are not (unbiased).
 
 Passes per step: with the sample projection every block's guess rides in ONE forward pass of
 K = (number of blocks) directions — direction k carries block k's guess and is zero at every
@@ -57,7 +62,9 @@ use per-example layer norm (or none), so that their losses keep examples apart. 
 nets live in ``rule.state`` (``aux.{k}.{i}.weight/bias`` trained, ``ntk.{k}.…`` fixed NTK),
 are created on first use from the setup seed, round-trip through ``state_dict``, and the
 trained ones take a plain SGD step of rate ``aux_lr`` on their exact gradient every step.
-The read-out always gets its exact gradient (heads always backprop).
+The read-out always gets its exact gradient (heads always backprop).  ``last_block='exact'``: the
+last block too, from the final loss by reverse mode through the read-out and that block alone, as
+Fournier et al.'s code trains it (on ResNet-18's 8-block split it holds about 40 % of the weights).
 
 ``diagnostics`` compare with the exact gradient of the objective the rule follows: local greedy
 for target=local on the model's heads, the global loss otherwise (Fournier's alignment measure).
@@ -80,6 +87,8 @@ from .base import Estimate, Rule, mean_value
 from .forward import _batch_means, _gaussian, _head_grads, _tangent, example_noise
 
 GUESSES = ("gaussian", "rademacher", "local", "ntk", "fixed-ntk")
+LAST_BLOCK = ("estimate", "exact")
+WEIGHT_UNITS = ("block", "module")
 RANDOM_GUESSES = ("gaussian", "rademacher")
 TARGETS = ("global", "local", "intermediate")
 SPACES = ("activity", "weight")
@@ -261,6 +270,21 @@ def _block_streams(step_seed):
             made[k] = backend.rng(int(numpy.random.SeedSequence((step_seed, k)).generate_state(1)[0]))
         return made[k]
     return streams
+def _last_block_exact(model, params, trace, block_input, labels, state, names):
+    """The last block's exact gradient of the mean final loss: the cotangent at its output by reverse
+    mode through the read-out alone (pooling and linear layer), then through the block alone from
+    its input value ``block_input``."""
+    k = model.num_blocks - 1
+    output = value_of(trace.outputs[k])
+    running = state if state is not None else model.init_state()
+
+    def readout_loss(h):
+        ctx = Context(Plan(record_points=False), running)
+        logits = model.readout(params, model.pooled_features(h), ctx)
+        return P.mean(losses.cross_entropy(logits, labels, reduction="none"))
+    _, pullback = autodiff.vjp(readout_loss, output)
+    cotangent = pullback(numpy.ones((), dtype=output.dtype))[0]
+    return _block_pullback(model, k, params, names, block_input, state)(cotangent)
 
 
 def _check_choice(option, value, allowed):
@@ -281,8 +305,19 @@ class GradientGuess(Rule):
     needs_local_heads = True  # the model's local heads are the default aux nets (and probes otherwise)
 
     def __init__(self, guess="local", target="global", space="activity", projection="sample", aux=None,
-                 eps=1e-8, aux_width=None, aux_depth=2, aux_lr=0.05, diagnostics=False):
+                 eps=1e-8, aux_width=None, aux_depth=2, aux_lr=0.05, last_block="estimate", weight_unit="block",
+                 normalise_random=False, diagnostics=False):
         super().__init__(diagnostics)
+        if weight_unit not in WEIGHT_UNITS:
+            raise ValueError(f"guess: weight_unit={weight_unit!r}; allowed: 'block' (one projection per block) or "
+                             f"'module' (one per conv, linear map or norm, as Fournier et al.'s code does)")
+        if weight_unit == "module" and space != "weight":
+            raise ValueError("guess: weight_unit='module' applies to space='weight'")
+        self.weight_unit = weight_unit
+        if last_block not in LAST_BLOCK:
+            raise ValueError(f"guess: last_block={last_block!r}; allowed: 'estimate' (guessed like every block) or "
+                             f"'exact' (its exact gradient of the final loss, as Fournier et al.'s code trains it)")
+        self.last_block = last_block
         for option, value, allowed in (("guess", guess, GUESSES), ("target", target, TARGETS),
                                        ("space", space, SPACES), ("projection", projection, PROJECTIONS),
                                        ("aux", aux, AUX_NETS)):
@@ -300,7 +335,7 @@ class GradientGuess(Rule):
         self.guess, self.target_loss, self.space, self.projection = guess, target, space, projection
         self.aux, self.eps, self.aux_depth, self.aux_lr = aux, eps, int(aux_depth), aux_lr
         self.aux_width = aux_width or DEFAULT_AUX_WIDTH.get(aux)
-        self.normalised = guess not in RANDOM_GUESSES
+        self.normalised = guess not in RANDOM_GUESSES or normalise_random
         self.seed, self._model = 0, None
 
     # --- setup and state -------------------------------------------------------------------
@@ -314,7 +349,7 @@ class GradientGuess(Rule):
         self._heads_are_aux = self.aux is None and model.has_local_heads
         self._kind = self.aux or "linear"
         self._block_params = {k: sorted(model.parameters_of(k, local_head=False)) for k in model.blocks()}
-        self._coupled = [model.couples_examples_after(k, self._target_plan(model, k))
+        self._coupled = [model.couples_examples_after_output(k, self._target_plan(model, k))
                          for k in range(model.num_blocks)]
         if self.projection == "span" and any(self._coupled):
             k = self._coupled.index(True)
@@ -325,7 +360,7 @@ class GradientGuess(Rule):
         self.target = "local-greedy" if self.target_loss == "local" and self._heads_are_aux else "global"
 
     def _target_plan(self, model, k):
-        """The plan whose losses hold block k's target (for ``couples_examples_after``)."""
+        """The plan whose losses hold block k's target (for ``couples_examples_after_output``)."""
         if self.target_loss == "local":
             return Plan(local_losses=True, greedy=True)
         if self.target_loss == "intermediate" and k < model.num_blocks - 1:
@@ -414,6 +449,12 @@ class GradientGuess(Rule):
         else:
             grads, trace = self._weight(model, params, x, labels, streams, state, values, batch)
             batch_wide = frozenset(grads)
+        last = model.num_blocks - 1
+        if self.last_block == "exact" and last in self._block_params:  # the stage that holds the last block
+            inputs = (values or self._block_values(model, x, trace))[0]
+            exact = _last_block_exact(model, params, trace, inputs[last], labels, state, self._block_params[last])
+            grads.update(exact)
+            batch_wide = batch_wide - set(exact)  # this shard's exact gradient: the runner reduces it
         grads.update(_head_grads(model, params, trace, labels, model.has_local_heads))
         self._train_aux(model, params, {k: value_of(trace.outputs[k]) for k in model.blocks()}, labels, batch)
         return Estimate(grads, mean_value(trace.loss), trace.state, batch_wide=batch_wide)
@@ -506,20 +547,32 @@ class GradientGuess(Rule):
 
     def _weight(self, model, params, x, labels, streams, state, values, batch):
         guesses = self._weight_guesses(model, params, labels, streams, state, values, batch)
-        blocks = list(model.blocks())  # direction i carries the guess of blocks[i]
+        units = self._weight_units(model, guesses)  # direction i carries units[i]
         perturbed = dict(params)
-        for k, guess in guesses.items():
+        for row, (_, guess) in enumerate(units):
             for name, g in guess.items():
-                perturbed[name] = Dual._make(value_of(params[name]), _one_per_row(blocks.index(k), len(blocks), g))
+                perturbed[name] = Dual._make(value_of(params[name]), _one_per_row(row, len(units), g))
         trace = model.forward(perturbed, x, labels, Plan(record_points=False), state)
-        shard_means = {k: self._target_derivatives(model, params, trace, k, labels, len(blocks))[blocks.index(k)]
-                       .mean(keepdims=True) for k in guesses}
+        shard_means = {row: self._target_derivatives(model, params, trace, k, labels, len(units))[row].mean(
+            keepdims=True) for row, (k, guess) in enumerate(units) if guess}
         derivatives = _batch_means(batch, shard_means)  # the whole batch's mean directional derivatives
         grads = {}
-        for k, guess in guesses.items():
-            derivative = float(derivatives[k][0])
+        for row, (_, guess) in enumerate(units):
+            derivative = float(derivatives[row][0])
             grads.update(_weight_projection(guess, derivative, self.eps, self.normalised))
         return grads, trace
+
+    def _weight_units(self, model, guesses):
+        """[(block, {name: guess})]: what one scalar projects — a whole block (``weight_unit='block'``,
+        in block order), or each module of a block (its spec's ``module``: a conv or linear map with
+        its bias, a norm's scale and shift; ``'module'``).  Each unit rides in its own direction."""
+        if self.weight_unit == "block":
+            return list(guesses.items())
+        units = {}
+        for k, guess in guesses.items():
+            for name, g in guess.items():
+                units.setdefault((k, model.specs[name].module or name), {})[name] = g
+        return [(k, guess) for (k, _), guess in units.items()]
 
     def _train_aux(self, model, params, outputs, labels, batch):
         """Plain SGD on the rule-owned trained aux nets' exact gradients (model heads are in the estimate)."""

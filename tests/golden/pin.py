@@ -48,6 +48,12 @@ RULES = [(name, {}) for name in rules.names()] + [
     ("guess", {"guess": "fixed-ntk", "target": "intermediate"}),
     ("guess", {"guess": "rademacher", "projection": "span"}),
     ("guess", {"aux": "linear"}),
+    ("fg-w", {"readout": "perturbed"}),
+    ("lg-fg-w", {"dense_groups": "own"}),
+    ("fg-a", {"readout": "perturbed", "loss_reduction": "sum"}),
+    ("fdfa", {"adam": True, "update": "after"}),
+    ("guess", {"last_block": "exact"}),
+    ("guess", {"space": "weight", "weight_unit": "module", "guess": "gaussian", "normalise_random": True}),
 ]
 
 BATCH = 4

@@ -29,6 +29,7 @@ CASES = [  # rule, setting, options, steps, threshold   (measured after/before)
     ("dfa", "mlp", {}, STEPS, 0.3),  # 0.08
     ("dkp", "mlp", {}, STEPS, 0.3),  # 0.06
     ("fdfa", "mlp", {}, STEPS, 0.3),  # 0.05
+    ("dfa-local", "mlp", {}, STEPS, 0.35),  # 0.25
     ("fg-w", "mlp", {"directions": 4}, STEPS, 0.65),  # 0.47
     ("fg-a", "mlp", {}, STEPS, 0.5),  # 0.31
     ("l-bp", "mlp-local", {}, STEPS, 0.3),  # 0.06
