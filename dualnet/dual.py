@@ -37,6 +37,24 @@ def _check_float(dtype, what):
         raise TypeError(f"Dual: {what} must be real floating point, got dtype {dtype}")
 
 
+class _UfuncOverride:
+    """``Dual.__array_ufunc__``, read two ways.  NumPy looks it up on the type and gets the
+    dispatcher: ``numpy.tanh(d)`` and ``array * d`` run the dualnet function of the same name.
+    CuPy reads it on the instance to decide whether ``cupy_array * d`` should defer to the
+    Dual's reflected operator, and gets None: it defers (as NumPy's protocol says to)."""
+
+    def __get__(self, instance, owner):
+        return _ufunc_dispatch if instance is None else None
+
+
+def _ufunc_dispatch(dual, ufunc, method, *inputs, **kwargs):
+    from . import primitives
+    if method != "__call__":
+        raise TypeError(f"numpy.{ufunc.__name__}.{method} on a Dual: no derivative rule; call the dualnet "
+                        f"function on whole arrays, or apply it to dualnet.value_of(x)")
+    return primitives.numpy_dispatch(ufunc, inputs, kwargs)
+
+
 class Dual:
     """``Dual(value, tangent=None)``: a value and its directional derivative(s).
 
@@ -46,16 +64,12 @@ class Dual:
     value's dtype (the value's dtype is the computation's).  Integer or complex tangents raise
     ``TypeError``; a tangent of another shape raises ``ValueError``.
 
-    NumPy functions called on a Dual (``numpy.sum(d)``, ``numpy.concatenate``) run the dualnet
-    function of the same name; one without a derivative rule raises ``TypeError`` saying what to
-    use.  NumPy's ufuncs (``numpy.tanh(d)``) are refused by NumPy itself (a Dual opts out of
-    them, so that ``array * d`` runs ``Dual.__rmul__`` for NumPy and CuPy arrays alike): call
-    ``dualnet.tanh`` and the other dualnet functions of the same names.
+    NumPy functions and ufuncs called on a Dual (``numpy.sum(d)``, ``numpy.concatenate``,
+    ``numpy.tanh(d)``, ``array * d``) run the dualnet function of the same name; one without a
+    derivative rule raises ``TypeError`` saying what to use.
     """
     __slots__ = ("value", "tangent", "node", "tag")
-    # ``array (op) Dual``: NumPy and CuPy arrays defer to Dual's reflected operators.  This also
-    # makes NumPy refuse its ufuncs on a Dual (``numpy.tanh(d)``): use ``dualnet.tanh``.
-    __array_ufunc__ = None
+    __array_ufunc__ = _UfuncOverride()
 
     def __init__(self, value, tangent=None):
         value = _as_float_array(value)

@@ -134,12 +134,19 @@ def test_numpy_functions_without_a_rule_raise_a_type_error_naming_the_way_out(ca
     assert str(error.value).startswith(fragment)
 
 
-def test_numpy_ufuncs_are_refused_so_that_array_operators_defer_to_the_dual():
-    """NumPy (and CuPy) run ``array * d`` as ``d.__rmul__`` only if a Dual opts out of ufuncs."""
-    assert Dual.__array_ufunc__ is None
-    with pytest.raises(TypeError):
-        np.tanh(Dual(X, TX))
-    assert dn.tanh(Dual(X, TX)).tangent.shape == X.shape
+def test_numpy_ufuncs_run_the_dualnet_function_and_cupy_defers_to_the_dual():
+    """``numpy.tanh(d)`` and ``array * d`` go through the table; CuPy, which reads
+    ``__array_ufunc__`` on the instance, sees None and defers to the Dual's reflected operator."""
+    d = Dual(X, TX)
+    for ufunc, function in ((np.tanh, dn.tanh), (np.exp, dn.exp), (np.log1p, dn.log1p)):
+        np.testing.assert_allclose(ufunc(d).tangent, function(d).tangent)
+    np.testing.assert_allclose((X * d).tangent, (d * X).tangent)
+    np.testing.assert_allclose(np.add(X, d).tangent, TX)
+    assert d.__array_ufunc__ is None and Dual.__array_ufunc__ is not None
+    with pytest.raises(TypeError, match="numpy.arccosh has no derivative rule in dualnet"):
+        np.arccosh(d)
+    with pytest.raises(TypeError, match="numpy.add.reduce on a Dual"):
+        np.add.reduce(d)
 
 
 def test_a_dual_does_not_silently_become_an_array():

@@ -43,6 +43,8 @@ class ndarray(numpy.ndarray):  # noqa: N801 - the name CuPy gives it
         return numpy.array(self.view(numpy.ndarray))
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        if any(not isinstance(x, numpy.ndarray) and getattr(x, "__array_ufunc__", 0) is None for x in inputs):
+            return NotImplemented  # CuPy defers ``array (op) x`` to x's reflected operator for such an x
         out = kwargs.get("out")
         result = getattr(ufunc, method)(*_host(inputs), **_host(kwargs))
         return out[0] if out is not None and len(out) == 1 else (out if out is not None else _device(result))
