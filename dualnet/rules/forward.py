@@ -53,13 +53,30 @@ def _gaussian(rng, k, shape, dtype):
     return rng.standard_normal((k,) + tuple(shape), dtype=dtype)
 
 
-def example_noise(rng, batch, k, kind, layers="hidden"):
+NOISES = ("gaussian", "rademacher")
+
+
+def signs(gaussian):
+    """Rademacher ±1 from Gaussian draws (in place): the sign of a standard normal is +1 or −1
+    with probability 1/2 each, so the keyed Gaussian streams give keyed Rademacher ones."""
+    gaussian[...] = 1 - 2 * (gaussian < 0)
+    return gaussian
+
+
+def _check_noise(rule, noise_kind):
+    if noise_kind not in NOISES:
+        raise ValueError(f"{rule}: noise={noise_kind!r}; allowed: 'gaussian' (N(0, I)) or 'rademacher' (±1: "
+                         f"unbiased too, variance (d−1)‖g‖² instead of (d+1)‖g‖²)")
+
+
+def example_noise(rng, batch, k, kind, layers="hidden", distribution="gaussian"):
     """site -> per-example noise [K, *site.shape] at the sites of ``kind`` (None elsewhere; with
     ``layers='hidden'`` not at the block-level 'block' sites), keyed by what it perturbs: direction
     j of the example in row n of the step's whole batch, at site (block, layer), is row n of
     ``noise.normal(key(step, block, layer, j), (N,) + unit shape)``, N = ``batch.total``.  A
     data-parallel shard draws exactly its rows of the single-process draw, and drawing a site
-    again gives the same noise (FG-A's ``memory='recompute'``)."""
+    again gives the same noise (FG-A's ``memory='recompute'``).  ``distribution='rademacher'``:
+    the signs of those draws."""
     step = int(rng.integers(0, 2 ** 63 - 1))  # the step's generator is the same on every rank
 
     def draw(site):
@@ -71,7 +88,7 @@ def example_noise(rng, batch, k, kind, layers="hidden"):
         for j in range(k):
             noise.normal_rows(noise.key(step, site.block, layer, j), (batch.total,) + units, batch.start,
                               batch.start + rows, out=out[j])
-        return out
+        return signs(out) if distribution == "rademacher" else out
     return draw
 
 
@@ -132,10 +149,10 @@ def _check_readout(rule, readout, local):
                          f"read-out on stop-gradient features, with its exact gradient")
 
 
-def _with_logits_noise(draw, rng, batch, k):
+def _with_logits_noise(draw, rng, batch, k, distribution):
     """``draw`` plus u ~ N(0, I) [K, N, classes] at the logits (the 'logits' site), keyed per example
     like the hidden layers' noise."""
-    logits = example_noise(rng, batch, k, "logits")
+    logits = example_noise(rng, batch, k, "logits", distribution=distribution)
 
     def sample(site):  # the read-out's site has no block index: keyed as block 0, layer 'readout'
         return logits(site.__class__(0, site.name, site.kind, site.shape, site.dtype)) if site.kind == "logits" \
@@ -156,9 +173,12 @@ class ActivityPerturbation(Rule):
     """FG-A (``local=False``) and LG-FG-A (``local=True``)."""
 
     def __init__(self, local=False, directions=1, norm_grad=True, site="pre", contrastive=False, temperature=0.5,
-                 memory="store", batch_coupling="total", readout="exact", loss_reduction="mean", diagnostics=False):
+                 memory="store", batch_coupling="total", readout="exact", loss_reduction="mean", noise="gaussian",
+                 diagnostics=False):
         super().__init__(diagnostics)
         _check_readout("fg-a", readout, local)
+        _check_noise("fg-a", noise)
+        self.noise = noise
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"fg-a: loss_reduction={loss_reduction!r}; allowed: 'mean' (the batch-mean loss) or "
                              f"'sum' (the batch sum, Ren et al.'s global FG-A)")
@@ -190,9 +210,9 @@ class ActivityPerturbation(Rule):
         """The forward-mode pass (the block pipeline runs it on each stage's blocks, ``x`` then being
         the previous stage's output with its tangent); returns what ``updates`` needs."""
         recompute = self.memory == "recompute"
-        sample = example_noise(rng, batch, self.directions, self.site)
+        sample = example_noise(rng, batch, self.directions, self.site, distribution=self.noise)
         if self.readout == "perturbed":
-            sample = _with_logits_noise(sample, rng, batch, self.directions)
+            sample = _with_logits_noise(sample, rng, batch, self.directions, self.noise)
         if self.contrastive:
             sample = _same_for_both_views(sample)
         plan = _plan(self.local, self.contrastive, self.temperature, perturb=sample,
@@ -265,14 +285,15 @@ class _PerturbedParams(dict):
     does not grow with depth; the same seed regenerates the tangent for the update.
     """
 
-    def __init__(self, params, seeds, directions):
+    def __init__(self, params, seeds, directions, distribution="gaussian"):
         super().__init__(params)
-        self.seeds, self.directions = seeds, directions
+        self.seeds, self.directions, self.distribution = seeds, directions, distribution
 
     def tangent(self, name):
         value = value_of(dict.__getitem__(self, name))
-        return noise.normal(self.seeds[name], (self.directions,) + tuple(value.shape), value.dtype,
-                            xp=backend.namespace(value))
+        drawn = noise.normal(self.seeds[name], (self.directions,) + tuple(value.shape), value.dtype,
+                             xp=backend.namespace(value))
+        return signs(drawn) if self.distribution == "rademacher" else drawn
 
     def __getitem__(self, name):
         value = value_of(dict.__getitem__(self, name))
@@ -282,8 +303,11 @@ class _PerturbedParams(dict):
 class WeightPerturbation(Rule):
     """FG-W (``local=False``) and LG-FG-W (``local=True``)."""
 
-    def __init__(self, local=False, directions=1, readout="exact", dense_groups="all", diagnostics=False):
+    def __init__(self, local=False, directions=1, readout="exact", dense_groups="all", noise="gaussian",
+                 diagnostics=False):
         super().__init__(diagnostics)
+        _check_noise("fg-w", noise)
+        self.noise = noise
         if directions < 1:
             raise ValueError(f"fg-w: directions={directions} must be >= 1")
         _check_readout("fg-w", readout, local)
@@ -306,7 +330,7 @@ class WeightPerturbation(Rule):
         names = self._perturbed_names(model, params)
         step = int(rng.integers(0, 2 ** 63 - 1))  # each tensor's key: (step, its block, its name)
         seeds = {name: noise.key(step, _key_block(model, name), zlib.crc32(name.encode())) for name in names}
-        perturbed = _PerturbedParams(params, seeds, k)
+        perturbed = _PerturbedParams(params, seeds, k, self.noise)
         plan = _plan(self.local, record_points=False, record_outputs=self.local)  # local heads read the outputs
         trace = model.forward(perturbed, x, labels, plan, state)
         n, grads = len(labels), {}

@@ -84,7 +84,7 @@ from ..nn.layers import layer_norm, linear
 from ..nn.model import ParamSpec
 from ..nn.plan import Context, Plan
 from .base import Estimate, Rule, mean_value
-from .forward import _batch_means, _gaussian, _head_grads, _tangent, example_noise
+from .forward import _batch_means, _gaussian, _head_grads, _tangent, example_noise, signs
 
 GUESSES = ("gaussian", "rademacher", "local", "ntk", "fixed-ntk")
 LAST_BLOCK = ("estimate", "exact")
@@ -135,12 +135,6 @@ def _weight_projection(guess, derivative, eps, normalised):
     squared_norm = sum(float((g * g).sum()) for g in guess.values())
     scale = _scale(derivative, squared_norm, eps, normalised)
     return {name: scale * g for name, g in guess.items()}
-
-
-def _signs(gaussian):
-    """Rademacher ±1 from Gaussian draws: the sign of a standard normal is +1 or −1 with
-    probability 1/2 each."""
-    return (1 - 2 * (gaussian < 0)).astype(gaussian.dtype)
 
 
 def random_guess(kind, rng, shape, dtype):
@@ -525,7 +519,7 @@ class GradientGuess(Rule):
                 return None
             if site.block not in guesses:
                 gaussian = draw(site)[0]
-                guesses[site.block] = gaussian if self.guess == "gaussian" else _signs(gaussian)
+                guesses[site.block] = gaussian if self.guess == "gaussian" else signs(gaussian)
             guess = guesses[site.block]
             return (_one_per_row(group.index(site.block), len(group), guess) if self.projection == "sample"
                     else _every_example(guess))

@@ -45,21 +45,25 @@ def backbone(model, tree, tiny):
     return {name: value for name, value in tree.items() if not tiny.is_head(model, name)}
 
 
-@pytest.mark.parametrize("name, make, target, directions", [
-    ("fg-w", mlp, "global", 2000),
-    ("fg-a", mlp, "global", 2000),
-    ("fg-a", mlp_bn, "global", 2000),  # a later BatchNorm couples the examples of block 0
-    ("lg-fg-a", mlp_bn_local, "local-greedy", 2000),  # greedy: no coupling across blocks
-    ("lg-fg-a", mixer, "local-greedy", 500),
-    ("lg-fg-w", mixer, "local-greedy", 1000),
+@pytest.mark.parametrize("name, make, target, directions, options", [
+    ("fg-w", mlp, "global", 2000, {}),
+    ("fg-a", mlp, "global", 2000, {}),
+    ("fg-a", mlp_bn, "global", 2000, {}),  # a later BatchNorm couples the examples of block 0
+    ("lg-fg-a", mlp_bn_local, "local-greedy", 2000, {}),  # greedy: no coupling across blocks
+    ("lg-fg-a", mixer, "local-greedy", 500, {}),
+    ("lg-fg-w", mixer, "local-greedy", 1000, {}),
+    ("fg-w", mlp, "global", 2000, {"noise": "rademacher"}),  # ±1 entries: E[v vᵀ] = I too
+    ("fg-a", mlp_bn, "global", 2000, {"noise": "rademacher"}),
+    ("lg-fg-a", mixer, "local-greedy", 500, {"noise": "rademacher"}),
 ])
-def test_forward_gradient_mean_equals_its_target_gradient(name, make, target, directions, tiny, monte_carlo):
+def test_forward_gradient_mean_equals_its_target_gradient(name, make, target, directions, options, tiny,
+                                                          monte_carlo):
     model = make(tiny)
     params = tiny.params(model)
     x, labels = tiny.batch(model, 4)
     state = model.init_state(np.float64)
     exact, _ = exact_gradients(model, params, x, labels, target, state)
-    rule = rules.create(name, directions=directions)
+    rule = rules.create(name, directions=directions, **options)
     rule.setup(model, params, 0)
     samples = monte_carlo.samples(rule, model, params, x, labels, CALLS, state)
     assert set(samples) == set(exact)
@@ -140,3 +144,29 @@ def test_own_batch_coupling_is_the_biased_per_example_estimator(tiny, monte_carl
     assert max(t.values()) > 10 * T_MAX, t
     with pytest.raises(ValueError, match="batch_coupling='mixed'.*'total'.*'own'"):
         rules.create("fg-a", batch_coupling="mixed")
+
+
+
+@pytest.mark.parametrize("name", ["fg-w", "fg-a"])
+def test_rademacher_directions_are_signs(name, tiny):
+    """noise='rademacher' injects ±1 entries (E[v vᵀ] = I: the unbiasedness cases above cover it)."""
+    model = tiny.mlp()
+    params = tiny.params(model)
+    x, labels = tiny.batch(model, 4)
+    rule = rules.create(name, noise="rademacher")
+    assert set(np.unique(np.abs(rule_noise_values(rule, model, params, x, labels)))) == {1.0}
+
+
+def rule_noise_values(rule, model, params, x, labels):
+    """The directions a forward-gradient rule injects in one pass (its tangents at the inputs of
+    its perturbation), to check they are ±1."""
+    from dualnet.rules.base import Batch
+    from dualnet.rules.forward import _PerturbedParams, example_noise
+    rng = np.random.default_rng(0)
+    if rule.name.endswith("fg-w"):
+        perturbed = _PerturbedParams(params, {name: 1 for name in params}, 3, rule.noise)
+        return np.concatenate([perturbed.tangent(name).ravel() for name in params])
+    draw = example_noise(rng, Batch.whole(len(labels)), 3, rule.site, distribution=rule.noise)
+    site = model.forward(params, x, labels).points[0]
+    from dualnet.nn.plan import Site
+    return draw(Site(site.block, site.name, rule.site, site.h.shape, site.h.dtype)).ravel()

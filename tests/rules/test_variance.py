@@ -147,8 +147,8 @@ def hidden_squared_norm(grads):
     return sum(squared_norm(grads[name]) for name in HIDDEN)
 
 
-def rule_squared_errors(name, net):
-    rule = rules.create(name, directions=DIRECTIONS)
+def rule_squared_errors(name, net, noise="gaussian"):
+    rule = rules.create(name, directions=DIRECTIONS, noise=noise)
     errors = []
     for call in range(CALLS):
         grads = rule(net["model"], net["params"], net["x"], net["labels"], np.random.default_rng(call)).grads
@@ -156,24 +156,31 @@ def rule_squared_errors(name, net):
     return np.array(errors)
 
 
-def test_fg_w_rule_is_the_shared_weight_cell(one_hidden_layer):
+# E‖(g·v)v‖² = (d + 2)‖g‖² for Gaussian v and d‖g‖² for Rademacher v (‖v‖² = d), so the error
+# E‖(g·v)v − g‖² is (d + 1)‖g‖² and (d − 1)‖g‖²: the cells' "+ 1" becomes "− 1".
+EXCESS = {"gaussian": 1, "rademacher": -1}
+
+
+@pytest.mark.parametrize("noise", sorted(EXCESS))
+def test_fg_w_rule_is_the_shared_weight_cell(one_hidden_layer, noise):
     """FG-W perturbs W and b of the hidden layer with one v for the batch: d = pq + q (the read-out
     is exact), and K directions divide the error by K."""
     net = one_hidden_layer
     weight, bias = (net["params"][name] for name in HIDDEN)
     dimension = weight.size + bias.size
-    theory = (dimension + 1) * hidden_squared_norm(net["mean"]) / DIRECTIONS
-    assert_mean_within_tolerance(rule_squared_errors("fg-w", net), theory)
+    theory = (dimension + EXCESS[noise]) * hidden_squared_norm(net["mean"]) / DIRECTIONS
+    assert_mean_within_tolerance(rule_squared_errors("fg-w", net, noise), theory)
 
 
-def test_fg_a_rule_is_the_independent_activity_cell_with_relu_sparsity(one_hidden_layer):
+@pytest.mark.parametrize("noise", sorted(EXCESS))
+def test_fg_a_rule_is_the_independent_activity_cell_with_relu_sparsity(one_hidden_layer, noise):
     """FG-A perturbs each example's q pre-activations independently and keeps only the active
     units (the ReLU-sparsity trick), so example n's d is its number a_n of active units:
     E‖ĝ − ḡ‖² = (1/(K N²)) Σ_n (a_n + 1) ‖g_n‖² over (W, b)."""
     net = one_hidden_layer
-    theory = sum((a + 1) * hidden_squared_norm(g) for a, g in zip(net["active"], net["per_example"]))
+    theory = sum((a + EXCESS[noise]) * hidden_squared_norm(g) for a, g in zip(net["active"], net["per_example"]))
     theory /= DIRECTIONS * N ** 2
     # the trick matters for this batch: d = q would predict a clearly larger error
     dense = sum((HIDDEN_UNITS + 1) * hidden_squared_norm(g) for g in net["per_example"]) / (DIRECTIONS * N ** 2)
     assert dense > 1.2 * theory, (dense, theory)
-    assert_mean_within_tolerance(rule_squared_errors("fg-a", net), theory)
+    assert_mean_within_tolerance(rule_squared_errors("fg-a", net, noise), theory)
