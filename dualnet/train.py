@@ -9,8 +9,9 @@ is refused unless ``overwrite=True``.
 ``train(config, resume=True)`` continues the run stored in ``config.out`` (that directory itself,
 wherever it was moved or copied) and ends bit-identical to an uninterrupted run: the batch order
 depends only on (seed, epoch) and each step's random draws only on (seed, epoch, step).  On
-resume only ``epochs`` (the new total), ``lr`` and ``device`` may differ from the stored run; the
-changes are recorded in ``config.json`` under ``changes``.  Any other difference is an error.
+resume only the ``RESUMABLE_FIELDS`` (``epochs``, the new total; ``lr``; ``device``; ``parallel``
+and ``stages``) may differ from the stored run; the changes are recorded in ``config.json`` under
+``changes``.  Any other difference is an error.
 
 Learning-rate schedules are piecewise: the run starts with one segment spanning all its steps.
 Extending a run (more ``epochs``) with a schedule sized to the run's length (``linear``,
@@ -97,7 +98,7 @@ class Config:
     # parallel 'pipeline': rank s trains stage s of the blocks (distributed/pipeline.py)
     stages: list = None       # with 'pipeline': blocks per stage, e.g. [2, 1]; None: balanced by estimated cost
     out: str = "runs/run"     # where the run lives; never read back from config.json (a run resumes in place)
-    changes: list = field(default_factory=list)  # what each resume changed (epochs, lr, device), in order
+    changes: list = field(default_factory=list)  # what each resume changed (RESUMABLE_FIELDS), in order
 
     @classmethod
     def from_dict(cls, values):
@@ -621,7 +622,7 @@ class _Run:
     def loop(self, progress, on_epoch, max_steps):
         config, position = self.config, self.position
         started = time.perf_counter() - position["wall_s"]
-        steps_this_call = self._steps = 0
+        self._steps = 0  # training steps taken by this call (max_steps counts them)
         with _deferred_interrupts() as interrupt:
             try:
                 while position["epoch"] < config.epochs:
@@ -632,11 +633,10 @@ class _Run:
                                                epoch=epoch, start=position["step"]):
                         stop = self._train_step(xb, yb, epoch, position["step"], interrupt.requested)
                         stop = stop or (self.world.size == 1 and interrupt.requested)
-                        steps_this_call += 1
-                        self._steps = steps_this_call
+                        self._steps += 1
                         position["wall_s"] = time.perf_counter() - started
                         bar.update(1)
-                        if stop or steps_this_call == max_steps:
+                        if stop or self._steps == max_steps:
                             break
                     bar.close()
                     if position["step"] == self.steps_per_epoch:
@@ -644,7 +644,7 @@ class _Run:
                         stop = self._agreed(interrupt.requested)  # Ctrl-C during the evaluation
                     if stop:
                         raise KeyboardInterrupt
-                    if steps_this_call == max_steps and position["epoch"] < config.epochs:
+                    if self._steps == max_steps and position["epoch"] < config.epochs:
                         if position["step"]:
                             self._save()
                         return self._write_summary(stopped=f"max_steps {max_steps}")

@@ -150,8 +150,8 @@ def _check_readout(rule, readout, local):
 
 
 def _with_logits_noise(draw, rng, batch, k, distribution):
-    """``draw`` plus u ~ N(0, I) [K, N, classes] at the logits (the 'logits' site), keyed per example
-    like the hidden layers' noise."""
+    """``draw`` plus the rule's noise u [K, N, classes] (Gaussian or ±1) at the logits (the
+    'logits' site), keyed per example like the hidden layers' noise."""
     logits = example_noise(rng, batch, k, "logits", distribution=distribution)
 
     def sample(site):  # the read-out's site has no block index: keyed as block 0, layer 'readout'
