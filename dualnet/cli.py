@@ -356,7 +356,7 @@ def main(argv=None):
     given = given_flags(argv)
     try:
         rank = distributed.world(getattr(args, "parallel", None)).rank
-    except ImportError as error:
+    except (ImportError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if rank:  # under mpiexec, rank 0 speaks for every rank
@@ -369,7 +369,7 @@ def main(argv=None):
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; every file on disk is a complete one
         print("\nstopped at once (second Ctrl-C); the run's last checkpoint is intact", file=sys.stderr)
         return 130
-    except (ValueError, RunError, data.DataError, backend.DeviceUnavailable) as error:
+    except (ValueError, RunError, data.DataError, backend.DeviceUnavailable, distributed.TransportUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:

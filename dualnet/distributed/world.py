@@ -1,11 +1,23 @@
 """The processes of a run and their collectives.
 
 ``SingleProcess`` (rank 0 of 1) makes every collective the identity, so the runner has one code
-path.  ``MPIWorld`` wraps mpi4py's ``COMM_WORLD``; arrays on a GPU are staged through the host.
+path.  ``MPIWorld`` wraps mpi4py's ``COMM_WORLD``.  The Allreduce of an array on a GPU (CuPy) goes
+through one of three transports (``GPU_TRANSPORTS``; chosen by ``DUALNET_GPU_TRANSPORT``,
+default 'auto'):
+
+* 'nccl': NCCL (``cupy.cuda.nccl``), its communicator initialised through MPI (rank 0 draws the
+  unique id and broadcasts it); one GPU per rank;
+* 'cuda-aware': the device buffer handed to MPI itself (an MPI built with CUDA support);
+* 'host': a copy to host memory, MPI's Allreduce there, and a copy back.
+
+'auto' takes NCCL where CuPy has it, then a CUDA-aware MPI where mpi4py reports one, else the host.
+Every rank of a CUDA run uses GPU ``local rank mod devices`` (``use_local_gpu``).  The
+point-to-point messages of the block pipeline are staged through the host.
 ``bytes_sent`` counts the payload this process contributed to each Allreduce (n float64 count
 8n bytes) and sent point to point (``isend``: the block pipeline's forward messages), and
 ``allreduces`` the number of Allreduces, which is what the benchmarks report per step.
 """
+import os
 import time
 
 import numpy
@@ -13,6 +25,11 @@ import numpy
 from .. import backend
 
 INSTALL = "pip install 'dualnet[mpi]' (mpi4py and MPICH), then launch with mpiexec -n P python -m dualnet ..."
+GPU_TRANSPORTS = ("auto", "nccl", "cuda-aware", "host")
+
+
+class TransportUnavailable(RuntimeError):
+    """The GPU transport asked for (DUALNET_GPU_TRANSPORT) cannot be used here."""
 
 
 class SingleProcess:
@@ -50,23 +67,65 @@ class SingleProcess:
 class MPIWorld(SingleProcess):
     """The processes of ``mpiexec``: ``rank`` and ``size`` from MPI's ``COMM_WORLD``."""
 
-    def __init__(self, comm=None):
+    def __init__(self, comm=None, gpu_transport="auto"):
         super().__init__()
+        if gpu_transport not in GPU_TRANSPORTS:
+            raise ValueError(f"gpu_transport={gpu_transport!r}; choose one of {', '.join(GPU_TRANSPORTS)}")
         try:
             from mpi4py import MPI
         except ImportError:
             raise ImportError(f"--parallel needs mpi4py and an MPI: {INSTALL}") from None
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.gpu_transport, self._nccl = gpu_transport, None
+
+    def use_local_gpu(self):
+        """Make GPU (local rank mod GPU count) this process's current device; returns its index.
+        The local rank is the rank among the processes of this node (MPI shared-memory split)."""
+        import cupy
+        from mpi4py import MPI
+        local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        device = local.Get_rank() % cupy.cuda.runtime.getDeviceCount()
+        local.Free()
+        cupy.cuda.Device(device).use()
+        return device
 
     def allreduce(self, array):
         xp = backend.namespace(array)
-        host = numpy.ascontiguousarray(backend.to_numpy(array))
-        total = numpy.empty_like(host)
-        self.comm.Allreduce(host, total)
-        self.bytes_sent += host.nbytes
         self.allreduces += 1
-        return total if xp is numpy else xp.asarray(total)
+        if xp is numpy or self.transport() == "host":
+            host = numpy.ascontiguousarray(backend.to_numpy(array))
+            self.bytes_sent += host.nbytes
+            total = numpy.empty_like(host)
+            self.comm.Allreduce(host, total)
+            return total if xp is numpy else xp.asarray(total)
+        device = xp.ascontiguousarray(array)
+        self.bytes_sent += device.nbytes
+        total = xp.empty_like(device)
+        if self.transport() == "nccl":
+            from cupy.cuda import nccl
+            self._nccl_comm().allReduce(device.data.ptr, total.data.ptr, device.size, _nccl_type(device.dtype),
+                                        nccl.NCCL_SUM, xp.cuda.get_current_stream().ptr)
+        else:  # cuda-aware: MPI reads and writes the device buffers once the stream has finished
+            xp.cuda.get_current_stream().synchronize()
+            self.comm.Allreduce(device, total)
+        return total
+
+    def transport(self):
+        """The GPU transport in use: ``gpu_transport``, with 'auto' resolved on first use."""
+        if self.gpu_transport == "auto":
+            self.gpu_transport = resolve_transport(_nccl_available(), _mpi_cuda_aware())
+        if self.gpu_transport == "nccl" and not _nccl_available():
+            raise TransportUnavailable("gpu transport 'nccl': CuPy has no NCCL (cupy.cuda.nccl.available is False); "
+                               "install NCCL (pip install nvidia-nccl-cu12) or set DUALNET_GPU_TRANSPORT=host")
+        return self.gpu_transport
+
+    def _nccl_comm(self):
+        if self._nccl is None:
+            from cupy.cuda import nccl
+            unique_id = self.comm.bcast(nccl.get_unique_id() if self.rank == 0 else None, root=0)
+            self._nccl = nccl.NcclCommunicator(self.size, unique_id, self.rank)
+        return self._nccl
 
     def allgather(self, value):
         return self.comm.allgather(value)
@@ -136,6 +195,34 @@ class MPIWorld(SingleProcess):
         return _Reducing(request, host, total)
 
 
+def resolve_transport(nccl_available, mpi_cuda_aware):
+    """'auto' made concrete: 'nccl' where CuPy has NCCL, else 'cuda-aware' where the MPI is, else 'host'."""
+    return "nccl" if nccl_available else "cuda-aware" if mpi_cuda_aware else "host"
+
+
+def _nccl_available():
+    try:
+        from cupy.cuda import nccl
+    except ImportError:
+        return False
+    return bool(getattr(nccl, "available", False))
+
+
+def _mpi_cuda_aware():
+    from mpi4py import MPI
+    query = getattr(MPI, "Query_cuda_support", None)  # MPIX_Query_cuda_support, where the MPI has it
+    return bool(query and query())
+
+
+def _nccl_type(dtype):
+    from cupy.cuda import nccl
+    types = {"float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64, "int32": nccl.NCCL_INT32,
+             "int64": nccl.NCCL_INT64}
+    if numpy.dtype(dtype).name not in types:
+        raise TypeError(f"allreduce over NCCL: dtype {numpy.dtype(dtype)} is not supported; use one of {sorted(types)}")
+    return types[numpy.dtype(dtype).name]
+
+
 def _idle_until(done, longest=1e-3):
     """Wait for ``done()`` sleeping between polls (50 µs, doubling up to ``longest``): MPICH's
     blocking calls spin on a core, which a stage waiting for its input would take from the stages
@@ -182,4 +269,7 @@ def world(parallel=None):
         return SingleProcess()
     if parallel not in PARALLEL:
         raise ValueError(f"parallel={parallel!r}; choose one of {', '.join(PARALLEL)} (or None for one process)")
-    return MPIWorld()
+    transport = os.environ.get("DUALNET_GPU_TRANSPORT", "auto")
+    if transport not in GPU_TRANSPORTS:
+        raise ValueError(f"DUALNET_GPU_TRANSPORT={transport!r}; choose one of {', '.join(GPU_TRANSPORTS)}")
+    return MPIWorld(gpu_transport=transport)

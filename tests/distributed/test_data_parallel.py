@@ -42,11 +42,11 @@ def base(out):
                 optimizer_options={"momentum": 0.9}, out=out)
 
 
-def run_mpi(size, runs, tmp_path, max_steps=None):
+def run_mpi(size, runs, tmp_path, max_steps=None, env=None):
     spec = tmp_path / f"spec-{size}.json"
     spec.write_text(json.dumps({"runs": {k: dataclasses.asdict(c) for k, c in runs.items()}, "max_steps": max_steps}))
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run([MPIEXEC, "-n", str(size), sys.executable, os.path.join(ROOT, "tests", "distributed",
                                                                                    "worker.py"), str(spec)],
                           capture_output=True, text=True, timeout=600, env=env)
