@@ -24,7 +24,7 @@ from .train import SCHEDULES, Config, Interrupted, RunError, default_out, epoch_
 
 MODEL_FLAGS = {"config": str, "hidden": int, "layers": int, "blocks": int, "patches": int, "channels": int,
                "groups": int, "aux": str}
-RESUME_FLAGS = {"resume", "epochs", "lr", "device", "parallel", "stages", "max_steps", "progress"}
+RESUME_FLAGS = {"resume", "epochs", "lr", "device", "parallel", "stages", "blas_threads", "max_steps", "progress"}
 """What ``train --resume`` accepts; any other flag given with it is refused by name."""
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -173,9 +173,43 @@ def _add_run_arguments(parser):
     parser.add_argument("--stages", type=_block_counts,
                         help="with --parallel pipeline: blocks per stage, e.g. 2,1 (default: balanced by "
                              "estimated cost)")
+    parser.add_argument("--blas-threads", type=_blas_threads,
+                        help="BLAS threads (N, or 'auto': the cores not busy now, from the load average); "
+                             "default: BLAS's own; on a busy machine more threads than free cores can slow a "
+                             "GEMM down 30x")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar on stderr (default: when stderr is a terminal)")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+
+
+def free_cores():
+    """The cores this process may use minus the 1-minute load average, rounded; at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, round(cores - os.getloadavg()[0]))
+
+
+def _blas_threads(text):
+    """``--blas-threads``: a whole number >= 1, or 'auto' (``free_cores()`` when the run starts)."""
+    if text == "auto":
+        return free_cores()
+    return _whole(1)(text)
+
+
+_blas_threads.__name__ = "whole number >= 1 or 'auto'"
+
+
+def _warn_if_oversubscribed(config):
+    """One line on a terminal's stderr when BLAS would run more threads than the cores left free
+    by the load (not in logs: a run's stderr stays its epoch lines and errors)."""
+    if config.blas_threads is not None or not sys.stderr.isatty():
+        return
+    from threadpoolctl import threadpool_info
+    threads = max((pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"), default=1)
+    free = free_cores()
+    if threads > free:
+        print(f"warning: BLAS runs {threads} threads but only {free} core(s) are free (load average "
+              f"{os.getloadavg()[0]:.1f}); GEMMs can slow down many times: consider --blas-threads {free} "
+              f"(or auto)", file=sys.stderr)
 
 
 def _block_counts(text):
@@ -198,7 +232,8 @@ def build_parser():
     p.add_argument("--rule", default="bp", help=f"one of: {', '.join(rules.names())}")
     p.add_argument("--out", help="run directory (default: a fresh runs/<model>-<rule>-<time>)")
     p.add_argument("--resume", metavar="DIR",
-                   help="continue the run in DIR itself; only --epochs, --lr, --device, --max-steps apply")
+                   help="continue the run in DIR itself; only --epochs, --lr, --device, --parallel, --stages, "
+                        "--blas-threads and --max-steps apply")
     p.set_defaults(func=cmd_train)
     p = commands.add_parser("compare", help="train several rules with the same data and seed",
                             formatter_class=_Help)
@@ -260,7 +295,7 @@ def _config(args, rule, out):
                   augment=args.augment, readout_lr=args.readout_lr, weight_decay_on=args.weight_decay_on,
                   normalize=args.normalize, train_limit=args.train_limit, eval_limit=args.eval_limit,
                   diagnostics=args.diagnostics, device=args.device, parallel=args.parallel, stages=args.stages,
-                  out=out)
+                  blas_threads=args.blas_threads, out=out)
 
 
 def _report(epochs):
@@ -279,17 +314,19 @@ def cmd_train(args, given):
         if refused:
             flag = "--" + refused[0].replace("_", "-")
             raise ValueError(f"{flag} cannot be given with --resume (the run keeps its own; only --epochs, "
-                             f"--lr, --device, --parallel and --max-steps apply); start a new run with --out to "
-                             f"change it")
+                             f"--lr, --device, --parallel, --stages, --blas-threads and --max-steps apply); "
+                             f"start a new run with --out to change it")
         stored = read_config(args.resume)
-        config = Config(**{**stored.__dict__, **{k: getattr(args, k) for k in ("epochs", "lr", "device", "parallel")
-                                                  if k in given}})
+        config = Config(**{**stored.__dict__, **{k: getattr(args, k) for k in ("epochs", "lr", "device", "parallel",
+                                                                               "blas_threads") if k in given}})
         if "parallel" in given or "stages" in given:  # a new layout: the stored partition does not carry over
             config.stages = getattr(args, "stages", None)
+        _warn_if_oversubscribed(config)
         return train(config, resume=True, progress=args.progress, on_epoch=_report(config.epochs),
                      max_steps=args.max_steps)
     out = args.out or default_out(args.model, args.rule)
     config = _config(args, args.rule, out)
+    _warn_if_oversubscribed(config)
     return train(config, progress=args.progress, on_epoch=_report(config.epochs), overwrite=args.overwrite,
                  max_steps=args.max_steps)
 
@@ -310,6 +347,7 @@ def cmd_compare(args, given):
             _check_name("rule", rule, rules.names())
         out = args.out or default_out("compare", args.model)
         configs = [_config(args, rule, os.path.join(out, rule)) for rule in chosen]
+        _warn_if_oversubscribed(configs[0])
         run = lambda: compare(configs, out, overwrite=args.overwrite, progress=args.progress,  # noqa: E731
                               on_epoch=_report_rule)
     try:

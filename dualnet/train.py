@@ -9,9 +9,11 @@ is refused unless ``overwrite=True``.
 ``train(config, resume=True)`` continues the run stored in ``config.out`` (that directory itself,
 wherever it was moved or copied) and ends bit-identical to an uninterrupted run: the batch order
 depends only on (seed, epoch) and each step's random draws only on (seed, epoch, step).  On
-resume only the ``RESUMABLE_FIELDS`` (``epochs``, the new total; ``lr``; ``device``; ``parallel``
-and ``stages``) may differ from the stored run; the changes are recorded in ``config.json`` under
-``changes``.  Any other difference is an error.
+resume only the ``RESUMABLE_FIELDS`` (``epochs``, the new total; ``lr``; ``device``; ``parallel``,
+``stages`` and ``blas_threads``) may differ from the stored run; the changes are recorded in
+``config.json`` under ``changes``.  Any other difference is an error.  (A GEMM's rounding can
+depend on its thread count, so a run resumed with another ``blas_threads`` is equal to float
+rounding, not bit for bit; the stored count is kept unless a new one is given.)
 
 Learning-rate schedules are piecewise: the run starts with one segment spanning all its steps.
 Extending a run (more ``epochs``) with a schedule sized to the run's length (``linear``,
@@ -45,7 +47,7 @@ from .nn.plan import Plan
 SCHEDULES = ("constant", "linear", "warmup_cosine", "epoch_decay", "step", "exponential")
 HORIZON_SCHEDULES = ("linear", "warmup_cosine")
 """Schedules sized to the run's total number of steps (extending a run adds a segment)."""
-RESUMABLE_FIELDS = ("epochs", "lr", "device", "parallel", "stages")
+RESUMABLE_FIELDS = ("epochs", "lr", "device", "parallel", "stages", "blas_threads")
 """The only ``Config`` fields a resumed run may change (recorded under ``changes``)."""
 
 
@@ -97,6 +99,7 @@ class Config:
     parallel: str = None      # 'data': the ranks of mpiexec split every batch (dualnet.distributed); None: one process
     # parallel 'pipeline': rank s trains stage s of the blocks (distributed/pipeline.py)
     stages: list = None       # with 'pipeline': blocks per stage, e.g. [2, 1]; None: balanced by estimated cost
+    blas_threads: int = None  # BLAS threads of this process (threadpoolctl); None: the BLAS library's own default
     out: str = "runs/run"     # where the run lives; never read back from config.json (a run resumes in place)
     changes: list = field(default_factory=list)  # what each resume changed (RESUMABLE_FIELDS), in order
 
@@ -126,6 +129,8 @@ class Config:
                              "(lr_t = lr * exp(-K t))")
         if self.schedule != "exponential" and self.lr_decay_rate is not None:
             raise ValueError(f"--lr-decay-rate applies to --schedule exponential only, not {self.schedule!r}")
+        if self.blas_threads is not None and (not isinstance(self.blas_threads, int) or self.blas_threads < 1):
+            raise ValueError(f"blas_threads={self.blas_threads!r}: must be a whole number >= 1 (None: BLAS's default)")
         if self.stages is not None and self.parallel != "pipeline":
             raise ValueError("--stages splits the blocks of --parallel pipeline; give both, or neither")
         if self.augment not in AUGMENTATIONS:
@@ -497,8 +502,16 @@ def train(config, resume=False, progress=None, on_epoch=None, overwrite=False, m
     run = _Run
     if config.parallel == "pipeline":
         from .distributed.pipeline import PipelineRun as run
-    with backend.using(backend.DEVICES[device]):
+    with backend.using(backend.DEVICES[device]), _blas_threads(config.blas_threads):
         return run(config, resume, overwrite, world).loop(progress, on_epoch, max_steps)
+
+
+def _blas_threads(count):
+    """BLAS limited to ``count`` threads while the run trains (threadpoolctl); no change for None."""
+    if count is None:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(count, user_api="blas")
 
 
 def _resumed_config(config):
@@ -515,7 +528,8 @@ def _resumed_config(config):
                for name in RESUMABLE_FIELDS if getattr(config, name) != getattr(stored, name)]
     # the optimiser keeps the run's first lr: a new lr starts a schedule piece scaled to it
     return dataclasses.replace(stored, epochs=config.epochs, device=config.device, parallel=config.parallel,
-                               stages=config.stages, data_dir=config.data_dir or stored.data_dir), changes
+                               stages=config.stages, blas_threads=config.blas_threads,
+                               data_dir=config.data_dir or stored.data_dir), changes
 
 
 class _Run:

@@ -100,6 +100,8 @@ BAD_COMMANDS = {  # argv after TINY -> (exit code, fragment of the one-line erro
     "unknown model option": (["--model-opt", "width=3"], 1, "valid: input_shape"),
     "flag not of the model": (["--config", "M/1/16"], 1, "--config is not an option of model 'mlp'"),
     "no key=value": (["--rule-opt", "directions"], 1, "expected KEY=VALUE"),
+    "zero blas threads": (["--blas-threads", "0"], 2, "--blas-threads"),
+    "blas threads many": (["--blas-threads", "many"], 2, "--blas-threads"),
 }
 
 
@@ -257,3 +259,48 @@ def test_ctrl_c_is_one_line_with_the_resume_command(tmp_path, capsys, monkeypatc
     line = one_line_error(code, err.replace(next(line for line in err.splitlines() if line.startswith("epoch 1")),
                                             ""), 130)
     assert f"--resume {out}" in line and "checkpoint.npz" in line
+
+
+# ---------------------------------------------------------------------------- BLAS threads
+def blas_threads():
+    from threadpoolctl import threadpool_info
+    return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+
+def test_blas_threads_hold_during_the_run_and_are_restored(tmp_path, capsys, monkeypatch):
+    from dualnet import train as train_module
+    seen, before = [], blas_threads()
+    original = train_module._Run.loop
+    monkeypatch.setattr(train_module._Run, "loop", lambda self, *a: seen.append(blas_threads()) or original(self, *a))
+    code, _, err = run(["train", *TINY, "--blas-threads", "1", "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    assert seen == [{1}] and blas_threads() == before
+    assert json.load(open(tmp_path / "run" / "config.json"))["blas_threads"] == 1
+
+
+def test_auto_blas_threads_are_the_cores_the_load_leaves_free(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    for load, free in [(0.2, 4), (1.6, 2), (3.4, 1), (9.0, 1)]:
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert cli.build_parser().parse_args(["train", "--blas-threads", "auto"]).blas_threads == free
+
+
+def test_a_busy_terminal_is_warned_once_and_a_log_is_not(tmp_path, capsys, monkeypatch):
+    from dualnet.train import Config
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.9, 1.9))
+    with __import__("threadpoolctl").threadpool_limits(2, user_api="blas"):
+        for tty, warned in [(True, 1), (False, 0)]:
+            monkeypatch.setattr("sys.stderr.isatty", lambda tty=tty: tty, raising=False)
+            cli._warn_if_oversubscribed(Config())
+            err = capsys.readouterr().err
+            assert err.count("warning: BLAS runs 2 threads but only 1 core(s) are free") == warned, err
+        cli._warn_if_oversubscribed(Config(blas_threads=1))  # chosen explicitly: nothing to say
+        assert capsys.readouterr().err == ""
+
+
+def test_resume_applies_and_records_new_blas_threads(finished_run, capsys):
+    code, _, err = run(["train", "--resume", str(finished_run), "--epochs", "2", "--blas-threads", "1"], capsys)
+    assert code == 0, err
+    config = json.load(open(finished_run / "config.json"))
+    assert {"field": "blas_threads", "from": None, "to": 1, "at": {"epoch": 1, "step": 0}} in config["changes"]
