@@ -20,10 +20,10 @@ import json
 import multiprocessing
 import os
 import sys
-import time
 
 import numpy as np
 from gaussian import environment, reexec_without_blas_overrides
+from peers import median_ms
 
 
 def _spin(stop):
@@ -31,28 +31,17 @@ def _spin(stop):
         pass
 
 
-def _median_ms(step, repeats, warmup=5):
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
-
-
 def measure(repeats):
     from dualnet import models, optim, rules
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((128, 800), np.float32), rng.standard_normal((800, 800), np.float32)
-    gemm_ms = _median_ms(lambda: a @ b, 5 * repeats)
+    gemm_ms = median_ms(lambda: a @ b, 5 * repeats)
     x = rng.standard_normal((128, 1, 28, 28), np.float32)
     y = rng.integers(0, 10, 128)
     model = models.create("mlp", hidden=800, layers=4, batch_norm=False)
     params, rule, sgd = model.init(0), rules.create("fg-a"), optim.SGD(1e-3)
     step_rng = np.random.default_rng(0)
-    fga_ms = _median_ms(lambda: sgd.step(params, rule(model, params, x, y, step_rng).grads), repeats)
+    fga_ms = median_ms(lambda: sgd.step(params, rule(model, params, x, y, step_rng).grads), repeats)
     return {"gemm_gflops": 2 * 128 * 800 * 800 / gemm_ms / 1e6, "fga_ms": fga_ms}
 
 

@@ -28,7 +28,7 @@ BATCH = 128
 THREADS = "2"
 
 
-def _timed(step, repeats, warmup=5):
+def median_ms(step, repeats, warmup=5):
     for _ in range(warmup):
         step()
     times = []
@@ -60,12 +60,12 @@ def worker_dualnet(repeats):
         for name in names:
             params, rule, sgd = model.init(0), rules.create(name), optim.SGD(1e-3)
             rng = np.random.default_rng(0)
-            out[f"{label}_{name}"] = _timed(lambda: sgd.step(params, rule(model, params, x, y, rng).grads), repeats)
+            out[f"{label}_{name}"] = median_ms(lambda: sgd.step(params, rule(model, params, x, y, rng).grads), repeats)
     # the GEMM rate of this machine, float32, on the MLP's own GEMM shapes
     mats = [np.random.default_rng(1).standard_normal(s).astype(np.float32)
             for s in [(BATCH, 784), (784, 800), (BATCH, 800), (800, 800)]]
     flops = 2 * BATCH * (784 * 800 + 800 * 800)
-    gemm_ms = _timed(lambda: (mats[0] @ mats[1], mats[2] @ mats[3]), repeats)
+    gemm_ms = median_ms(lambda: (mats[0] @ mats[1], mats[2] @ mats[3]), repeats)
     forward_flops = 2 * BATCH * sum(a * b for a, b in zip(SIZES, SIZES[1:]))
     out["gemm_gflops"] = flops / gemm_ms / 1e6
     out["gemm_bound_fga"] = 3 * forward_flops / (out["gemm_gflops"] * 1e6)
@@ -112,8 +112,8 @@ def worker_jax(repeats):
         return jax.tree_util.tree_map(lambda p, g: p - 1e-3 * g, params, grads)
 
     key = jax.random.PRNGKey(1)
-    return {"mlp_fg-a": _timed(lambda: jax.block_until_ready(fga_step(params, x, key)), repeats),
-            "mlp_bp": _timed(lambda: jax.block_until_ready(bp_step(params, x)), repeats)}
+    return {"mlp_fg-a": median_ms(lambda: jax.block_until_ready(fga_step(params, x, key)), repeats),
+            "mlp_bp": median_ms(lambda: jax.block_until_ready(bp_step(params, x)), repeats)}
 
 
 def worker_torch(repeats):
@@ -176,8 +176,8 @@ def worker_torch(repeats):
             w.requires_grad_(False)
             b.requires_grad_(False)
 
-    return {"mlp_fg-a_fwad": _timed(fwad_step, repeats), "mlp_fg-a_func": _timed(func_step, repeats),
-            "mlp_bp": _timed(bp_step, repeats)}
+    return {"mlp_fg-a_fwad": median_ms(fwad_step, repeats), "mlp_fg-a_func": median_ms(func_step, repeats),
+            "mlp_bp": median_ms(bp_step, repeats)}
 
 
 WORKERS = {"dualnet": worker_dualnet, "jax": worker_jax, "torch": worker_torch}
