@@ -6,6 +6,7 @@ The engine in three names: ``Dual`` (value + tangent), the primitive table
 (``grad(grad(f))``, ``jvp`` of ``grad``...).  Built on it: ``dualnet.nn``, ``dualnet.models``,
 ``dualnet.losses``, ``dualnet.rules``, ``dualnet.optim``, ``dualnet.data``, ``dualnet.train``.
 """
+import os as _os
 
 
 def _bind_kernels():
@@ -33,6 +34,9 @@ def _bind_kernels():
 _bind_kernels()
 
 from . import backend  # noqa: E402
+
+if _os.environ.get("DUALNET_MALLOC", "keep") != "default":
+    backend.keep_freed_memory()
 from .autodiff import (checkpoint, custom_jvp, custom_vjp, grad, jvp, linearize, tree_flatten,  # noqa: E402
                        tree_map, value_and_grad, vjp)
 from .dual import Dual, value_of  # noqa: E402

@@ -23,6 +23,33 @@ class DeviceUnavailable(RuntimeError):
     """CUDA was requested but CuPy is missing or ``cupy.is_available()`` is False."""
 
 
+TOP_PAD = 64 << 20
+
+
+def keep_freed_memory(pad=TOP_PAD):
+    """Ask glibc's malloc to keep ``pad`` bytes at the top of the heap when it shrinks (M_TOP_PAD).
+
+    A training step allocates and frees the same large arrays every step (activations, tangents,
+    gradients).  With glibc's defaults the heap is given back to the system at the end of a step
+    and taken again during the next, and every page taken again is a page fault and a zeroing:
+    measured ~3,400 faults per MLP FG-A step (13 MB).  Keeping 64 MiB of freed heap removes them
+    (0.3 faults per step); the resident memory grows by at most ``pad``.  Called once on
+    ``import dualnet`` (``DUALNET_MALLOC=default`` leaves malloc alone).  Returns True when the
+    setting was applied (glibc), False elsewhere.
+    """
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")
+    if not name or not hasattr(os, "sched_getaffinity"):  # glibc is Linux-only
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_top_pad = -2
+    return bool(mallopt(m_top_pad, int(pad)))
+
+
 def _cupy():
     try:
         import cupy
