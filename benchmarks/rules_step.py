@@ -2,6 +2,7 @@
 
     python benchmarks/rules_step.py            # MLP 784-800-800-800-10 and LocalMixer M/1/16, batch 128
     python benchmarks/rules_step.py --quick    # fewer repeats
+    python benchmarks/rules_step.py --configs M/1/16,M/8/16 --rules bp,fg-w,fg-a,lg-fg-a   # M/8/16 on 32×32×3
 
 A step = the rule's gradient estimate + an SGD update, float32, on random MNIST-shaped data.
 Prints one JSON object: median milliseconds per step and ``<rule>_over_bp`` ratios.
@@ -14,6 +15,7 @@ import time
 import numpy as np
 
 from dualnet import models, optim, rules
+from dualnet.nn.localmixer import CONFIGS
 
 RULES = ["bp", "l-bp", "lg-bp", "fa", "l-fa", "lg-fa", "dfa", "dkp", "fdfa", "fg-w", "lg-fg-w", "fg-a", "lg-fg-a",
          "guess"]  # every rule, on both models (guess: its defaults, a local guess for the global target)
@@ -36,23 +38,36 @@ def time_rule(model, name, x, y, repeats, warmup=2):
     return 1000 * statistics.median(times)
 
 
-def run(quick=False):
+def suites(configs):
+    """(label, model, input shape): the MLP on MNIST shapes, then each LocalMixer config (28×28×1
+    where its patch grid divides 28, else CIFAR's 32×32×3)."""
+    yield "mlp", models.create("mlp", hidden=800, layers=4, batch_norm=False, local_heads=True), (1, 28, 28)
+    for config in configs:
+        shape = (1, 28, 28) if 28 % CONFIGS[config]["patches"] == 0 else (3, 32, 32)
+        label = "mixer" if config == "M/1/16" else config
+        yield label, models.create("localmixer", config=config, input_shape=shape), shape
+
+
+def run(quick=False, configs=("M/1/16",), rule_names=RULES):
     repeats = 3 if quick else 10
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((128, 1, 28, 28)).astype(np.float32)
     y = rng.integers(0, 10, 128)
     result = {}
-    suites = [("mlp", models.create("mlp", hidden=800, layers=4, batch_norm=False, local_heads=True)),
-              ("mixer", models.create("localmixer", config="M/1/16"))]
-    for label, model in suites:
-        for name in RULES:
+    for label, model, shape in suites(configs):
+        x = rng.standard_normal((128,) + shape).astype(np.float32)
+        for name in rule_names:
             result[f"{label}_{name}_ms"] = round(time_rule(model, name, x, y, repeats), 2)
-        for name in RULES[1:]:
-            result[f"{label}_{name}_over_bp"] = round(result[f"{label}_{name}_ms"] / result[f"{label}_bp_ms"], 3)
+        for name in rule_names:
+            if name != "bp":
+                result[f"{label}_{name}_over_bp"] = round(result[f"{label}_{name}_ms"] / result[f"{label}_bp_ms"], 3)
     return result
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
-    print(json.dumps(run(parser.parse_args().quick), indent=2))
+    parser.add_argument("--configs", default="M/1/16", help="LocalMixer configs, comma-separated (e.g. M/1/16,M/8/16)")
+    parser.add_argument("--rules", default=",".join(RULES), help="rules to time, comma-separated (bp is always first)")
+    args = parser.parse_args()
+    chosen = ["bp"] + [r for r in args.rules.split(",") if r and r != "bp"]
+    print(json.dumps(run(args.quick, args.configs.split(","), chosen), indent=2))
