@@ -43,3 +43,33 @@ def test_recompute_draws_fresh_noise_each_step(tiny):
 def test_unknown_memory_mode_is_refused():
     with pytest.raises(ValueError, match="memory='disk'.*'store'.*'recompute'"):
         rules.create("fg-a", memory="disk")
+
+
+@pytest.mark.parametrize("model_name", ["mlp-heads", "mixer"])
+@pytest.mark.parametrize("name", ["fg-w", "lg-fg-w"])
+def test_fg_w_draws_each_tangent_once_in_the_pass_and_once_for_the_update(tiny, monkeypatch, model_name, name):
+    """FG-W keeps no tangent: each perturbed tensor's tangent is drawn when its layer runs and drawn
+    again, from the same key, for the update (memory flat in depth) — never more often."""
+    from collections import Counter
+
+    from dualnet.rules import forward
+    model = _models(tiny)[model_name]
+    params = tiny.params(model)
+    x, labels = tiny.batch(model, 6)
+    draws, in_pass = Counter(), {}
+    original_tangent, original_forward = forward._PerturbedParams.tangent, model.forward
+
+    def tangent(self, tensor):
+        draws[tensor] += 1
+        return original_tangent(self, tensor)
+
+    def forward_pass(*args, **kwargs):
+        trace = original_forward(*args, **kwargs)
+        in_pass.update(draws)
+        return trace
+    monkeypatch.setattr(forward._PerturbedParams, "tangent", tangent)
+    monkeypatch.setattr(model, "forward", forward_pass)
+    estimate = rules.create(name)(model, params, x, labels, np.random.default_rng(0), model.init_state(np.float64))
+    perturbed = {tensor for tensor in estimate.grads if not model.specs[tensor].head}
+    assert perturbed and set(in_pass) == perturbed and set(in_pass.values()) == {1}
+    assert set(draws) == perturbed and set(draws.values()) == {2}
