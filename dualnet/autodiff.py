@@ -186,7 +186,7 @@ def backward(outputs, cotangents):
         if g is None or node.primitive is None:
             continue
         needed = [p is not None for p in node.parents]
-        arg_grads = node.primitive.vjp(g, node.out, node.args, node.params, needed)
+        arg_grads = node.primitive.vjp(g, node.out, node.args, node.params, needed, node.residuals)
         for parent, arg_grad in zip(node.parents, arg_grads):
             if parent is None or arg_grad is None:
                 continue

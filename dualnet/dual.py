@@ -17,6 +17,14 @@ binding again one level down when values are Duals), asks the primitive's jvp ru
 output tangent (rules always see tangents with a leading direction axis, so every rule is
 written once, K-aware), and, when some input is being recorded for reverse mode, appends a node
 to the tape.
+
+Residuals.  A primitive that declares ``residuals=True`` returns, besides its value, what its
+forward pass computed on the way and its rules reuse (layer norm: σ).  ``apply`` returns them
+to the caller with the output; the tape node keeps them, and the jvp and vjp rules receive them
+as the keyword ``residuals`` — ``None`` when the application is nested (the values are Duals of
+an outer level: a residual computed on plain values would be a constant there, so the rules
+recompute it in differentiable operations).  Residuals are plain arrays of the primal pass; no
+derivative flows through them.
 """
 import numpy
 
@@ -24,12 +32,13 @@ from . import backend
 
 
 class Node:
-    """One recorded application for reverse mode: ``out = primitive(*args, **params)``."""
-    __slots__ = ("primitive", "parents", "args", "params", "out")
+    """One recorded application for reverse mode: ``out = primitive(*args, **params)``, with the
+    ``residuals`` of its forward pass (``None`` unless the primitive declares some)."""
+    __slots__ = ("primitive", "parents", "args", "params", "out", "residuals")
 
-    def __init__(self, primitive, parents, args, params, out):
-        self.primitive, self.parents, self.args, self.params, self.out = (
-            primitive, parents, args, params, out)
+    def __init__(self, primitive, parents, args, params, out, residuals=None):
+        self.primitive, self.parents, self.args, self.params, self.out, self.residuals = (
+            primitive, parents, args, params, out, residuals)
 
 
 def _check_float(dtype, what):
@@ -235,14 +244,14 @@ def split(name, args, tag):
 
 
 def _value_and_tangent(primitive, values, tangents, params, nested):
-    """The value and the (K,)-leading output tangent (or None) of one application."""
+    """The value, the (K,)-leading output tangent (or None) and the residuals of one application."""
     joint = (primitive.value_and_jvp(tangents, *values, **params)
              if primitive.value_and_jvp and not nested else None)
     if joint is not None:
-        out, out_tangent = joint
+        out, out_tangent, residuals = joint if primitive.residuals else joint + (None,)
     else:
-        out = bind(primitive, values, params)
-        out_tangent = primitive.jvp(tangents, out, values, params)
+        out, residuals = apply(primitive, values, params)
+        out_tangent = primitive.jvp(tangents, out, values, params, None if nested else residuals)
     if out_tangent is not None:
         if out_tangent.shape[1:] != out.shape:
             raise ValueError(
@@ -250,21 +259,26 @@ def _value_and_tangent(primitive, values, tangents, params, nested):
                 f"{out.shape}; expected (K,) + {out.shape}")
         if out_tangent.dtype != out.dtype and out.dtype.kind == "f":  # e.g. float32 tangent, float64 value
             out_tangent = out_tangent.astype(out.dtype)
-    return out, out_tangent
+    return out, out_tangent, residuals
 
 
-def bind(primitive, args, params):
-    """Apply ``primitive`` to ``args`` (Duals, arrays or Python scalars) in forward mode.
+def apply(primitive, args, params):
+    """Apply ``primitive`` to ``args`` (Duals, arrays or Python scalars) in forward mode:
+    ``(out, residuals)``.
 
-    Returns a plain array when no argument is a Dual, else a Dual of the innermost tag whose
+    ``out`` is a plain array when no argument is a Dual, else a Dual of the innermost tag whose
     tangent is the jvp of the inputs' tangents (``None`` when all are symbolic zeros) and whose
-    node records the application when any input is on a reverse-mode tape.  A primitive whose
-    rules are not written in differentiable operations (``primitive.nested`` false, e.g. a fused
-    kernel) refuses values or tangents that are themselves Duals.
+    node records the application (with its residuals) when any input is on a reverse-mode tape.
+    ``residuals`` are those of the primal pass (``None`` unless the primitive declares
+    ``residuals=True``).  A primitive whose rules are not written in differentiable operations
+    (``primitive.nested`` false, e.g. a fused kernel) refuses values or tangents that are
+    themselves Duals.
     """
     tag = top_tag(args)
     if tag is None:
-        return _array(primitive.value(*args, **params))
+        out = primitive.value(*args, **params)
+        out, residuals = out if primitive.residuals else (out, None)
+        return _array(out), residuals
     values, tangents, parents, single = split(primitive.name, args, tag)
     nested = any(isinstance(v, Dual) for v in values) or any(isinstance(t, Dual) for t in tangents)
     if nested and not primitive.nested:
@@ -272,13 +286,19 @@ def bind(primitive, args, params):
             f"{primitive.name}: no second-order rule, so it cannot be differentiated inside another "
             f"derivative (nested jvp/vjp/grad); compose it from dualnet primitives to nest it")
     if any(t is not None for t in tangents):
-        out, out_tangent = _value_and_tangent(primitive, values, tangents, params, nested)
+        out, out_tangent, residuals = _value_and_tangent(primitive, values, tangents, params, nested)
         if out_tangent is not None and single:
             out_tangent = out_tangent[0]  # single-direction inputs give a single-direction output
     else:
-        out, out_tangent = bind(primitive, values, params), None
-    node = Node(primitive, parents, values, params, out) if any(p is not None for p in parents) else None
-    return Dual._make(out, out_tangent, node, tag)
+        (out, residuals), out_tangent = apply(primitive, values, params), None
+    node = (Node(primitive, parents, values, params, out, None if nested else residuals)
+            if any(p is not None for p in parents) else None)
+    return Dual._make(out, out_tangent, node, tag), residuals
+
+
+def bind(primitive, args, params):
+    """``apply(primitive, args, params)``'s output alone (how a primitive is called)."""
+    return apply(primitive, args, params)[0]
 
 
 from . import primitives as P  # noqa: E402  (operators above dispatch to the table)

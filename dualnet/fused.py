@@ -1,4 +1,4 @@
-"""Fused layer primitives of LocalMixer: local layer norm, grouped linear, and their epilogue.
+"""Fused layer primitives of LocalMixer: local layer norm, grouped linear, and the two fused.
 
 Math (normalisation is over the last axis, no affine parameters — Ren's "local" LN, per token,
 or per token and group on a [..., G, c] tensor; σ = √(var + ε), biased variance):
@@ -8,14 +8,15 @@ or per token and group on a [..., G, c] tensor; σ = √(var + ε), biased varia
   x̄ = (g − mean g − y·mean(y g))/σ are the same product, ``layer_norm_pullback``.
 * ``grouped_linear(x, W, b)``:  x [..., G, c_in], W [G, c_in, c_out], b [G, c_out] →
   z[..., g, :] = x[..., g, :] W[g] + b[g];  ż = ẋW + xẆ + ḃ;  x̄ = g Wᵀ, W̄[g] = Σ x_gᵀ g_g, b̄ = Σ g.
-* ``layer_norm_relu(x, shift)``:  relu(LN(x) + shift), the LN → (+ residual or perturbation) →
-  ReLU step of every LocalMixer layer.
-* ``grouped_linear_layer_norm(x, W, b, shift, relu)``:  relu?(LN(xW + b) + shift) — the GEMMs in
-  BLAS/cuBLAS, then one epilogue pass (bias, layout, LN, shift, ReLU, value and K tangents).
+* ``grouped_linear_layer_norm(x, W, b)``:  LN(xW + b) — the GEMMs in BLAS/cuBLAS, then one
+  epilogue pass (bias, layout, LN, value and K tangents); the grouped layers of LocalMixer run
+  through it (``dualnet.nn.layers.normalized``).
 
 Every op is a primitive in ``dualnet.primitives.TABLE``, K-aware in forward mode, with exact
-reverse rules.  In pure forward mode (no argument on a reverse-mode tape) the value and the K
-tangents of the LN ops come out of one kernel call (``FusedPrimitive``).
+reverse rules.  The LN ops compute value and K tangents in one kernel call and declare σ
+[..., 1] as a *residual* of their forward pass (``Primitive(residuals=True)``): the engine keeps
+it with the tape node and hands it to the vjp, which therefore never recomputes the statistics,
+and ``return_sigma=True`` returns it to the caller (for ``layer_norm_pullback``).
 
 Kernel dispatch contract.  The memory-bound loops are three *contracts*, each with a NumPy/CuPy
 reference here (``reference_<contract>``) and kernels of the same name, signature and results in
@@ -23,8 +24,8 @@ reference here (``reference_<contract>``) and kernels of the same name, signatur
 
   ``layer_norm_forward(x, tangent, eps) -> (y, y_tangent, sigma)``              (module layer_norm)
   ``layer_norm_jacobian(normalized, sigma, vectors) -> J vectors``              (module layer_norm)
-  ``normalize_epilogue(value, tangent, bias, bias_tangent, shift, shift_tangent, eps, relu,
-  directions) -> (out, out_tangent, sigma)``                                    (module grouped_linear)
+  ``normalize_epilogue(value, tangent, bias, bias_tangent, eps, directions)
+  -> (out, out_tangent, sigma)``                                        (module normalize_epilogue)
 
 ``implementation(contract, array)`` asks ``backend.kernel`` (the one dispatcher) for the kernel
 or the reference.  ``DUALNET_KERNELS=reference`` forces the references everywhere.  All arrays
@@ -34,7 +35,7 @@ ahead of time.
 import numpy
 
 from . import backend
-from .dual import Dual, bind, split, top_tag, value_of
+from .dual import value_of
 from .primitives import TABLE, Primitive
 
 ns = backend.namespace
@@ -65,20 +66,18 @@ def reference_layer_norm_forward(x, tangent, eps):
     return y, (None if tangent is None else reference_layer_norm_jacobian(y, sigma, tangent)), sigma
 
 
-def reference_normalize_epilogue(value, tangent, bias, bias_tangent, shift, shift_tangent, eps, relu, directions):
-    """The epilogue after grouped GEMMs: out = relu?(LN(value + bias) + shift), value and K tangents.
+def reference_normalize_epilogue(value, tangent, bias, bias_tangent, eps, directions):
+    """The epilogue after grouped GEMMs: out = LN(value + bias) in the layer's layout, value and K tangents.
 
     value [G, M, c] (GEMM layout); tangent [G, K, M, c] or None; bias [G, c] or None;
-    bias_tangent [K, G, c] or None; shift [M, G, c] or None; shift_tangent [K, M, G, c] or None;
-    ``directions`` = K, 0 when nothing carries a tangent.  Returns (out [M, G, c],
-    out_tangent [K, M, G, c] or None, sigma [M, G, 1]).  Under ReLU the tangent is masked by
-    pre > 0 with pre = LN(value + bias) + shift.
+    bias_tangent [K, G, c] or None; ``directions`` = K, 0 when nothing carries a tangent.
+    Returns (out [M, G, c], out_tangent [K, M, G, c] or None, sigma [M, G, 1]) with
+    out_tangent_k = J(tangent_k + bias_tangent_k).
     """
     xp = ns(value)
     pre_norm = value if bias is None else value + bias[:, None, :]
     y, _, sigma = reference_layer_norm_forward(pre_norm.transpose(1, 0, 2), None, eps)
-    pre = y if shift is None else y + shift
-    out = xp.ascontiguousarray(xp.maximum(pre, 0) if relu else pre)
+    out = xp.ascontiguousarray(y)
     if not directions:
         return out, None, sigma
     linear = None if tangent is None else tangent.transpose(1, 2, 0, 3)
@@ -86,17 +85,13 @@ def reference_normalize_epilogue(value, tangent, bias, bias_tangent, shift, shif
         linear = bias_tangent[:, None] if linear is None else linear + bias_tangent[:, None]
     out_tangent = (xp.zeros((directions,) + y.shape, y.dtype) if linear is None
                    else reference_layer_norm_jacobian(y, sigma, linear))
-    if shift_tangent is not None:
-        out_tangent = out_tangent + shift_tangent
-    if relu:
-        out_tangent = out_tangent * (pre > 0)
     return out, xp.ascontiguousarray(out_tangent), sigma
 
 
 _CONTRACTS = {  # contract -> (kernel module, reference)
     "layer_norm_forward": ("layer_norm", reference_layer_norm_forward),
     "layer_norm_jacobian": ("layer_norm", reference_layer_norm_jacobian),
-    "normalize_epilogue": ("grouped_linear", reference_normalize_epilogue),
+    "normalize_epilogue": ("normalize_epilogue", reference_normalize_epilogue),
 }
 
 
@@ -108,49 +103,22 @@ def implementation(contract, array):
 
 
 # ---------------------------------------------------------------------------------------
-# a primitive whose value and tangents come out of one call
+# a primitive whose value, tangents and residuals come out of one call
 # ---------------------------------------------------------------------------------------
-class FusedPrimitive(Primitive):
-    """A primitive defined by ``value_and_jvp(tangents, *args, **params) -> (out, out_tangent)``.
-
-    ``tangents`` is aligned with ``args`` (``None`` = symbolic zero, else a leading K axis);
-    with all tangents ``None`` it must return ``(out, None)``.  In pure forward mode (no Dual
-    argument on a reverse-mode tape, some tangent present) a call runs ``value_and_jvp`` once;
-    otherwise it binds like any primitive, with ``value`` and — unless a cheaper ``jvp`` is
-    given — a jvp that calls ``value_and_jvp`` again.
-    """
-
-    def __init__(self, name, value_and_jvp, vjp, jvp=None):
-        super().__init__(name, lambda *args, **params: value_and_jvp([None] * len(args), *args, **params)[0],
-                         jvp=jvp or (lambda tangents, out, *args, **params:
-                                     value_and_jvp(tangents, *args, **params)[1]),
-                         vjp=vjp)
-        self.value_and_jvp = value_and_jvp
-
-    def __call__(self, *args, **params):
-        tag = top_tag(args)
-        if tag is None:
-            return bind(self, args, params)
-        values, tangents, parents, single = split(self.name, args, tag)
-        if (any(p is not None for p in parents) or all(t is None for t in tangents)
-                or any(isinstance(v, Dual) for v in values + tangents)):
-            return bind(self, args, params)  # taped, tangent-free or nested: the generic path
-        out, out_tangent = self.value_and_jvp(tangents, *values, **params)
-        if out_tangent is not None and single:
-            out_tangent = out_tangent[0]
-        return Dual._make(out, out_tangent, None, tag)
+def _fused(name, value_and_jvp, vjp):
+    """A primitive defined by ``value_and_jvp(tangents, *args, **params) -> (out, out_tangent,
+    residuals)`` (``tangents`` aligned with ``args``, ``None`` = symbolic zero, else a leading K
+    axis; with all tangents ``None`` it returns ``(out, None, residuals)``) and a
+    ``vjp(g, out, *args, residuals, **params)`` that reads the residuals kept on the tape.  Its
+    rules run kernels, so it does not nest."""
+    def value(*args, **params):
+        out, _, residuals = value_and_jvp([None] * len(args), *args, **params)
+        return out, residuals
+    return Primitive(name, value, vjp=vjp, value_and_jvp=value_and_jvp, residuals=True)
 
 
 def _num_directions(tangents):
     return next((t.shape[0] for t in tangents if t is not None), 0)
-
-
-class _Saved:
-    """Statistics of a forward pass (σ, shape [..., 1]) handed to the rules through the params."""
-    __slots__ = ("sigma",)
-
-    def __init__(self):
-        self.sigma = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,11 +142,6 @@ def _check_normalized(name, shape, eps):
         raise ValueError(f"{name}: eps must be >= 0, got {eps}")
 
 
-def _check_shift(name, shift, shape):
-    if shift is not None and _shape(shift) != tuple(shape):
-        raise ValueError(f"{name}: shift has shape {_shape(shift)}; it must have the output shape {tuple(shape)}")
-
-
 def _check_grouped(name, x, weight, bias):
     x_shape, w_shape = _shape(x), _shape(weight)
     if len(w_shape) != 3 or len(x_shape) < 2 or x_shape[-2:] != w_shape[:2]:
@@ -199,47 +162,33 @@ def _common(*arrays):
 # ---------------------------------------------------------------------------------------
 # layer norm
 # ---------------------------------------------------------------------------------------
-def _sigma(x, eps, saved):
-    """σ of the forward pass when it was saved, else recomputed from x."""
-    if saved is not None and saved.sigma is not None:
-        return saved.sigma
-    return ns(x).sqrt(x.var(axis=-1, keepdims=True) + eps)
-
-
-def _layer_norm_value_and_jvp(tangents, x, eps=1e-5, saved=None):
-    y, y_tangent, sigma = implementation("layer_norm_forward", x)(x, _like(tangents[0], x), eps)
-    if saved is not None:
-        saved.sigma = sigma
-    return y, y_tangent
-
-
 def _like(array, reference):
     return None if array is None else array.astype(reference.dtype, copy=False)
 
 
-def _layer_norm_jvp(tangents, out, x, eps=1e-5, saved=None):
-    return implementation("layer_norm_jacobian", out)(out, _sigma(x, eps, saved), _like(tangents[0], out))
+def _layer_norm_value_and_jvp(tangents, x, eps=1e-5):
+    return implementation("layer_norm_forward", x)(x, _like(tangents[0], x), eps)
 
 
-def _layer_norm_vjp(g, out, x, eps=1e-5, saved=None):
-    return [implementation("layer_norm_jacobian", out)(out, _sigma(x, eps, saved), _like(g, out)[None])[0]]
+def _layer_norm_vjp(g, out, x, eps=1e-5, *, residuals):
+    return [implementation("layer_norm_jacobian", out)(out, residuals, _like(g, out)[None])[0]]
 
 
-_layer_norm = FusedPrimitive("layer_norm", _layer_norm_value_and_jvp, vjp=_layer_norm_vjp, jvp=_layer_norm_jvp)
+_layer_norm = _fused("layer_norm", _layer_norm_value_and_jvp, vjp=_layer_norm_vjp)
 
 
 def layer_norm(x, eps=1e-5, *, return_sigma=False):
     """Local layer norm over the last axis, no affine: y = (x − mean x)/σ, σ = √(var x + eps).
 
     x: array or Dual [..., c] (tangent [..., c] or [K, ..., c]).  Returns y of x's shape (a Dual
-    for a Dual input), or ``(y, sigma)`` with ``return_sigma=True``: σ [..., 1], a plain array,
-    the statistic of this forward pass, to reuse in ``layer_norm_pullback``.
+    for a Dual input), or ``(y, sigma)`` with ``return_sigma=True``: σ [..., 1], a plain array —
+    the residual of this forward pass (the one the vjp reads from the tape), to reuse in
+    ``layer_norm_pullback``; no derivative flows through it.
     """
     _check_normalized("layer_norm", _shape(x), eps)
     _check_floating("layer_norm", x=x)
-    saved = _Saved()
-    y = _layer_norm(x, eps=float(eps), saved=saved)
-    return (y, saved.sigma) if return_sigma else y
+    y, sigma = _layer_norm.apply(x, eps=float(eps))
+    return (y, sigma) if return_sigma else y
 
 
 def layer_norm_pullback(normalized, sigma, cotangent):
@@ -343,102 +292,48 @@ def grouped_linear(x, weight, bias=None):
 
 
 # ---------------------------------------------------------------------------------------
-# LN -> (+ shift) -> ReLU epilogues
+# grouped linear -> LN: the GEMMs, then one epilogue pass
 # ---------------------------------------------------------------------------------------
-def _epilogue(raw, raw_tangent, bias, bias_tangent, shift, shift_tangent, eps, relu, directions):
-    """Dispatch ``normalize_epilogue`` with every present array in one dtype."""
-    arrays = _common(raw, raw_tangent, bias, bias_tangent, shift, shift_tangent)
-    return implementation("normalize_epilogue", arrays[0])(*arrays, eps, relu, directions)
-
-
-def _grouped_linear_layer_norm_value_and_jvp(tangents, x, weight, bias=None, shift=None, relu=False, eps=1e-5,
-                                             saved=None):
-    x_tangent, weight_tangent, bias_tangent, shift_tangent = tangents
+def _grouped_linear_layer_norm_value_and_jvp(tangents, x, weight, bias=None, eps=1e-5):
+    x_tangent, weight_tangent, bias_tangent = tangents
     groups, width = weight.shape[0], weight.shape[2]
     lead = x.shape[:-2]
     x_major = _group_major(x)
-    raw = x_major @ weight
-    rows = raw.shape[1]
     directions = _num_directions(tangents)
-    out, out_tangent, sigma = _epilogue(
-        raw, _grouped_tangent_raw(x_tangent, weight_tangent, x_major, weight), bias, bias_tangent,
-        None if shift is None else shift.reshape(rows, groups, width),
-        None if shift_tangent is None else shift_tangent.reshape(directions, rows, groups, width),
-        eps, relu, directions)
-    if saved is not None:
-        saved.sigma = sigma.reshape(lead + (groups, 1))
+    arrays = _common(x_major @ weight, _grouped_tangent_raw(x_tangent, weight_tangent, x_major, weight), bias,
+                     bias_tangent)
+    out, out_tangent, sigma = implementation("normalize_epilogue", arrays[0])(*arrays, eps, directions)
     shape = lead + (groups, width)
-    return out.reshape(shape), (None if out_tangent is None else out_tangent.reshape((directions,) + shape))
+    return (out.reshape(shape), None if out_tangent is None else out_tangent.reshape((directions,) + shape),
+            sigma.reshape(lead + (groups, 1)))
 
 
-def _grouped_linear_layer_norm_vjp(g, out, x, weight, bias=None, shift=None, relu=False, eps=1e-5, saved=None):
-    """Reverse mode recomputes z = xW + b and its LN (the tape keeps only inputs and output)."""
-    z = _grouped_linear_value(x, weight, bias)
-    y, _, sigma = implementation("layer_norm_forward", z)(z, None, eps)
-    g = _like(g, out)
-    g_pre = g * (out > 0) if relu else g
-    z_bar = implementation("layer_norm_jacobian", y)(y, sigma, g_pre[None])[0]
-    return _grouped_linear_vjp(z_bar, z, x, weight, bias) + [None if shift is None else g_pre]
+def _grouped_linear_layer_norm_vjp(g, out, x, weight, bias=None, eps=1e-5, *, residuals):
+    """z̄ = J(y, σ) g with y = out and σ the forward pass's residual, then the grouped linear's vjp."""
+    z_bar = implementation("layer_norm_jacobian", out)(out, residuals, _like(g, out)[None])[0]
+    return _grouped_linear_vjp(z_bar, out, x, weight, bias)
 
 
-_grouped_linear_layer_norm = FusedPrimitive("grouped_linear_layer_norm", _grouped_linear_layer_norm_value_and_jvp,
-                                            vjp=_grouped_linear_layer_norm_vjp)
+_grouped_linear_layer_norm = _fused("grouped_linear_layer_norm", _grouped_linear_layer_norm_value_and_jvp,
+                                    vjp=_grouped_linear_layer_norm_vjp)
 
 
-def grouped_linear_layer_norm(x, weight, bias=None, shift=None, *, relu=False, eps=1e-5, return_sigma=False):
-    """relu?(LN(grouped_linear(x, W, b)) + shift): a LocalMixer layer in one fused op.
+def grouped_linear_layer_norm(x, weight, bias=None, *, eps=1e-5, return_sigma=False):
+    """LN(grouped_linear(x, W, b)): a grouped linear layer and its local LN in one fused op.
 
-    x [..., G, c_in], W [G, c_in, c_out], b [G, c_out] or None, shift [..., G, c_out] or None
-    (the residual, or an activity perturbation as a Dual with zero value); LN is local to each
-    (row, group).  The GEMMs run in BLAS/cuBLAS; bias, layout change, LN, shift and ReLU run for
-    the value and all K tangents in one epilogue kernel.  With ``relu=False`` and no shift the
-    output is the normalised y itself (FG-A injects its perturbation there); ``return_sigma=True``
-    returns ``(out, sigma)`` with σ [..., G, 1] for ``layer_norm_pullback``.
+    x [..., G, c_in], W [G, c_in, c_out], b [G, c_out] or None (arrays or Duals, tangents of any
+    subset with an optional leading K axis) -> y [..., G, c_out], normalised per (row, group):
+    y = (z − mean z)/σ with z = xW + b, ẏ = J ż.  The GEMMs run in BLAS/cuBLAS; bias, layout
+    change and LN run for the value and all K tangents in one epilogue kernel.  Reverse mode:
+    ȳ → z̄ = J ȳ with the σ kept on the tape (no recomputation), then x̄, W̄, b̄ as in
+    ``grouped_linear``.  ``return_sigma=True`` returns ``(y, sigma)`` with σ [..., G, 1], a plain
+    array, for ``layer_norm_pullback``.
     """
     shape = _check_grouped("grouped_linear_layer_norm", x, weight, bias)
     _check_normalized("grouped_linear_layer_norm", shape, eps)
     _check_floating("grouped_linear_layer_norm", x=x, W=weight)
-    _check_shift("grouped_linear_layer_norm", shift, shape)
-    saved = _Saved()
-    out = _grouped_linear_layer_norm(x, weight, bias, shift, relu=bool(relu), eps=float(eps), saved=saved)
-    return (out, saved.sigma) if return_sigma else out
+    y, sigma = _grouped_linear_layer_norm.apply(x, weight, bias, eps=float(eps))
+    return (y, sigma) if return_sigma else y
 
 
-def _layer_norm_relu_value_and_jvp(tangents, x, shift=None, eps=1e-5):
-    x_tangent, shift_tangent = tangents
-    width = x.shape[-1]
-    rows = x.size // width
-    directions = _num_directions(tangents)
-    out, out_tangent, _ = _epilogue(
-        x.reshape(1, rows, width),
-        None if x_tangent is None else x_tangent.reshape(1, directions, rows, width), None, None,
-        None if shift is None else shift.reshape(rows, 1, width),
-        None if shift_tangent is None else shift_tangent.reshape(directions, rows, 1, width),
-        eps, True, directions)
-    return out.reshape(x.shape), (None if out_tangent is None else out_tangent.reshape((directions,) + x.shape))
-
-
-def _layer_norm_relu_vjp(g, out, x, shift=None, eps=1e-5):
-    y, _, sigma = implementation("layer_norm_forward", x)(x, None, eps)
-    g_pre = _like(g, out) * (out > 0)
-    x_bar = implementation("layer_norm_jacobian", y)(y, sigma, g_pre[None])[0]
-    return [x_bar, None if shift is None else g_pre]
-
-
-_layer_norm_relu = FusedPrimitive("layer_norm_relu", _layer_norm_relu_value_and_jvp, vjp=_layer_norm_relu_vjp)
-
-
-def layer_norm_relu(x, shift=None, eps=1e-5):
-    """relu(LN(x) + shift): local LN over the last axis, an optional shift, ReLU — one pass.
-
-    x [..., c], shift [..., c] or None (a residual, or a perturbation carried as a Dual's
-    tangent).  Value and K tangents come out of one kernel: ẏ = 1[pre > 0]·(J ẋ + ṡ) with
-    pre = LN(x) + shift.
-    """
-    _check_normalized("layer_norm_relu", _shape(x), eps)
-    _check_floating("layer_norm_relu", x=x)
-    _check_shift("layer_norm_relu", shift, _shape(x))
-    return _layer_norm_relu(x, shift, eps=float(eps))
-
-
-TABLE.update({p.name: p for p in (_layer_norm, _grouped_linear, _layer_norm_relu, _grouped_linear_layer_norm)})
+TABLE.update({p.name: p for p in (_layer_norm, _grouped_linear, _grouped_linear_layer_norm)})

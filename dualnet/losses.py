@@ -201,7 +201,7 @@ _View = collections.namedtuple("_View", "pooled error")
 class _FusedLoss(Primitive):
     """A Primitive whose joint vjp rule is told which arguments need a cotangent."""
 
-    def vjp(self, cotangent, out, args, params, needed):
+    def vjp(self, cotangent, out, args, params, needed, residuals=None):
         if self.vjp_rule is None:
             raise NotImplementedError(f"{self.name}: no vjp rule (reverse mode) is defined")
         return self.vjp_rule(cotangent, out, *args, needed=tuple(needed), **params)

@@ -13,6 +13,8 @@ Argument order (one convention for every rule):
   ``vjp(cotangent, out, *args, **params) -> tuple`` when the arguments are best handled together.
 
 ``None`` in a per-argument tuple marks a non-differentiable argument (index, mask, shape...).
+A primitive declared with ``residuals=True`` hands what its forward pass computed to its rules
+(see ``Primitive``).
 A missing rule raises ``NotImplementedError`` naming the op and the mode.  Every primitive is
 also exported as a function (``dualnet.exp``, ``dualnet.matmul`` ...) accepting Duals or arrays.
 
@@ -34,7 +36,7 @@ import string
 
 import numpy
 
-from . import backend
+from . import backend, dual
 from .dual import Dual, bind, value_of
 
 
@@ -57,27 +59,45 @@ class Primitive:
     back to ``value`` + ``jvp`` for these arguments.
     ``nested=True`` declares that the rules accept Duals (see the module docstring); otherwise
     applying the primitive inside another derivative raises ``NotImplementedError``.
+    ``residuals=True`` declares that the forward pass returns residuals — arrays it computed on
+    the way that the rules reuse instead of recomputing: ``value(*args, **params) -> (out,
+    residuals)`` and ``value_and_jvp(...) -> (out, out_tangent, residuals)``; the engine keeps
+    them with the tape node and passes them to the jvp and vjp rules as the keyword argument
+    ``residuals`` (``None`` in a nested application, where the rules must recompute them), and
+    ``apply`` returns them to the caller.
     A first argument that is a list or tuple of Duals or arrays (``mean([x, x + 2])``) is stacked
     into one operand first, as NumPy converts it to an array.
     """
 
-    def __init__(self, name, value, jvp=None, vjp=None, broadcasting=False, value_and_jvp=None, nested=False):
+    def __init__(self, name, value, jvp=None, vjp=None, broadcasting=False, value_and_jvp=None, nested=False,
+                 residuals=False):
         self.name, self.value, self.jvp_rule, self.vjp_rule = name, value, jvp, vjp
         self.broadcasting, self.value_and_jvp, self.nested = broadcasting, value_and_jvp, nested
+        self.residuals = residuals
 
     def __call__(self, *args, **params):
+        return bind(self, self._operands(args), params)
+
+    def apply(self, *args, **params):
+        """``(out, residuals)``: the call's output and the residuals of its forward pass (plain
+        arrays, ``None`` unless the primitive declares ``residuals=True``)."""
+        return dual.apply(self, self._operands(args), params)
+
+    def _operands(self, args):
         if args and isinstance(args[0], (list, tuple)) and builtins.any(
                 isinstance(e, Dual) or backend.is_array(e) for e in args[0]):
             args = (stack(args[0]),) + args[1:]
         if self.broadcasting:
             args = _broadcast_duals(self.name, args)
-        return bind(self, args, params)
+        return args
 
     def __repr__(self):
         return f"Primitive({self.name})"
 
-    def jvp(self, tangents, out, args, params):
+    def jvp(self, tangents, out, args, params, residuals=None):
         rule = self.jvp_rule
+        if self.residuals:
+            params = {**params, "residuals": residuals}
         if rule is None:
             raise NotImplementedError(f"{self.name}: no jvp rule (forward mode) is defined")
         if callable(rule):
@@ -92,9 +112,12 @@ class Primitive:
             total = contribution if total is None else total + contribution
         return total
 
-    def vjp(self, cotangent, out, args, params, needed):
-        """Cotangents of the arguments flagged in ``needed`` (others are ``None``)."""
+    def vjp(self, cotangent, out, args, params, needed, residuals=None):
+        """Cotangents of the arguments flagged in ``needed`` (others are ``None``); ``residuals``:
+        the tape node's (given to the rules of a primitive that declares them)."""
         rule = self.vjp_rule
+        if self.residuals:
+            params = {**params, "residuals": residuals}
         if rule is None:
             raise NotImplementedError(f"{self.name}: no vjp rule (reverse mode) is defined")
         if callable(rule):

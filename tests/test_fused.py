@@ -1,4 +1,4 @@
-"""Fused primitives: layer_norm, grouped_linear, layer_norm_relu, grouped_linear_layer_norm.
+"""Fused primitives: layer_norm, grouped_linear, grouped_linear_layer_norm; σ as their residual.
 
 Properties (float64 unless stated): JVP = central finite differences (h = 1e-6, rtol 1e-5,
 atol 1e-6); VJP satisfies <J u, w> = <u, Jᵀ w> (rtol 1e-10); K directions at once = K single
@@ -217,18 +217,10 @@ def test_grouped_linear_errors_name_the_op():
 
 
 # ---------------------------------------------------------------------------------------
-# LN -> shift -> ReLU epilogues
+# grouped linear -> LN (the epilogue)
 # ---------------------------------------------------------------------------------------
-def naive_layer_norm_relu(x, shift=None):
-    y = naive_layer_norm(x)
-    return dn.relu(y if shift is None else y + shift)
-
-
-def naive_grouped_linear_layer_norm(relu):
-    def f(x, weight, bias, shift):
-        y = naive_layer_norm(naive_grouped_linear(x, weight, bias)) + shift
-        return dn.relu(y) if relu else y
-    return f
+def naive_grouped_linear_layer_norm(x, weight, bias):
+    return naive_layer_norm(naive_grouped_linear(x, weight, bias))
 
 
 def assert_same_jvp_and_vjp(mine, theirs, primals, tangents, rng):
@@ -241,40 +233,35 @@ def assert_same_jvp_and_vjp(mine, theirs, primals, tangents, rng):
         np.testing.assert_allclose(a, b, **TIGHT)
 
 
-@pytest.mark.parametrize("directions", [None, 3])
-def test_layer_norm_relu_equals_composition(rng, directions):
-    k = () if directions is None else (directions,)
-    x, shift = draw(rng, 4, 2, 7), draw(rng, 4, 2, 7)
-    assert_same_jvp_and_vjp(fused.layer_norm_relu, naive_layer_norm_relu, (x, shift),
-                            (draw(rng, *k, *x.shape), draw(rng, *k, *x.shape)), rng)
-    assert_same_jvp_and_vjp(lambda a: fused.layer_norm_relu(a), naive_layer_norm_relu, (x,),
-                            (draw(rng, *k, *x.shape),), rng)
-
-
-@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("directions", [None, 2])
-def test_grouped_linear_layer_norm_equals_composition(rng, relu, directions):
-    k = () if directions is None else (directions,)
-    (x, weight, bias), tangents = grouped_problem(rng, (3, 2), 4, 5, 6, directions)
-    shift = draw(rng, 3, 2, 4, 6)
-    primals = (x, weight, bias, shift)
-    mine = lambda *a: fused.grouped_linear_layer_norm(*a, relu=relu)  # noqa: E731
-    assert_same_jvp_and_vjp(mine, naive_grouped_linear_layer_norm(relu), primals,
-                            tangents + (draw(rng, *k, *shift.shape),), rng)
-    # any subset of tangents (FG-A: only the shift moves; FG-W: only W and b)
-    for chosen in [(None, None, None, tangents[0]), (None, tangents[1], tangents[2], None)]:
-        if chosen[3] is not None:
-            chosen = chosen[:3] + (draw(rng, *k, *shift.shape),)
-        _, tangent = dn.jvp(mine, primals, chosen)
-        _, naive = dn.jvp(naive_grouped_linear_layer_norm(relu), primals, chosen)
+def test_grouped_linear_layer_norm_equals_composition(rng, directions):
+    primals, tangents = grouped_problem(rng, (3, 2), 4, 5, 6, directions)
+    assert_same_jvp_and_vjp(fused.grouped_linear_layer_norm, naive_grouped_linear_layer_norm, primals, tangents,
+                            rng)
+    # any subset of tangents (FG-A: only x moves; FG-W: only W and b; a bias alone)
+    for chosen in [(tangents[0], None, None), (None, tangents[1], tangents[2]), (None, None, tangents[2])]:
+        _, tangent = dn.jvp(fused.grouped_linear_layer_norm, primals, chosen)
+        _, naive = dn.jvp(naive_grouped_linear_layer_norm, primals, chosen)
         np.testing.assert_allclose(tangent, naive, **TIGHT)
+    no_bias = lambda a, w: fused.grouped_linear_layer_norm(a, w)  # noqa: E731
+    assert_same_jvp_and_vjp(no_bias, lambda a, w: naive_grouped_linear_layer_norm(a, w, None), primals[:2],
+                            tangents[:2], rng)
 
 
 def test_grouped_linear_layer_norm_jvp_matches_finite_differences(rng):
     (x, weight, bias), tangents = grouped_problem(rng, (5,), 3, 4, 4)
-    f = lambda a, w, b: fused.grouped_linear_layer_norm(a, w, b, relu=True)  # noqa: E731
-    _, tangent = dn.jvp(f, (x, weight, bias), tangents)
-    np.testing.assert_allclose(tangent, central_difference(f, [x, weight, bias], tangents), **FD)
+    _, tangent = dn.jvp(fused.grouped_linear_layer_norm, (x, weight, bias), tangents)
+    expected = central_difference(fused.grouped_linear_layer_norm, [x, weight, bias], tangents)
+    np.testing.assert_allclose(tangent, expected, **FD)
+
+
+def test_grouped_linear_layer_norm_vjp_dot_product_identity(rng):
+    primals, tangents = grouped_problem(rng, (4,), 3, 5, 6)
+    out, tangent = dn.jvp(fused.grouped_linear_layer_norm, primals, tangents)
+    w = draw(rng, *out.shape)
+    cotangents = dn.vjp(fused.grouped_linear_layer_norm, *primals)[1](w)
+    np.testing.assert_allclose(np.vdot(tangent, w), sum(np.vdot(t, c) for t, c in zip(tangents, cotangents)),
+                               rtol=1e-10)
 
 
 def test_grouped_linear_layer_norm_sigma_feeds_the_pullback(rng):
@@ -290,17 +277,80 @@ def test_grouped_linear_layer_norm_sigma_feeds_the_pullback(rng):
 
 def test_epilogue_taped_path_equals_fused_forward(rng):
     (x, weight, bias), (t, _, _) = grouped_problem(rng, (3,), 2, 3, 5, directions=2)
-    fast = fused.grouped_linear_layer_norm(dn.Dual(x, t), weight, bias, relu=True)
-    bound = fused.grouped_linear_layer_norm(taped(x, t), weight, bias, relu=True)
+    fast = fused.grouped_linear_layer_norm(dn.Dual(x, t), weight, bias)
+    bound = fused.grouped_linear_layer_norm(taped(x, t), weight, bias)
+    assert bound.node is not None and fast.node is None
     np.testing.assert_allclose(bound.value, fast.value, **TIGHT)
     np.testing.assert_allclose(bound.tangent, fast.tangent, **TIGHT)
 
 
 def test_fused_ops_reject_mismatched_directions_and_shapes(rng):
-    x, shift = draw(rng, 2, 3), draw(rng, 2, 3)
-    with pytest.raises(ValueError, match="layer_norm_relu.*directions"):
-        fused.layer_norm_relu(dn.Dual(x, draw(rng, 2, 2, 3)), dn.Dual(shift, draw(rng, 3, 2, 3)))
-    with pytest.raises(ValueError, match="layer_norm_relu.*shift"):
-        fused.layer_norm_relu(x, draw(rng, 2, 4))
-    with pytest.raises(ValueError, match="grouped_linear_layer_norm.*shift"):
-        fused.grouped_linear_layer_norm(draw(rng, 2, 1, 3), draw(rng, 1, 3, 4), None, draw(rng, 2, 1, 3))
+    x, weight = draw(rng, 2, 1, 3), draw(rng, 1, 3, 4)
+    with pytest.raises(ValueError, match="grouped_linear_layer_norm.*directions"):
+        fused.grouped_linear_layer_norm(dn.Dual(x, draw(rng, 2, 2, 1, 3)), dn.Dual(weight, draw(rng, 3, 1, 3, 4)))
+    with pytest.raises(ValueError, match="grouped_linear_layer_norm"):
+        fused.grouped_linear_layer_norm(x, draw(rng, 1, 4, 4))
+
+
+# ---------------------------------------------------------------------------------------
+# σ is a residual of the LN primitives: kept on the tape node, handed to the vjp
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op, make", [
+    ("layer_norm", lambda rng: ((draw(rng, 4, 3, 6),), fused.layer_norm)),
+    ("grouped_linear_layer_norm",
+     lambda rng: (grouped_problem(rng, (4,), 3, 5, 6)[0], fused.grouped_linear_layer_norm)),
+])
+def test_sigma_is_the_tape_nodes_residual_and_the_vjp_does_not_recompute_it(rng, monkeypatch, op, make):
+    primals, f = make(rng)
+    nodes = []
+
+    def record(*args):
+        out = f(*args)
+        nodes.append(out.node)
+        return out
+    out, pullback = dn.vjp(record, *primals)
+    node, = nodes
+    assert node.primitive.name == op
+    _, sigma = f(*primals, return_sigma=True)
+    np.testing.assert_array_equal(node.residuals, sigma)  # σ of the forward pass, on the node
+    # the vjp reads σ from the node: no LN forward contract runs again (only the Jacobian is
+    # reachable), and a σ changed on the node changes the cotangent as the Jacobian (∝ 1/σ) says
+    monkeypatch.setattr(fused, "implementation", lambda contract, array: {
+        "layer_norm_jacobian": fused.reference_layer_norm_jacobian}[contract])
+    g = draw(rng, *out.shape)
+    first = pullback(g)[0]
+    node.residuals = 2 * node.residuals
+    np.testing.assert_allclose(pullback(g)[0], first / 2, **TIGHT)
+
+
+def test_residuals_of_a_generic_primitive_reach_caller_tape_and_rules_and_nesting_recomputes():
+    """A nestable primitive that declares a residual: its rules get it from the forward pass (or the
+    tape), and ``None`` inside a nested derivative, where they recompute it — so second derivatives
+    stay exact."""
+    from dualnet.primitives import Primitive
+    seen = []
+
+    def rule_input(x, residuals):
+        seen.append(residuals)
+        return dn.exp(x) if residuals is None else residuals  # e^x, the residual of the forward pass
+
+    square_exp = Primitive(  # f(x) = e^{2x}, residual e^x
+        "square_exp", lambda x: (np.exp(x) ** 2, np.exp(x)),
+        jvp=lambda tangents, out, x, residuals: 2 * rule_input(x, residuals) ** 2 * tangents[0],
+        vjp=lambda g, out, x, residuals: [2 * rule_input(x, residuals) ** 2 * g], nested=True, residuals=True)
+    x = np.array([0.3, -1.2])
+    out, residuals = square_exp.apply(x)
+    np.testing.assert_allclose(out, np.exp(2 * x), **TIGHT)
+    np.testing.assert_allclose(residuals, np.exp(x), **TIGHT)
+    dual_out, dual_residuals = square_exp.apply(dn.Dual(x, np.ones(2)))
+    np.testing.assert_allclose(dual_out.tangent, 2 * np.exp(2 * x), **TIGHT)
+    np.testing.assert_allclose(dual_residuals, np.exp(x), **TIGHT)
+    seen.clear()
+    np.testing.assert_allclose(dn.grad(lambda a: dn.sum(square_exp(a)))(x), 2 * np.exp(2 * x), **TIGHT)
+    assert seen and all(r is not None for r in seen)  # the vjp read the tape's residual
+    seen.clear()
+    second = dn.grad(lambda a: dn.sum(dn.grad(lambda b: dn.sum(square_exp(b)))(a)))(x)
+    np.testing.assert_allclose(second, 4 * np.exp(2 * x), **TIGHT)
+    assert None in seen  # nested: the rule recomputed e^x in differentiable operations
+    _, hvp = dn.jvp(dn.grad(lambda a: dn.sum(square_exp(a))), (x,), (np.ones(2),))
+    np.testing.assert_allclose(hvp, 4 * np.exp(2 * x), **TIGHT)

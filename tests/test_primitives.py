@@ -34,7 +34,6 @@ from dualnet.primitives import TABLE
 ELSEWHERE = {
     "grouped_linear": "tests/test_fused.py",
     "layer_norm": "tests/test_fused.py",
-    "layer_norm_relu": "tests/test_fused.py",
     "grouped_linear_layer_norm": "tests/test_fused.py",
     "replicated_cross_entropy": "tests/test_losses.py",
     "replicated_info_nce": "tests/test_losses.py",

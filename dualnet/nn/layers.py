@@ -1,7 +1,8 @@
 """Functional layers on Duals or arrays.  Parameters are plain arrays passed in by name.
 
 Every function here is composed from primitives (so forward mode, K directions and reverse
-mode come for free) except the fused ops it calls (``grouped_linear``, ``layer_norm``).
+mode come for free) except the fused ops it calls (``grouped_linear``, ``layer_norm``,
+``grouped_linear_layer_norm``).
 """
 import contextlib
 import functools
@@ -43,6 +44,24 @@ token_mixing.param_pullback = lambda x, delta: [
 def layer_norm(x, eps=1e-5):
     """LayerNorm over the last axis without affine parameters (Ren's local LN)."""
     return fused.layer_norm(x, eps=eps)
+
+
+# Layers with a fused form of "the layer, then its local LN": (x, W, b) -> (LN(fn(x, W, b)), σ).
+grouped.layer_norm = lambda x, weight, bias=None: fused.grouped_linear_layer_norm(x, weight, bias, return_sigma=True)
+
+
+def normalized(fn, x, weights, feedback=None):
+    """``(h, sigma)``: h = LN(fn(x, *weights)) (local LN over the last axis) and its σ [..., 1].
+
+    One fused op when ``fn`` has a fused form (``fn.layer_norm``: a grouped layer runs its GEMMs
+    and then bias, layout and LN in one epilogue pass) and no ``feedback`` matrix replaces its
+    reverse pass; otherwise ``linear_map(fn, ...)`` then ``layer_norm``.  σ is the LN's residual:
+    with h it gives the exact pull-back to z = fn(x, ·), ``fused.layer_norm_pullback(h, σ, δ)``.
+    """
+    fused_form = getattr(fn, "layer_norm", None)
+    if fused_form is not None and feedback is None:
+        return fused_form(x, *weights)
+    return fused.layer_norm(linear_map(fn, x, weights, feedback), return_sigma=True)
 
 
 class _ShardStatistics:

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy
 
-from .. import autodiff, backend, losses
+from .. import autodiff, backend, fused, losses
 from .. import primitives as P
 from ..dual import value_of
 from . import init as initialisers
-from .layers import linear, linear_map
+from .layers import layer_norm, linear, linear_map, normalized
 from .plan import Context, Plan, Point
 
 ROLES = ("weight", "bias", "norm")
@@ -303,12 +303,22 @@ class Model:
         → activation → ['post' site].
 
         Records a ``Point`` so rules can read the layer; applies the plan's feedback weights to
-        ``fn`` when the plan names this layer's weight (feedback alignment).
+        ``fn`` when the plan names this layer's weight (feedback alignment).  With the local
+        ``layer_norm`` as ``normalize``, the layer and its LN run as ``layers.normalized`` (one
+        fused op for a grouped layer) and the point keeps the LN's σ, not z: its pull-back to z is
+        ``layer_norm_pullback(h, σ, δ)``, no second LN pass.
         """
         weights = [params[p] for p in param_names]
         norm_weights = [params[p] for p in norm_param_names]
-        z = linear_map(fn, x, weights, ctx.plan.feedback.get(param_names[0]))
-        h = normalize(z, *norm_weights) if normalize is not None else z
+        feedback = ctx.plan.feedback.get(param_names[0])
+        if normalize is layer_norm:
+            h, sigma = normalized(fn, x, weights, feedback)
+            to_z = _layer_norm_pullback(value_of(h), sigma)
+        else:
+            z = linear_map(fn, x, weights, feedback)
+            h = normalize(z, *norm_weights) if normalize is not None else z
+            to_z = None if normalize is None else _pullback(normalize, value_of(z), [value_of(w) for w in norm_weights],
+                                                            list(norm_param_names))
         h, u_pre = ctx.inject(k, name, "pre", h)
         pre_activation = h if residual is None else h + residual
         a = activation(pre_activation)
@@ -317,9 +327,7 @@ class Model:
             return a
         point = Point(
             block=k, name=name, h=value_of(h), mask=value_of(pre_activation) > 0,
-            weight_grads=_weight_grads(fn, normalize, value_of(x), value_of(z), [value_of(w) for w in weights],
-                                       [value_of(w) for w in norm_weights], list(param_names),
-                                       list(norm_param_names)),
+            weight_grads=_weight_grads(fn, to_z, value_of(x), [value_of(w) for w in weights], list(param_names)),
             replica=replica, post=value_of(a), u_pre=u_pre, u_post=u_post)
         if ctx.plan.on_point is not None:
             ctx.plan.on_point(point)
@@ -342,21 +350,34 @@ class Model:
         raise NotImplementedError
 
 
-def _weight_grads(fn, normalize, x, z, weights, norm_weights, names, norm_names):
+def _layer_norm_pullback(h, sigma):
+    """``delta -> (z̄, {})``: the local LN's exact reverse pass from its output h and σ."""
+    return lambda delta: (fused.layer_norm_pullback(h, sigma, delta), {})
+
+
+def _pullback(normalize, z, norm_weights, norm_names):
+    """``delta -> (z̄, {norm param name: cotangent})``: the exact reverse pass of ``normalize`` at z."""
+    def to_z(delta):
+        _, back = autodiff.vjp(normalize, z, *norm_weights)
+        z_bar, *norm_grads = back(delta)
+        return z_bar, dict(zip(norm_names, norm_grads))
+    return to_z
+
+
+def _weight_grads(fn, to_z, x, weights, names):
     """``weight_grads(delta, through_norm=True)``: parameter cotangents of this layer alone.
 
     ``delta`` is a cotangent at the normalised pre-activation h [N, ...].  Through the norm, it
-    is pulled back by the norm's exact Jacobian transpose to z (the norm's own parameters get
-    their share); with ``through_norm=False`` (FG-A's "NG" option) it is used at z directly.
-    Then the linear map's ``xᵀδ`` — from ``fn.param_pullback`` when the layer has one, else by
-    one reverse pass through this layer only.
+    is pulled back by ``to_z`` (the norm's exact Jacobian transpose; the norm's own parameters get
+    their share) to z; with ``through_norm=False`` (FG-A's "NG" option) or no norm it is used at z
+    directly.  Then the linear map's ``xᵀδ`` — from ``fn.param_pullback`` when the layer has one,
+    else by one reverse pass through this layer only.
     """
     def weight_grads(delta, through_norm=True):
         grads = {}
-        if normalize is not None and through_norm:
-            _, back = autodiff.vjp(normalize, z, *norm_weights)
-            delta, *norm_grads = back(delta)
-            grads.update(zip(norm_names, norm_grads))
+        if to_z is not None and through_norm:
+            delta, norm_grads = to_z(delta)
+            grads.update(norm_grads)
         pullback = getattr(fn, "param_pullback", None)
         if pullback is not None:  # [W̄, b̄]; a layer without a bias takes W̄ only
             grads.update(zip(names, pullback(x, delta)))

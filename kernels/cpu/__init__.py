@@ -16,10 +16,10 @@ import importlib.util
 import pathlib
 
 MODULES = (
-    "layer_norm",        # local layer norm: value + K tangents in one pass, Jacobian product (pull-back)
-    "grouped_linear",    # epilogue after the grouped GEMMs: bias, layout, LN, shift, ReLU; value + K tangents
-    "replicated_loss",   # replicated local losses: the replicas' directional derivatives, the vjp scatter
-    "gaussian",          # counter-based N(0, 1) draws (dualnet.noise): hash, ziggurat, per-position rejection
+    "layer_norm",          # local layer norm: value + K tangents in one pass, Jacobian product (pull-back)
+    "normalize_epilogue",  # epilogue after the grouped GEMMs: bias, layout, LN; value + K tangents
+    "replicated_loss",     # replicated local losses: the replicas' directional derivatives, the vjp scatter
+    "gaussian",            # counter-based N(0, 1) draws (dualnet.noise): hash, ziggurat, per-position rejection
 )
 
 PARALLEL_MIN_ELEMENTS = 1 << 20

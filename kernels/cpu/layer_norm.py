@@ -5,9 +5,9 @@ Normalisation is over the last axis, without affine parameters:
 symmetric, ``J v = (v - mean(v) - y mean(y v)) / sigma``, so the same product gives tangents
 (forward mode) and cotangents (the pull-back).
 
-``_normalize`` is the one row kernel behind every LN path; besides plain LN it adds a per-group
-bias before and a shift after the normalisation, applies an optional ReLU, and reads the grouped
-GEMM layout ``[G, M, c]`` while writing ``[M, G, c]`` (see ``grouped_linear.normalize_epilogue``).
+``_normalize`` is the one row kernel behind both LN forward paths; besides plain LN it adds a
+per-group bias before the normalisation and reads the grouped GEMM layout ``[G, M, c]`` while
+writing ``[M, G, c]`` (see ``normalize_epilogue``).
 Statistics are accumulated in float64 for both float32 and float64 inputs.
 
 Public functions follow the contracts of the NumPy references in ``dualnet.fused``.
@@ -52,16 +52,15 @@ def _moments(u, du, w, dw, mean):
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _normalize(value, tangent, bias, bias_tangent, shift, shift_tangent, groups, rows, width, directions,
-               has_tangent, has_shift, has_shift_tangent, eps, relu, out, out_tangent, sigma):
-    """Row kernel on flat C-ordered arrays (an absent optional input is empty, its flag False):
+def _normalize(value, tangent, bias, bias_tangent, groups, rows, width, directions, has_tangent, eps, out,
+               out_tangent, sigma):
+    """Row kernel on flat C-ordered arrays (an absent tangent is empty, its flag False):
 
     value [G, M, c]; tangent [G, K, M, c]; bias [G, c] (zeros when absent); bias_tangent
-    [K, G, c] (zeros when absent); shift [M, G, c]; shift_tangent [K, M, G, c].  Writes
-    out [M, G, c], out_tangent [K, M, G, c] and sigma [M, G].  Per row (m, g): a = value + bias,
-    y = (a − mean a)/σ, out = relu?(y + shift), out_tangent_k = mask·(J(tangent_k +
-    bias_tangent_k) + shift_tangent_k) with mask = 1[y + shift > 0] under ReLU.
-    Every loop runs over a contiguous row view of length c, so LLVM vectorises it.
+    [K, G, c] (zeros when absent).  Writes out [M, G, c], out_tangent [K, M, G, c] and sigma
+    [M, G].  Per row (m, g): a = value + bias, out = (a − mean a)/σ, out_tangent_k =
+    J(tangent_k + bias_tangent_k).  Every loop runs over a contiguous row view of length c, so
+    LLVM vectorises it.
     """
     plane = rows * groups * width
     for flat in numba.prange(rows * groups):
@@ -70,39 +69,25 @@ def _normalize(value, tangent, bias, bias_tangent, shift, shift_tangent, groups,
         v = value[(g * rows + m) * width:(g * rows + m + 1) * width]
         b = bias[g * width:(g + 1) * width]
         o = out[flat * width:(flat + 1) * width]
-        s = shift[flat * width:(flat + 1) * width] if has_shift else v  # never o: an alias would stop vectorising
         mean = _sum(v, b) / width
         std = np.sqrt(_centred_squares(v, b, mean) / width + eps)
         inverse = 1.0 / std
         sigma[flat] = std
         for j in range(width):
-            y = (v[j] + b[j] - mean) * inverse
-            if has_shift:
-                y += s[j]
-            o[j] = 0.0 if relu and y < 0 else y
+            o[j] = (v[j] + b[j] - mean) * inverse
         for k in range(directions):
             ot = out_tangent[k * plane + flat * width:k * plane + (flat + 1) * width]
-            tangent_mean = 0.0
-            projection = 0.0  # mean(y · tangent)
             if has_tangent:
                 t0 = ((g * directions + k) * rows + m) * width
                 t = tangent[t0:t0 + width]
                 bt = bias_tangent[(k * groups + g) * width:(k * groups + g + 1) * width]
                 total, moment = _moments(t, bt, v, b, mean)
                 tangent_mean = total / width
-                projection = moment * inverse / width
+                projection = moment * inverse / width  # mean(y · tangent)
                 for j in range(width):
                     ot[j] = (t[j] + bt[j] - tangent_mean - (v[j] + b[j] - mean) * inverse * projection) * inverse
             else:
                 ot[:] = 0.0
-            if has_shift_tangent:
-                st = shift_tangent[k * plane + flat * width:k * plane + (flat + 1) * width]
-                for j in range(width):
-                    ot[j] += st[j]
-            if relu:
-                for j in range(width):
-                    if not o[j] > 0:
-                        ot[j] = 0.0
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -129,7 +114,7 @@ def empty(dtype, ndim):
     return np.empty((0,) * ndim, dtype)
 
 
-def run_normalize(value, tangent, bias, bias_tangent, shift, shift_tangent, eps, relu, directions):
+def run_normalize(value, tangent, bias, bias_tangent, eps, directions):
     """Call ``_normalize``; ``None`` marks an absent input.  Any layout, one float dtype.
 
     Shapes as in ``_normalize``; returns (out [M, G, c], out_tangent [K, M, G, c], sigma [M, G]).
@@ -147,10 +132,8 @@ def run_normalize(value, tangent, bias, bias_tangent, shift, shift_tangent, eps,
     out_tangent = np.empty((directions, rows, groups, width), dtype)
     sigma = np.empty((rows, groups), dtype)
     with threads_for(value.size * (1 + directions)):
-        _normalize(flat(value), flat(tangent), flat(bias), flat(bias_tangent), flat(shift), flat(shift_tangent),
-                   groups, rows, width, directions, tangent is not None, shift is not None,
-                   shift_tangent is not None, float(eps), bool(relu),
-                   out.reshape(-1), out_tangent.reshape(-1), sigma.reshape(-1))
+        _normalize(flat(value), flat(tangent), flat(bias), flat(bias_tangent), groups, rows, width, directions,
+                   tangent is not None, float(eps), out.reshape(-1), out_tangent.reshape(-1), sigma.reshape(-1))
     return out, out_tangent, sigma
 
 
@@ -164,8 +147,7 @@ def layer_norm_forward(x, tangent, eps):
     rows = x.size // width
     directions = 0 if tangent is None else tangent.shape[0]
     rows_tangent = None if tangent is None else tangent.reshape(1, directions, rows, width)
-    out, out_tangent, sigma = run_normalize(x.reshape(1, rows, width), rows_tangent, None, None, None, None,
-                                            eps, False, directions)
+    out, out_tangent, sigma = run_normalize(x.reshape(1, rows, width), rows_tangent, None, None, eps, directions)
     y_tangent = None if tangent is None else out_tangent.reshape((directions,) + x.shape)
     return out.reshape(x.shape), y_tangent, sigma.reshape(x.shape[:-1] + (1,))
 

@@ -20,9 +20,9 @@ import pathlib
 import numpy
 
 MODULES = (
-    "layer_norm",        # local layer norm: value + K tangents in one pass, Jacobian product (pull-back)
-    "grouped_linear",    # epilogue after the grouped cuBLAS GEMMs: bias, layout, LN, shift, ReLU
-    "replicated_loss",   # replicated local losses: the replicas' directional derivatives, the vjp scatter
+    "layer_norm",          # local layer norm: value + K tangents in one pass, Jacobian product (pull-back)
+    "normalize_epilogue",  # epilogue after the grouped cuBLAS GEMMs: bias, layout, LN
+    "replicated_loss",     # replicated local losses: the replicas' directional derivatives, the vjp scatter
 )
 SOURCE_DIR = pathlib.Path(__file__).parent
 OPTIONS = ("--std=c++14",)

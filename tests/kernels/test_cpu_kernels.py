@@ -16,7 +16,7 @@ from dualnet.kernels import cpu
 
 pytest.importorskip("numba")
 layer_norm_kernels = cpu.load("layer_norm")
-epilogue_kernels = cpu.load("grouped_linear")
+epilogue_kernels = cpu.load("normalize_epilogue")
 
 TOLERANCE = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=1e-5, atol=1e-5)}
 DTYPES = [np.float64, np.float32]
@@ -72,24 +72,19 @@ def test_layer_norm_kernels_accept_non_contiguous_inputs(rng, dtype):
 
 
 def epilogue_inputs(rng, dtype, groups, rows, width, directions, present):
-    """Inputs of the normalize_epilogue contract; ``present`` flags the five optional arrays."""
+    """Arguments of the normalize_epilogue contract; ``present`` flags the three optional arrays."""
     def make(*shape):
         return (rng.standard_normal(shape) * 2).astype(dtype)
-    candidates = (make(groups, directions, rows, width), make(groups, width), make(directions, groups, width),
-                  make(rows, groups, width), make(directions, rows, groups, width))
-    tangent, bias, bias_tangent, shift, shift_tangent = (c if p else None for c, p in zip(candidates, present))
-    has_tangent = tangent is not None or bias_tangent is not None or shift_tangent is not None
-    return (make(groups, rows, width), tangent, bias, bias_tangent, shift, shift_tangent, 1e-5,
-            directions if has_tangent else 0)
+    candidates = (make(groups, directions, rows, width), make(groups, width), make(directions, groups, width))
+    tangent, bias, bias_tangent = (c if p else None for c, p in zip(candidates, present))
+    has_tangent = tangent is not None or bias_tangent is not None
+    return make(groups, rows, width), tangent, bias, bias_tangent, 1e-5, directions if has_tangent else 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("relu", [False, True])
-def test_normalize_epilogue_every_combination_of_inputs(rng, dtype, relu):
-    for present in itertools.product([False, True], repeat=5):
-        args = epilogue_inputs(rng, dtype, 3, 5, 7, 2, present)
-        value, tangent, bias, bias_tangent, shift, shift_tangent, eps, directions = args
-        call = (value, tangent, bias, bias_tangent, shift, shift_tangent, eps, relu, directions)
+def test_normalize_epilogue_every_combination_of_inputs(rng, dtype):
+    for present in itertools.product([False, True], repeat=3):
+        call = epilogue_inputs(rng, dtype, 3, 5, 7, 2, present)
         for a, e in zip(epilogue_kernels.normalize_epilogue(*call), fused.reference_normalize_epilogue(*call)):
             assert_close(a, e, dtype)
 
@@ -98,9 +93,7 @@ def test_normalize_epilogue_every_combination_of_inputs(rng, dtype, relu):
 @pytest.mark.parametrize("groups, rows, width, directions", [(1, 1, 1, 1), (16, 130, 32, 4), (1, 300, 257, 1),
                                                              (2, 0, 3, 1)])
 def test_normalize_epilogue_shapes(rng, dtype, groups, rows, width, directions):
-    args = epilogue_inputs(rng, dtype, groups, rows, width, directions, (True, True, False, True, True))
-    value, tangent, bias, bias_tangent, shift, shift_tangent, eps, directions = args
-    call = (value, tangent, bias, bias_tangent, shift, shift_tangent, eps, True, directions)
+    call = epilogue_inputs(rng, dtype, groups, rows, width, directions, (True, True, False))
     for a, e in zip(epilogue_kernels.normalize_epilogue(*call), fused.reference_normalize_epilogue(*call)):
         assert_close(a, e, dtype)
 
@@ -114,8 +107,7 @@ def test_kernels_on_all_threads_match_reference(rng, monkeypatch):
     y, _, sigma = fused.reference_layer_norm_forward(x, None, 1e-5)
     assert_close(layer_norm_kernels.layer_norm_jacobian(y, sigma, tangent),
                  fused.reference_layer_norm_jacobian(y, sigma, tangent), np.float64)
-    call = epilogue_inputs(rng, np.float64, 4, 65, 9, 2, (True,) * 5)
-    call = call[:7] + (True,) + call[7:]
+    call = epilogue_inputs(rng, np.float64, 4, 65, 9, 2, (True,) * 3)
     for a, e in zip(epilogue_kernels.normalize_epilogue(*call), fused.reference_normalize_epilogue(*call)):
         assert_close(a, e, np.float64)
 
@@ -123,7 +115,7 @@ def test_kernels_on_all_threads_match_reference(rng, monkeypatch):
 def test_normalize_epilogue_non_contiguous_gemm_layout(rng):
     value = rng.standard_normal((5, 3, 4)).transpose(1, 0, 2)          # [G=3, M=5, c=4], not contiguous
     tangent = rng.standard_normal((2, 5, 3, 4)).transpose(2, 0, 1, 3)   # [G, K, M, c]
-    call = (value, tangent, None, None, None, None, 1e-5, True, 2)
+    call = (value, tangent, None, None, 1e-5, 2)
     for a, e in zip(epilogue_kernels.normalize_epilogue(*call), fused.reference_normalize_epilogue(*call)):
         assert_close(a, e, np.float64)
 
@@ -162,8 +154,8 @@ def _exercise_every_fused_op(rng):
     weight = rng.standard_normal((2, 3, 3))
     fused.layer_norm(dn.Dual(x, t))
     dn.vjp(fused.layer_norm, x)[1](x)
-    fused.layer_norm_relu(dn.Dual(x, t))
-    fused.grouped_linear_layer_norm(dn.Dual(x, t), weight, relu=True)
+    fused.grouped_linear_layer_norm(dn.Dual(x, t), weight)
+    dn.vjp(fused.grouped_linear_layer_norm, x, weight)[1](x)
     y, sigma = fused.layer_norm(x, return_sigma=True)
     fused.layer_norm_pullback(y, sigma, x)
 
@@ -181,10 +173,10 @@ def test_reference_mode_bypasses_the_kernels(monkeypatch, rng):
 def test_kernels_and_reference_agree_through_the_public_ops(monkeypatch, rng):
     x, t = rng.standard_normal((8, 4, 6)).astype(np.float32), rng.standard_normal((3, 8, 4, 6)).astype(np.float32)
     weight = rng.standard_normal((4, 6, 6)).astype(np.float32)
-    shift = dn.Dual(np.zeros((8, 4, 6), np.float32), rng.standard_normal((3, 8, 4, 6)).astype(np.float32))
+    bias = rng.standard_normal((4, 6)).astype(np.float32)
 
     def run():
-        out = fused.grouped_linear_layer_norm(dn.Dual(x, t), weight, None, shift, relu=True)
+        out = fused.grouped_linear_layer_norm(dn.Dual(x, t), weight, bias)
         return out.value, out.tangent
     monkeypatch.setenv("DUALNET_KERNELS", "reference")
     expected = run()
@@ -205,7 +197,7 @@ def test_small_calls_run_on_one_thread_and_restore_the_pool():
 
 def test_warm_up_and_registry():
     backend.warm_up_kernels()
-    assert set(cpu.MODULES) >= {"layer_norm", "grouped_linear"}
+    assert set(cpu.MODULES) >= {"layer_norm", "normalize_epilogue"}
     with pytest.raises(ValueError, match="unknown kernel module"):
         cpu.load("no_such_kernel")
 

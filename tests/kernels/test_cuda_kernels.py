@@ -28,7 +28,7 @@ def cp():
 @pytest.fixture
 def kernels():
     from dualnet.kernels import cuda
-    return cuda.load("layer_norm"), cuda.load("grouped_linear")
+    return cuda.load("layer_norm"), cuda.load("normalize_epilogue")
 
 
 def assert_close(actual, expected, dtype):
@@ -57,22 +57,20 @@ def test_layer_norm_forward_and_jacobian(cp, kernels, rng, dtype, shape, directi
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("groups, rows, width, directions", [(3, 5, 7, 2), (16, 130, 32, 4), (1, 9, 300, 1)])
-def test_normalize_epilogue_every_combination(cp, kernels, rng, dtype, relu, groups, rows, width, directions):
+def test_normalize_epilogue_every_combination(cp, kernels, rng, dtype, groups, rows, width, directions):
     _, epilogue_kernels = kernels
 
     def make(*shape):
         return (rng.standard_normal(shape) * 2).astype(dtype)
     value = make(groups, rows, width)
-    candidates = (make(groups, directions, rows, width), make(groups, width), make(directions, groups, width),
-                  make(rows, groups, width), make(directions, rows, groups, width))
-    for present in itertools.product([False, True], repeat=5):
+    candidates = (make(groups, directions, rows, width), make(groups, width), make(directions, groups, width))
+    for present in itertools.product([False, True], repeat=3):
         optional = [c if p else None for c, p in zip(candidates, present)]
-        k = directions if (optional[0] is not None or optional[2] is not None or optional[4] is not None) else 0
-        expected = fused.reference_normalize_epilogue(value, *optional, 1e-5, relu, k)
+        k = directions if (optional[0] is not None or optional[2] is not None) else 0
+        expected = fused.reference_normalize_epilogue(value, *optional, 1e-5, k)
         actual = epilogue_kernels.normalize_epilogue(
-            cp.asarray(value), *[None if a is None else cp.asarray(a) for a in optional], 1e-5, relu, k)
+            cp.asarray(value), *[None if a is None else cp.asarray(a) for a in optional], 1e-5, k)
         for a, e in zip(actual, expected):
             assert_close(a, e, dtype)
 
@@ -81,9 +79,9 @@ def test_public_ops_on_cupy_match_numpy(cp, rng, monkeypatch):
     monkeypatch.setenv("DUALNET_KERNELS", "auto")
     x, t = rng.standard_normal((8, 4, 6)), rng.standard_normal((3, 8, 4, 6))
     weight, bias = rng.standard_normal((4, 6, 5)), rng.standard_normal((4, 5))
-    host = fused.grouped_linear_layer_norm(dn.Dual(x, t), weight, bias, relu=True)
+    host = fused.grouped_linear_layer_norm(dn.Dual(x, t), weight, bias)
     device = fused.grouped_linear_layer_norm(dn.Dual(cp.asarray(x), cp.asarray(t)), cp.asarray(weight),
-                                             cp.asarray(bias), relu=True)
+                                             cp.asarray(bias))
     assert_close(device.value, host.value, np.float64)
     assert_close(device.tangent, host.tangent, np.float64)
     y, sigma = fused.layer_norm(cp.asarray(x), return_sigma=True)

@@ -85,22 +85,21 @@ def check_layer_norm(cp, rng, dtype, shape, directions):
     assert_close(actual, fused.reference_layer_norm_jacobian(y, sigma, tangent), dtype, width)
 
 
-def check_normalize_epilogue(cp, rng, dtype, groups, rows, width, directions, relu, combinations):
+def check_normalize_epilogue(cp, rng, dtype, groups, rows, width, directions, combinations):
     """normalize_epilogue vs fused.reference_normalize_epilogue for each presence pattern of the
-    five optional operands in ``combinations`` (tuples of 5 booleans)."""
-    launcher = cuda.load("grouped_linear")
+    three optional operands in ``combinations`` (tuples of 3 booleans)."""
+    launcher = cuda.load("normalize_epilogue")
 
     def make(*shape):
         return (rng.standard_normal(shape) * 2).astype(dtype)
     value = make(groups, rows, width)
-    candidates = (make(groups, directions, rows, width), make(groups, width), make(directions, groups, width),
-                  make(rows, groups, width), make(directions, rows, groups, width))
+    candidates = (make(groups, directions, rows, width), make(groups, width), make(directions, groups, width))
     for present in combinations:
         optional = [c if p else None for c, p in zip(candidates, present)]
-        k = directions if any(optional[i] is not None for i in (0, 2, 4)) else 0
-        expected = fused.reference_normalize_epilogue(value, *optional, EPS, relu, k)
+        k = directions if any(optional[i] is not None for i in (0, 2)) else 0
+        expected = fused.reference_normalize_epilogue(value, *optional, EPS, k)
         actual = launcher.normalize_epilogue(cp.asarray(value), *[None if a is None else cp.asarray(a)
-                                                                  for a in optional], EPS, relu, k)
+                                                                  for a in optional], EPS, k)
         for a, e in zip(actual, expected):
             assert_close(a, e, dtype, width)
 
@@ -149,16 +148,15 @@ def test_layer_norm(device, rng, dtype, shape, directions):
     assert launched(device, dtype) == {"layer_norm_forward", "layer_norm_jacobian"}
 
 
-EVERY_COMBINATION = tuple(itertools.product([False, True], repeat=5))
+EVERY_COMBINATION = tuple(itertools.product([False, True], repeat=3))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("groups, rows, width, directions", [(3, 5, 7, 1), (2, 9, 45, 4), (1, 2, 33, 4)])
-def test_normalize_epilogue(device, rng, dtype, relu, groups, rows, width, directions):
+def test_normalize_epilogue(device, rng, dtype, groups, rows, width, directions):
     import cupy
     combinations = EVERY_COMBINATION if device.geometry is None else (EVERY_COMBINATION[0], EVERY_COMBINATION[-1])
-    check_normalize_epilogue(cupy, rng, dtype, groups, rows, width, directions, relu, combinations)
+    check_normalize_epilogue(cupy, rng, dtype, groups, rows, width, directions, combinations)
     assert launched(device, dtype) == {"normalize_epilogue"}
 
 
@@ -200,18 +198,16 @@ def test_every_module_is_compiled_by_the_shared_loader(fake_cupy, cuda_harness):
 
 def test_launchers_reject_shapes_that_would_index_out_of_bounds(fake_cupy):
     import cupy
-    layer_norm, grouped_linear, replicated_loss = map(cuda.load, ("layer_norm", "grouped_linear", "replicated_loss"))
+    layer_norm, epilogue, replicated_loss = map(cuda.load, ("layer_norm", "normalize_epilogue", "replicated_loss"))
     x = cupy.zeros((3, 5))
     with pytest.raises(ValueError, match="tangent must be"):
         layer_norm.layer_norm_forward(x, cupy.zeros((2, 3, 4)), EPS)
     with pytest.raises(ValueError, match="disagree"):
         layer_norm.layer_norm_jacobian(x, cupy.zeros((3,)), cupy.zeros((1, 3, 5)))
     with pytest.raises(ValueError, match=r"bias must be \(2, 5\)"):
-        grouped_linear.normalize_epilogue(cupy.zeros((2, 3, 5)), None, cupy.zeros((2, 4)), None, None, None, EPS,
-                                          False, 0)
-    with pytest.raises(ValueError, match=r"shift_tangent must be \(1, 3, 2, 5\)"):
-        grouped_linear.normalize_epilogue(cupy.zeros((2, 3, 5)), None, None, None, None, cupy.zeros((2, 3, 2, 5)),
-                                          EPS, False, 1)
+        epilogue.normalize_epilogue(cupy.zeros((2, 3, 5)), None, cupy.zeros((2, 4)), None, EPS, 0)
+    with pytest.raises(ValueError, match=r"bias_tangent must be \(1, 2, 5\)"):
+        epilogue.normalize_epilogue(cupy.zeros((2, 3, 5)), None, None, cupy.zeros((2, 2, 5)), EPS, 1)
     with pytest.raises(ValueError, match="head must be"):
         replicated_loss.replica_tangent(cupy.zeros((3, 2, 1, 1, 4)), cupy.zeros((2, 1, 4)), 1.0, cupy.zeros((2, 2)))
     assert fake_cupy.launches == []
@@ -250,9 +246,9 @@ MUTATIONS = {  # id -> (module, original text, mutated text, a check that must t
     "layer_norm-jacobian-row-index": (
         "layer_norm", "const long long row = item % rows;", "const long long row = item / directions;",
         lambda cp, rng: check_layer_norm(cp, rng, np.float64, (5, 7), 4)),
-    "grouped_linear-layout-index": (
-        "grouped_linear", "value + (g * rows + m) * width", "value + (m * groups + g) * width",
-        lambda cp, rng: check_normalize_epilogue(cp, rng, np.float64, 3, 5, 7, 1, False, EVERY_COMBINATION[:1])),
+    "normalize_epilogue-layout-index": (
+        "normalize_epilogue", "value + (g * rows + m) * width", "value + (m * groups + g) * width",
+        lambda cp, rng: check_normalize_epilogue(cp, rng, np.float64, 3, 5, 7, 1, EVERY_COMBINATION[:1])),
     "replicated_loss-shuffle-offset": (
         "replicated_loss", "__shfl_down_sync(0xffffffffu, total, offset)",
         "__shfl_down_sync(0xffffffffu, total, offset + 1)",
@@ -341,14 +337,13 @@ def test_arguments_are_checked_against_the_parsed_signature(probe, position, bad
 
 
 def test_signatures_are_parsed_after_macro_expansion(cuda_harness):
-    signatures = cuda_harness.kernel_signatures(cuda.source("grouped_linear"))
+    signatures = cuda_harness.kernel_signatures(cuda.source("normalize_epilogue"))
     assert set(signatures) == {"normalize_epilogue_f32", "normalize_epilogue_f64"}
     params = signatures["normalize_epilogue_f32"]
-    assert [p.name for p in params][:7] == ["value", "tangent", "bias", "bias_tangent", "shift", "shift_tangent",
-                                            "groups"]
-    assert [(p.pointer, p.const, str(p.dtype)) for p in params[5:7]] == [(True, True, "float32"),
+    assert [p.name for p in params][:5] == ["value", "tangent", "bias", "bias_tangent", "groups"]
+    assert [(p.pointer, p.const, str(p.dtype)) for p in params[3:5]] == [(True, True, "float32"),
                                                                          (False, False, "int64")]
-    assert [str(p.dtype) for p in params[10:17]] == ["int32"] * 6 + ["float32"]
+    assert [str(p.dtype) for p in params[8:12]] == ["int32"] * 3 + ["float32"]
 
 
 WRITE_AT = r'''

@@ -1,10 +1,9 @@
 // The epilogue after the grouped GEMMs (cuBLAS via cupy.matmul), value and K tangents in one pass:
-//   out = relu?(LN(value + bias) + shift)       LN over the last axis of each (row, group)
-//   out_tangent_k = mask * (J (tangent_k + bias_tangent_k) + shift_tangent_k),  mask = 1[pre > 0]
+//   out = LN(value + bias)                      LN over the last axis of each (row, group)
+//   out_tangent_k = J (tangent_k + bias_tangent_k)
 // with J v = (v - mean v - y mean(y v)) / sigma.  It also moves the GEMM layout [G, M, c] to the
 // layer's layout [M, G, c].  Layouts (C order):
 //   value [G, M, c]   tangent [G, K, M, c]   bias [G, c]   bias_tangent [K, G, c]
-//   shift [M, G, c]   shift_tangent [K, M, G, c]
 //   out [M, G, c]     out_tangent [K, M, G, c]   sigma [M, G]
 // Absent inputs are flagged by has_* = 0 (their pointers are never read).  One warp per (row,
 // group), grid stride over warps.  Self-contained: compiled by CuPy's NVRTC and by nvcc alike.
@@ -19,10 +18,9 @@ __device__ __forceinline__ T warp_sum(T value) {
 
 template <typename T>
 __device__ void normalize_epilogue_rows(
-    const T* value, const T* tangent, const T* bias, const T* bias_tangent, const T* shift,
-    const T* shift_tangent, long long groups, long long rows, long long width, long long directions,
-    int has_tangent, int has_bias, int has_bias_tangent, int has_shift, int has_shift_tangent, int relu,
-    T eps, T* out, T* out_tangent, T* sigma) {
+    const T* value, const T* tangent, const T* bias, const T* bias_tangent, long long groups, long long rows,
+    long long width, long long directions, int has_tangent, int has_bias, int has_bias_tangent, T eps, T* out,
+    T* out_tangent, T* sigma) {
     const int lane = threadIdx.x % 32;
     const long long first = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x / 32;
@@ -41,12 +39,10 @@ __device__ void normalize_epilogue_rows(
         }
         const T std = sqrt(warp_sum(squares) / width + eps);
         if (lane == 0) sigma[flat] = std;
-        const T* s_row = shift + flat * width;
         const bool has_linear = has_tangent || has_bias_tangent;
         for (long long k = 0; k < directions; ++k) {
             const T* t_row = tangent + ((g * directions + k) * rows + m) * width;
             const T* bt_row = bias_tangent + (k * groups + g) * width;
-            const T* st_row = shift_tangent + (k * rows * groups + flat) * width;
             T t_mean = 0, projection = 0;
             if (has_linear) {
                 T t_sum = 0, t_projection = 0;
@@ -60,36 +56,29 @@ __device__ void normalize_epilogue_rows(
             }
             T* out_row = out_tangent + (k * rows * groups + flat) * width;
             for (long long j = lane; j < width; j += 32) {
-                const T y = (v_row[j] + (has_bias ? b_row[j] : T(0)) - mean) / std;
                 T t = 0;
                 if (has_linear) {
+                    const T y = (v_row[j] + (has_bias ? b_row[j] : T(0)) - mean) / std;
                     const T linear = (has_tangent ? t_row[j] : T(0)) + (has_bias_tangent ? bt_row[j] : T(0));
                     t = (linear - t_mean - y * projection) / std;
                 }
-                if (has_shift_tangent) t += st_row[j];
-                if (relu && !(y + (has_shift ? s_row[j] : T(0)) > T(0))) t = 0;
                 out_row[j] = t;
             }
         }
         T* out_row = out + flat * width;
         for (long long j = lane; j < width; j += 32) {
-            T y = (v_row[j] + (has_bias ? b_row[j] : T(0)) - mean) / std;
-            if (has_shift) y += s_row[j];
-            if (relu && y < T(0)) y = 0;
-            out_row[j] = y;
+            out_row[j] = (v_row[j] + (has_bias ? b_row[j] : T(0)) - mean) / std;
         }
     }
 }
 
 #define DUALNET_EPILOGUE_KERNEL(T, SUFFIX)                                                                 \
     extern "C" __global__ void normalize_epilogue_##SUFFIX(                                               \
-        const T* value, const T* tangent, const T* bias, const T* bias_tangent, const T* shift,           \
-        const T* shift_tangent, long long groups, long long rows, long long width, long long directions,  \
-        int has_tangent, int has_bias, int has_bias_tangent, int has_shift, int has_shift_tangent,        \
-        int relu, T eps, T* out, T* out_tangent, T* sigma) {                                              \
-        normalize_epilogue_rows<T>(value, tangent, bias, bias_tangent, shift, shift_tangent, groups, rows, \
-                                   width, directions, has_tangent, has_bias, has_bias_tangent, has_shift,  \
-                                   has_shift_tangent, relu, eps, out, out_tangent, sigma);                 \
+        const T* value, const T* tangent, const T* bias, const T* bias_tangent, long long groups,         \
+        long long rows, long long width, long long directions, int has_tangent, int has_bias,             \
+        int has_bias_tangent, T eps, T* out, T* out_tangent, T* sigma) {                                  \
+        normalize_epilogue_rows<T>(value, tangent, bias, bias_tangent, groups, rows, width, directions,   \
+                                   has_tangent, has_bias, has_bias_tangent, eps, out, out_tangent, sigma); \
     }
 
 DUALNET_EPILOGUE_KERNEL(float, f32)
