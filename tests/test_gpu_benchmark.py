@@ -41,21 +41,28 @@ def jax64():
     jax.config.update("jax_enable_x64", previous)
 
 
-class RecordingDraws:
-    """A NumPy Generator's standard normal draws, kept in the order a rule asks for them."""
+def record_noise(monkeypatch):
+    """The per-example noise FG-A's keyed draws give each site, in the order the rule asks for it."""
+    from dualnet.rules import forward
+    draws, keyed = [], forward.example_noise
 
-    def __init__(self, seed):
-        self.generator, self.draws = np.random.default_rng(seed), []
+    def recording(*args, **kwargs):
+        draw = keyed(*args, **kwargs)
 
-    def standard_normal(self, size=None, dtype=np.float64):
-        self.draws.append(self.generator.standard_normal(size, dtype=dtype))
-        return self.draws[-1]
+        def sample(site):
+            u = draw(site)
+            if u is not None:
+                draws.append(u)
+            return u
+        return sample
+    monkeypatch.setattr(forward, "example_noise", recording)
+    return draws
 
 
 @pytest.mark.parametrize("model_name, rule_name", [("localmixer", "fg-a"), ("localmixer", "lg-fg-a"),
                                                    ("localmixer", "bp"), ("mlp", "fg-a"), ("mlp", "bp")])
 @pytest.mark.parametrize("framework", ["jax", "torch"])
-def test_peers_compute_dualnets_estimates(request, gpu_benchmark, framework, model_name, rule_name):
+def test_peers_compute_dualnets_estimates(request, monkeypatch, gpu_benchmark, framework, model_name, rule_name):
     if framework == "jax":
         request.getfixturevalue("jax64")
         import jax.numpy as jnp
@@ -70,11 +77,11 @@ def test_peers_compute_dualnets_estimates(request, gpu_benchmark, framework, mod
         params["head.weight"] = 0.3 * rng.standard_normal(params["head.weight"].shape)  # LocalMixer's starts at 0
         x = rng.standard_normal((6,) + MODELS[model_name]["input_shape"])
         y = rng.integers(0, 10, 6)
-        draws = RecordingDraws(1)
-        expected = rules.create(rule_name)(model, dict(params), x, y, draws, {}).grads
+        draws = record_noise(monkeypatch)
+        expected = rules.create(rule_name)(model, dict(params), x, y, np.random.default_rng(1), {}).grads
     estimate, arch = estimators(model)
-    assert len(draws.draws) == (0 if rule_name == "bp" else len(arch.layers))
-    noise = {layer: convert(draw[0]) for layer, draw in zip(arch.layers, draws.draws)}  # K = 1 axis dropped
+    assert len(draws) == (0 if rule_name == "bp" else len(arch.layers))
+    noise = {layer: convert(draw[0]) for layer, draw in zip(arch.layers, draws)}  # K = 1 axis dropped
     arguments = ({k: convert(v) for k, v in params.items()}, convert(x), convert(np.eye(10)[y]))
     got = estimate[rule_name](*arguments, *(() if rule_name == "bp" else (noise,)))
     largest = max(np.abs(v).max() for v in expected.values())
