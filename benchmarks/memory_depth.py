@@ -4,9 +4,10 @@
     python benchmarks/memory_depth.py --depths 2 4 8 16 32 64 --repeats 5   # benchmarks/README.md
     python benchmarks/memory_depth.py --quick
 
-For each depth: one FG-W step (weight tangents drawn per tensor from a seed on access and
-regenerated for the update), one FG-A step keeping every layer for its update (``fg-a``), one
-FG-A step with ``memory='recompute'`` (a value-only second pass regenerates each layer and its
+For each depth: one FG-W step with ``memory='recompute'`` (weight tangents drawn per tensor from
+a key on access and drawn again for the update, so none is kept; ``fg-w``), one FG-A step keeping
+every layer for its update (``fg-a``), one FG-A step with ``memory='recompute'`` (a value-only
+second pass regenerates each layer and its
 seeded noise; ``fg-a-recompute``), one BP step, and one BP step with activation checkpointing
 (``bp-checkpoint``: the L hidden layers cut into round(√L) segments, each a ``dualnet.checkpoint``
 that keeps only its input and output on the tape and recomputes its interior in the backward
@@ -98,7 +99,7 @@ class CheckpointedBackprop(Rule):
         return Estimate(grads, loss, {})
 
 
-RULES = {"bp": ("bp", {}), "bp-checkpoint": (CheckpointedBackprop, {}), "fg-w": ("fg-w", {}),
+RULES = {"bp": ("bp", {}), "bp-checkpoint": (CheckpointedBackprop, {}), "fg-w": ("fg-w", {"memory": "recompute"}),
          "fg-a": ("fg-a", {}), "fg-a-recompute": ("fg-a", {"memory": "recompute"})}
 
 

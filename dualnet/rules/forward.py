@@ -14,6 +14,9 @@ exact gradients from their own layer alone ("always backprop" for the last layer
   (local only) updates a dense layer's group-g output columns from group g's replicas only, as
   Ren et al.'s code does; the default 'all' uses every replica of the block, which is unbiased
   where a norm over all channels follows the layer (then a column reaches every group).
+  ``memory='store'`` (default) keeps each tangent from the forward pass for the update;
+  ``memory='recompute'`` keeps none and draws each again from its key for the update (the same
+  estimate, one more draw per tensor, peak memory flat in depth).
 * FG-A: u ~ N(0, I) per example (and patch and unit) at every normalised pre-activation, all
   layers in one pass; d_n = JVP of example n's loss (or of replica (n, p, g)); the estimate
   at the site is d·u ⊙ relu_mask, pulled back through the exact norm Jacobian (``norm_grad``;
@@ -279,21 +282,29 @@ class ActivityPerturbation(Rule):
 
 class _PerturbedParams(dict):
     """Parameters whose tangents are drawn on access from a per-tensor key (the counter-based
-    ``dualnet.noise``, the same on every rank) and never stored.
+    ``dualnet.noise``, the same on every rank).
 
-    The forward pass holds a weight's tangent only while the layer uses it, so FG-W's memory
-    does not grow with depth; the same seed regenerates the tangent for the update.
+    ``store=False``: never kept.  The forward pass holds a weight's tangent only while the layer
+    uses it, so FG-W's memory does not grow with depth; the same key regenerates the tangent for
+    the update.  ``store=True``: each tangent drawn once and kept for the update (one draw per
+    tensor instead of two; the tangents of every layer stay in memory until the update).
     """
 
-    def __init__(self, params, seeds, directions, distribution="gaussian"):
+    def __init__(self, params, seeds, directions, distribution="gaussian", store=False):
         super().__init__(params)
         self.seeds, self.directions, self.distribution = seeds, directions, distribution
+        self.stored = {} if store else None
 
     def tangent(self, name):
+        if self.stored is not None and name in self.stored:
+            return self.stored[name]
         value = value_of(dict.__getitem__(self, name))
         drawn = noise.normal(self.seeds[name], (self.directions,) + tuple(value.shape), value.dtype,
                              xp=backend.namespace(value))
-        return signs(drawn) if self.distribution == "rademacher" else drawn
+        drawn = signs(drawn) if self.distribution == "rademacher" else drawn
+        if self.stored is not None:
+            self.stored[name] = drawn
+        return drawn
 
     def __getitem__(self, name):
         value = value_of(dict.__getitem__(self, name))
@@ -304,10 +315,14 @@ class WeightPerturbation(Rule):
     """FG-W (``local=False``) and LG-FG-W (``local=True``)."""
 
     def __init__(self, local=False, directions=1, readout="exact", dense_groups="all", noise="gaussian",
-                 diagnostics=False):
+                 memory="store", diagnostics=False):
         super().__init__(diagnostics)
         _check_noise("fg-w", noise)
         self.noise = noise
+        if memory not in ("store", "recompute"):
+            raise ValueError(f"fg-w: memory={memory!r}; allowed: 'store' (keep each tangent from the forward pass "
+                             f"for the update) or 'recompute' (draw it again from its key; memory flat in depth)")
+        self.memory = memory
         if directions < 1:
             raise ValueError(f"fg-w: directions={directions} must be >= 1")
         _check_readout("fg-w", readout, local)
@@ -330,7 +345,7 @@ class WeightPerturbation(Rule):
         names = self._perturbed_names(model, params)
         step = int(rng.integers(0, 2 ** 63 - 1))  # each tensor's key: (step, its block, its name)
         seeds = {name: noise.key(step, _key_block(model, name), zlib.crc32(name.encode())) for name in names}
-        perturbed = _PerturbedParams(params, seeds, k, self.noise)
+        perturbed = _PerturbedParams(params, seeds, k, self.noise, store=self.memory == "store")
         plan = _plan(self.local, record_points=False, record_outputs=self.local)  # local heads read the outputs
         trace = model.forward(perturbed, x, labels, plan, state)
         n, grads = len(labels), {}
@@ -344,11 +359,11 @@ class WeightPerturbation(Rule):
         for name in names:
             v, spec, d = perturbed.tangent(name), model.specs[name], directional[keys[name]]
             if d.ndim == 2 and spec.group_axis is not None:  # group g's slice reaches only group g's replicas
-                grads[name] = (_along(d, spec.group_axis, v.ndim - 1) * v).mean(axis=0)
+                grads[name] = _mean_over_directions(_along(d, spec.group_axis, v.ndim - 1) * v)
             elif d.ndim == 2:  # dense_groups='own': channel block g from group g's replicas
                 grads[name] = _own_group_columns(d, spec.channel_group_axis, v)
             else:
-                grads[name] = (d.reshape((k,) + (1,) * (v.ndim - 1)) * v).mean(axis=0)
+                grads[name] = _mean_over_directions(d.reshape((k,) + (1,) * (v.ndim - 1)) * v)
         batch_wide = frozenset(grads)  # the read-out's too, when it is perturbed
         head_grads = _head_grads(model, params, trace, labels, self.local)
         grads.update({name: g for name, g in head_grads.items() if name not in grads})
@@ -376,6 +391,11 @@ class WeightPerturbation(Rule):
         return d.reshape(k, -1).sum(axis=1) / n
 
 
+def _mean_over_directions(products):
+    """The mean over the leading K axis (for K = 1 the single slice itself, without a pass)."""
+    return products[0] if len(products) == 1 else products.mean(axis=0)
+
+
 def _key_block(model, name):
     """The block index in a perturbed tensor's noise key; the read-out (no block) keys as one past the last."""
     block = model.specs[name].block
@@ -390,4 +410,4 @@ def _own_group_columns(per_group, axis, v):
     shape = v.shape[1:]
     split = shape[:axis] + (groups, shape[axis] // groups) + shape[axis + 1:]
     scale = per_group.reshape((k,) + (1,) * axis + (groups, 1) + (1,) * (len(shape) - axis - 1))
-    return (scale * v.reshape((k,) + split)).mean(axis=0).reshape(shape)
+    return _mean_over_directions(scale * v.reshape((k,) + split)).reshape(shape)

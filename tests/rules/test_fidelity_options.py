@@ -89,8 +89,8 @@ def test_own_group_dense_columns_equal_the_hand_formula(tiny, monkeypatch):
     drawn = []  # the rule's perturbed parameters (their tangents are drawn again on access)
 
     class Recording(forward._PerturbedParams):
-        def __init__(self, *args):
-            super().__init__(*args)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
             drawn.append(self)
     monkeypatch.setattr(forward, "_PerturbedParams", Recording)
     own = rules.create("lg-fg-w", dense_groups="own")(model, params, x, labels, np.random.default_rng(7)).grads

@@ -47,9 +47,10 @@ def test_unknown_memory_mode_is_refused():
 
 @pytest.mark.parametrize("model_name", ["mlp-heads", "mixer"])
 @pytest.mark.parametrize("name", ["fg-w", "lg-fg-w"])
-def test_fg_w_draws_each_tangent_once_in_the_pass_and_once_for_the_update(tiny, monkeypatch, model_name, name):
-    """FG-W keeps no tangent: each perturbed tensor's tangent is drawn when its layer runs and drawn
-    again, from the same key, for the update (memory flat in depth) — never more often."""
+@pytest.mark.parametrize("memory, draws_per_tensor", [("store", 1), ("recompute", 2)])
+def test_fg_w_draws_each_tangent_once_in_the_pass(tiny, monkeypatch, model_name, name, memory, draws_per_tensor):
+    """FG-W draws each perturbed tensor's tangent when its layer runs; ``memory='store'`` keeps it for
+    the update, ``'recompute'`` draws it again from the same key (memory flat in depth)."""
     from collections import Counter
 
     from dualnet.rules import forward
@@ -57,19 +58,40 @@ def test_fg_w_draws_each_tangent_once_in_the_pass_and_once_for_the_update(tiny, 
     params = tiny.params(model)
     x, labels = tiny.batch(model, 6)
     draws, in_pass = Counter(), {}
-    original_tangent, original_forward = forward._PerturbedParams.tangent, model.forward
+    original_draw, original_forward = forward.noise.normal, model.forward
 
-    def tangent(self, tensor):
-        draws[tensor] += 1
-        return original_tangent(self, tensor)
+    def draw(key, *args, **kwargs):
+        draws[key] += 1
+        return original_draw(key, *args, **kwargs)
 
     def forward_pass(*args, **kwargs):
         trace = original_forward(*args, **kwargs)
         in_pass.update(draws)
         return trace
-    monkeypatch.setattr(forward._PerturbedParams, "tangent", tangent)
+    monkeypatch.setattr(forward.noise, "normal", draw)
     monkeypatch.setattr(model, "forward", forward_pass)
-    estimate = rules.create(name)(model, params, x, labels, np.random.default_rng(0), model.init_state(np.float64))
-    perturbed = {tensor for tensor in estimate.grads if not model.specs[tensor].head}
-    assert perturbed and set(in_pass) == perturbed and set(in_pass.values()) == {1}
-    assert set(draws) == perturbed and set(draws.values()) == {2}
+    estimate = rules.create(name, memory=memory)(model, params, x, labels, np.random.default_rng(0),
+                                                 model.init_state(np.float64))
+    perturbed = [tensor for tensor in estimate.grads if not model.specs[tensor].head]
+    assert perturbed and len(in_pass) == len(perturbed) and set(in_pass.values()) == {1}
+    assert len(draws) == len(perturbed) and set(draws.values()) == {draws_per_tensor}
+
+
+@pytest.mark.parametrize("name, options", [("fg-w", {}), ("lg-fg-w", {"directions": 3}),
+                                           ("fg-w", {"readout": "perturbed", "noise": "rademacher"})])
+def test_fg_w_store_equals_recompute(tiny, name, options):
+    model = tiny.mixer()
+    params = tiny.params(model)
+    x, labels = tiny.batch(model, 6)
+    store, recompute = (rules.create(name, memory=memory, **options)(model, params, x, labels,
+                                                                      np.random.default_rng(3),
+                                                                      model.init_state(np.float64)).grads
+                        for memory in ("store", "recompute"))
+    assert store.keys() == recompute.keys()
+    for key in store:
+        np.testing.assert_array_equal(store[key], recompute[key], err_msg=key)
+
+
+def test_fg_w_memory_is_store_or_recompute():
+    with pytest.raises(ValueError, match="memory='keep'; allowed: 'store'"):
+        rules.create("fg-w", memory="keep")
