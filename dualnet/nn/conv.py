@@ -133,17 +133,44 @@ def conv2d_param_pullback(x, delta, kernel, stride=1, padding=0):
     return [weight_grad, delta.sum(axis=(0, 2, 3))]
 
 
+def conv2d_example_tangent(x, weight, bias, kernel, stride=1, padding=0):
+    """ż [N, O, H', W'] of conv2d when example n's kernel and bias move along their own Ẇ_n
+    (``weight`` [N, O, C, kh, kw]) and ḃ_n (``bias`` [N, O] or None): ż_n = conv2d(x_n, Ẇ_n) + ḃ_n,
+    one batched GEMM over the examples of their windows [N, H'·W', C·kh·kw] with Ẇ_nᵀ (arrays only)."""
+    cols = _windows_value(x, _pair(kernel, "kernel"), _pair(stride, "stride"), _pair(padding, "padding"))
+    n, ho, wo = cols.shape[:3]
+    rows = cols.reshape(n, ho * wo, -1) @ weight.reshape(weight.shape[:2] + (-1,)).transpose(0, 2, 1)
+    if bias is not None:
+        rows = rows + bias[:, None, :]
+    return rows.reshape(n, ho, wo, -1).transpose(0, 3, 1, 2)
+
+
+def conv2d_example_pullback(x, delta, kernel, stride=1, padding=0):
+    """[W̄, b̄], [N, O, C, kh, kw] and [N, O]: example n's share of ``conv2d_param_pullback``,
+    W̄_n = δ_nᵀ · im2col(x_n) (one batched GEMM), b̄_n = Σ_{i,j} δ_n."""
+    kernel = _pair(kernel, "kernel")
+    cols = _windows_value(x, kernel, _pair(stride, "stride"), _pair(padding, "padding"))
+    n = len(x)
+    rows = delta.transpose(0, 2, 3, 1).reshape(n, -1, delta.shape[1])
+    weight_grad = (rows.transpose(0, 2, 1) @ cols.reshape(n, rows.shape[1], -1))
+    return [weight_grad.reshape((n, delta.shape[1], x.shape[1]) + kernel), delta.sum(axis=(2, 3))]
+
+
 @functools.cache
 def conv_layer(kernel, stride=1, padding=0):
     """``conv2d`` with its geometry bound, as a layer ``fn(x, weight, bias=None)`` for ``Model.hidden``
     (one function per geometry, so that what is built per layer function is built once).
 
     ``fn.param_pullback(x, delta) -> [W̄, b̄]`` (the geometry is needed to rebuild the windows,
-    which is why plain ``conv2d`` has no pullback attribute).
+    which is why plain ``conv2d`` has no pullback attribute); ``fn.example_tangent`` and
+    ``fn.example_pullback``: their per-example forms (see ``dualnet/nn/layers.py``).
     """
     def conv(x, weight, bias=None):
         return conv2d(x, weight, bias, stride, padding)
     conv.param_pullback = lambda x, delta: conv2d_param_pullback(x, delta, kernel, stride, padding)
+    conv.example_tangent = lambda x, weight, bias=None: conv2d_example_tangent(x, weight, bias, kernel, stride,
+                                                                              padding)
+    conv.example_pullback = lambda x, delta: conv2d_example_pullback(x, delta, kernel, stride, padding)
     conv.__name__ = f"conv2d[{kernel}/{stride}/{padding}]"
     return conv
 

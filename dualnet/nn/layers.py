@@ -7,7 +7,7 @@ mode come for free) except the fused ops it calls (``grouped_linear``, ``layer_n
 import contextlib
 import functools
 
-from .. import autodiff, fused
+from .. import autodiff, backend, fused
 from .. import primitives as P
 from ..dual import Dual, value_of
 from ..primitives import Primitive
@@ -39,6 +39,66 @@ grouped.param_pullback = lambda x, delta: [  # W̄[g] = Σ_rows x_gᵀ δ_g as o
     delta.reshape((-1,) + delta.shape[-2:]).sum(axis=0)]
 token_mixing.param_pullback = lambda x, delta: [
     (delta @ x.transpose(0, 2, 1)).sum(axis=0), delta.sum(axis=(0, 2))]
+
+
+# Per-example pieces of the same layers (arrays; examples on axis 0 of x [N, ...]), for weights
+# whose tangent or cotangent differs from example to example (Fournier's per-example weight guesses):
+#   ``example_tangent(x, Ẇ, ḃ=None) -> ż`` [N, ...]: ż_n = fn(x_n, Ẇ_n, ḃ_n) − fn(x_n, 0, 0), the
+#       output tangent when example n's copy of the weights moves along its own Ẇ_n [N, *W.shape]
+#       (and ḃ_n [N, *b.shape]);
+#   ``example_pullback(x, δ) -> [W̄, b̄]`` [N, *W.shape], [N, *b.shape]: example n's share of
+#       ``param_pullback(x, δ)`` (the shares sum to it), e.g. W̄_n = x_nᵀ δ_n for ``linear``.
+def _example_bias(z, bias, axis):
+    """z [N, ...] plus per-example biases [N, *b] laid on z's axes ``axis:axis + b.ndim - 1``."""
+    if bias is None:
+        return z
+    trailing = z.ndim - axis - (bias.ndim - 1)
+    return z + bias.reshape(bias.shape[:1] + (1,) * (axis - 1) + bias.shape[1:] + (1,) * trailing)
+
+
+def _rows(a):
+    """[N, ..., c] -> [N, M, c] (the middle axes flattened)."""
+    return a.reshape(a.shape[0], -1, a.shape[-1])
+
+
+linear.example_tangent = lambda x, weight, bias=None: _example_bias(
+    (_rows(x) @ weight).reshape(x.shape[:-1] + weight.shape[-1:]), bias, x.ndim - 1)
+linear.example_pullback = lambda x, delta: [_rows(x).transpose(0, 2, 1) @ _rows(delta), _rows(delta).sum(axis=1)]
+
+
+def _by_group(a):
+    """[N, ..., G, c] -> [N, G, M, c]."""
+    return a.reshape((a.shape[0], -1) + a.shape[-2:]).transpose(0, 2, 1, 3)
+
+
+grouped.example_tangent = lambda x, weight, bias=None: _example_bias(
+    (_by_group(x) @ weight).transpose(0, 2, 1, 3).reshape(x.shape[:-1] + weight.shape[-1:]), bias, x.ndim - 2)
+grouped.example_pullback = lambda x, delta: [_by_group(x).transpose(0, 1, 3, 2) @ _by_group(delta),
+                                             _by_group(delta).sum(axis=2)]
+token_mixing.example_tangent = lambda x, weight, bias=None: _example_bias(weight @ x, bias, 1)
+token_mixing.example_pullback = lambda x, delta: [delta @ x.transpose(0, 2, 1), delta.sum(axis=2)]
+
+
+def _normalised(normalize, z):
+    """x̂ = normalize(z, 1, 0) (values) for an affine norm y = x̂·γ + β with channels on axis 1."""
+    xp = backend.namespace(z)
+    ones, zeros = xp.ones(z.shape[1], z.dtype), xp.zeros(z.shape[1], z.dtype)
+    return value_of(normalize(z, ones, zeros))
+
+
+def norm_example_tangent(normalize, z, gamma, beta):
+    """ẏ [N, C, ...] of an affine norm y = normalize(z, γ, β) = x̂·γ + β (channels on axis 1) when
+    example n's scale and shift move along their own γ̇_n, β̇_n (``gamma``, ``beta`` [N, C]):
+    ẏ_n = γ̇_n x̂_n + β̇_n, x̂ = normalize(z, 1, 0) at the value z [N, C, ...]."""
+    shape = gamma.shape + (1,) * (z.ndim - 2)
+    return _normalised(normalize, z) * gamma.reshape(shape) + beta.reshape(shape)
+
+
+def norm_example_pullback(normalize, z, delta):
+    """[γ̄, β̄], each [N, C]: example n's share of the scale's and shift's cotangents for a cotangent
+    ``delta`` [N, C, ...] at the norm's output: γ̄_n = Σ_spatial δ_n x̂_n, β̄_n = Σ_spatial δ_n."""
+    axes = tuple(range(2, z.ndim))
+    return [(delta * _normalised(normalize, z)).sum(axis=axes), delta.sum(axis=axes)]
 
 
 def layer_norm(x, eps=1e-5):

@@ -21,7 +21,7 @@ from .. import primitives as P
 from ..dual import value_of
 from . import init as initialisers
 from .layers import layer_norm, linear, linear_map, normalized
-from .plan import Context, Plan, Point
+from .plan import Context, Layer, Plan, Point
 
 ROLES = ("weight", "bias", "norm")
 
@@ -308,6 +308,9 @@ class Model:
         fused op for a grouped layer) and the point keeps the LN's σ, not z: its pull-back to z is
         ``layer_norm_pullback(h, σ, δ)``, no second LN pass.
         """
+        if ctx.plan.layer_hook is not None:
+            fn, normalize = ctx.plan.layer_hook(Layer(k, name, fn, normalize, tuple(param_names),
+                                                      tuple(norm_param_names)))
         weights = [params[p] for p in param_names]
         norm_weights = [params[p] for p in norm_param_names]
         feedback = ctx.plan.feedback.get(param_names[0])

@@ -13,6 +13,9 @@ Sites (where a tangent may be injected):
   ``'output'`` a block's output — the site of Fournier's activity-space guesses;
   ``'logits'`` the read-out's output (block ``None``, name ``'readout'``) — where FG-A with
                ``readout='perturbed'`` perturbs the output layer as Bacho & Chu's FG-A does.
+
+A plan's ``layer_hook`` may also replace a hidden layer's linear map and norm for one pass (a
+``Layer`` describes them): the per-example weight tangents of Fournier's guesses enter there.
 """
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +34,18 @@ class Site:
     kind: str
     shape: tuple
     dtype: object
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One hidden layer as ``Model.hidden`` runs it: z = fn(x, *θ) with θ = params[``param_names``],
+    then h = normalize(z, *θ_norm) with θ_norm = params[``norm_param_names``] (``normalize`` None: h = z)."""
+    block: int
+    name: str
+    fn: Callable
+    normalize: Callable | None
+    param_names: tuple
+    norm_param_names: tuple
 
 
 @dataclass
@@ -78,6 +93,8 @@ class Plan:
     aside), and skipping them keeps forward mode's memory flat in depth.
     ``on_point(point)``: called with each hidden layer's ``Point`` as the pass reaches it, in
     place of keeping it (a rule can use a layer and let it go: memory flat in depth).
+    ``layer_hook(layer) -> (fn, normalize)``: what each hidden layer (a ``Layer``) runs in place of
+    its linear map and norm in this pass (None: the layer's own).
     """
     perturb: Callable | None = None
     greedy: bool = False
@@ -91,6 +108,23 @@ class Plan:
     record_points: bool = True
     record_outputs: bool = True
     on_point: Callable | None = None
+    layer_hook: Callable | None = None
+
+
+def add_tangent(value, u):
+    """``value`` (array or Dual) with ``u`` added to its tangent, keeping its value and tape node.
+
+    ``u``: [...] like the value, or [K, ...] (K directions); a tangent of the other kind is
+    broadcast against it (one direction meets K)."""
+    val = value.value if isinstance(value, Dual) else value
+    old = value.tangent if isinstance(value, Dual) else None
+    if old is None:
+        tangent = u
+    elif old.ndim == u.ndim:
+        tangent = old + u
+    else:  # one of them carries K directions
+        tangent = (old[None] if old.ndim < u.ndim else old) + (u[None] if u.ndim < old.ndim else u)
+    return Dual._make(val, tangent, value.node if isinstance(value, Dual) else None)
 
 
 class Context:
@@ -108,14 +142,7 @@ class Context:
         u = self.plan.perturb(Site(block, name, kind, tuple(val.shape), val.dtype))
         if u is None:
             return value, None
-        old = value.tangent if isinstance(value, Dual) else None
-        if old is None:
-            tangent = u
-        elif old.ndim == u.ndim:
-            tangent = old + u
-        else:  # one of them carries K directions
-            tangent = (old[None] if old.ndim < u.ndim else old) + (u[None] if u.ndim < old.ndim else u)
-        return Dual._make(val, tangent, value.node if isinstance(value, Dual) else None), u
+        return add_tangent(value, u), u
 
     def stop(self, x):
         return P.stop_gradient(x) if isinstance(x, Dual) else x

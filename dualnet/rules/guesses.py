@@ -80,15 +80,17 @@ from ..dual import Dual, value_of
 from ..nn import init as initialisers
 from ..nn.aux_heads import POOL  # images are pooled to POOL × POOL before an aux net's linear layers
 from ..nn.conv import adaptive_avg_pool2d, conv2d, flatten
-from ..nn.layers import layer_norm, linear
+from ..nn.layers import layer_norm, linear, norm_example_pullback, norm_example_tangent
 from ..nn.model import ParamSpec
-from ..nn.plan import Context, Plan
+from ..nn.plan import Context, Plan, Site, add_tangent
 from .base import Estimate, Rule, mean_value
 from .forward import _batch_means, _gaussian, _head_grads, _tangent, example_noise, signs
 
 GUESSES = ("gaussian", "rademacher", "local", "ntk", "fixed-ntk")
 LAST_BLOCK = ("estimate", "exact")
 WEIGHT_UNITS = ("block", "module")
+COUPLED_ACTIVITY = ("batch", "example")
+WEIGHT_EXAMPLES = ("shared", "example")
 RANDOM_GUESSES = ("gaussian", "rademacher")
 TARGETS = ("global", "local", "intermediate")
 SPACES = ("activity", "weight")
@@ -145,11 +147,22 @@ def random_guess(kind, rng, shape, dtype):
     return (1 - 2 * signs).astype(dtype)
 
 
-def _one_per_row(row, rows, guess):
-    """A tangent of ``rows`` directions [rows, ...] that carries ``guess`` in direction ``row`` only."""
-    tangent = backend.namespace(guess).zeros((rows,) + guess.shape, guess.dtype)
-    tangent[row] = guess
+def _row_tangent(rows, key, value):
+    """The tangent [K, N, ...] of a pass whose K directions are ``rows`` [(key, example)]: ``value``
+    [N, ...] (``key``'s guess, or its output tangent) in every direction of ``key`` — all of it where
+    example is None, only row ``example`` of it in a one-example direction — zeros elsewhere."""
+    tangent = backend.namespace(value).zeros((len(rows),) + value.shape, value.dtype)
+    for r, (row_key, example) in enumerate(rows):
+        if row_key == key:
+            if example is None:
+                tangent[r] = value
+            else:
+                tangent[r, example] = value[example]
     return tangent
+
+
+def _in_rows(rows, key):
+    return any(row_key == key for row_key, _ in rows)
 
 
 def _every_example(guesses):
@@ -253,6 +266,67 @@ def _block_pullback(model, k, params, names, block_input, state):
     return lambda cotangent: dict(zip(names, pullback(cotangent)))
 
 
+def _block_example_pullback(model, k, params, block_input, state):
+    """Per-example reverse mode through block k alone, from its stored input [N, ...] (values).
+
+    Returns ``cotangent [N, ...] at the block output -> {name: [N, *shape]}``: example n's share of
+    each parameter's cotangent (the shares sum over n to ``_block_pullback``'s).  One reverse pass
+    gives the cotangents δ at every hidden layer's linear-map output z and norm output y (zero
+    probes added there are its primals); then example n's share is the layer's
+    ``fn.example_pullback(x, δ_z)`` (x_nᵀ δ_n for a linear map) and, for a norm's scale and shift,
+    ``norm_example_pullback`` (Σ δ_n x̂_n, Σ δ_n).
+    """
+    running = state if state is not None else model.init_state()
+    layers = []  # [layer, x, z, y] in the order the block runs them (values)
+
+    def record(layer):
+        def fn(x, *weights):
+            z = layer.fn(x, *weights)
+            layers.append([layer, value_of(x), value_of(z), None])
+            return z
+
+        def normalize(z, *weights):
+            y = layer.normalize(z, *weights)
+            layers[-1][3] = value_of(y)
+            return y
+        return fn, normalize if layer.normalize is not None else None
+    model.block(k, params, block_input, Context(Plan(record_points=False, layer_hook=record), running))
+
+    def probed(*probes):
+        added = iter(probes)
+
+        def hook(layer):
+            def normalize(z, *weights):
+                return layer.normalize(z, *weights) + next(added)
+            return (lambda x, *weights: layer.fn(x, *weights) + next(added),
+                    normalize if layer.normalize is not None else None)
+        return model.block(k, params, block_input, Context(Plan(record_points=False, layer_hook=hook), running))
+    xp = backend.namespace(block_input)
+    zeros = [xp.zeros_like(a) for *_, z, y in layers for a in (z, y) if a is not None]
+    _, pullback = autodiff.vjp(probed, *zeros)
+
+    def shares(cotangent):
+        deltas, out = iter(pullback(cotangent)), {}
+        for layer, x, z, y in layers:
+            out.update(zip(layer.param_names, _per_example(layer, "example_pullback")(x, next(deltas))))
+            if y is not None:
+                delta = next(deltas)
+                if layer.norm_param_names:
+                    out.update(zip(layer.norm_param_names, norm_example_pullback(layer.normalize, z, delta)))
+        return out
+    return shares
+
+
+def _per_example(layer, what):
+    """``layer.fn``'s per-example ``what`` (``example_tangent`` / ``example_pullback``), or a clear error."""
+    method = getattr(layer.fn, what, None)
+    if method is None:
+        raise ValueError(f"guess: weight_examples='example' needs per-example weight tangents, which the layer "
+                         f"{layer.name!r} of block {layer.block} ({getattr(layer.fn, '__name__', layer.fn)}) does "
+                         f"not provide; supported: linear, grouped, token-mixing and conv layers, and affine norms")
+    return method
+
+
 def _block_streams(step_seed):
     """``streams(k)``: block k's generator for this step (on the active backend), a function of the
     step's seed and k only, so that a block draws the same guesses whichever process runs it (the
@@ -281,6 +355,35 @@ def _last_block_exact(model, params, trace, block_input, labels, state, names):
     return _block_pullback(model, k, params, names, block_input, state)(cotangent)
 
 
+def _example_weight_hook(units, owner, rows, reached):
+    """``Plan.layer_hook`` for the directions ``rows`` [(unit index, example)] of per-example weight
+    guesses ``units`` [(block, {name: [N, *shape]})] (``owner``: name → unit index): a hidden layer
+    whose linear map holds a guessed tensor adds ż = ``fn.example_tangent(x, Ġ_n…)`` at its output
+    (ż_n = x_n Ġ_n + ḃ_n for a linear map, example n's own conv for a conv), and one whose norm does,
+    ẏ_n = γ̇_n x̂_n + β̇_n at the norm's output; the names it reached go into ``reached``."""
+    def added(out, names, tangent_of):
+        i = owner[names[0]]
+        if not _in_rows(rows, i):
+            return out
+        return add_tangent(out, _row_tangent(rows, i, tangent_of([units[i][1][name] for name in names])))
+
+    def hook(layer):
+        fn, normalize = layer.fn, layer.normalize
+        if any(name in owner for name in layer.param_names):
+            example_tangent = _per_example(layer, "example_tangent")
+
+            def fn(x, *weights):
+                return added(layer.fn(x, *weights), layer.param_names,
+                             lambda guess: example_tangent(value_of(x), *guess))
+        if any(name in owner for name in layer.norm_param_names):
+            def normalize(z, *weights):
+                return added(layer.normalize(z, *weights), layer.norm_param_names,
+                             lambda guess: norm_example_tangent(layer.normalize, value_of(z), *guess))
+        reached.update(layer.param_names + layer.norm_param_names)
+        return fn, normalize
+    return hook
+
+
 def _check_choice(option, value, allowed):
     if value not in allowed:
         raise ValueError(f"guess: {option}={value!r}; allowed: {', '.join(map(repr, allowed))}")
@@ -300,8 +403,25 @@ class GradientGuess(Rule):
 
     def __init__(self, guess="local", target="global", space="activity", projection="sample", aux=None,
                  eps=1e-8, aux_width=None, aux_depth=2, aux_lr=0.05, last_block="estimate", weight_unit="block",
-                 normalise_random=False, diagnostics=False):
+                 normalise_random=False, coupled_activity="batch", weight_examples="shared", directions_per_pass=0,
+                 diagnostics=False):
         super().__init__(diagnostics)
+        for option, value, allowed in (("coupled_activity", coupled_activity, COUPLED_ACTIVITY),
+                                       ("weight_examples", weight_examples, WEIGHT_EXAMPLES)):
+            _check_choice(option, value, allowed)
+        if coupled_activity == "example" and (space, projection) != ("activity", "sample"):
+            raise ValueError(f"guess: coupled_activity='example' applies to space='activity' with "
+                             f"projection='sample'; got space={space!r}, projection={projection!r}")
+        if weight_examples == "example" and space != "weight":
+            raise ValueError(f"guess: weight_examples='example' applies to space='weight'; got space={space!r}")
+        if int(directions_per_pass) != directions_per_pass or directions_per_pass < 0:
+            raise ValueError(f"guess: directions_per_pass={directions_per_pass!r} must be an integer >= 0 "
+                             f"(0: all in one pass)")
+        if directions_per_pass and (coupled_activity, weight_examples) == ("batch", "shared"):
+            raise ValueError("guess: directions_per_pass applies to coupled_activity='example' or "
+                             "weight_examples='example' (their one-example directions)")
+        self.coupled_activity, self.weight_examples = coupled_activity, weight_examples
+        self.directions_per_pass = int(directions_per_pass)
         if weight_unit not in WEIGHT_UNITS:
             raise ValueError(f"guess: weight_unit={weight_unit!r}; allowed: 'block' (one projection per block) or "
                              f"'module' (one per conv, linear map or norm, as Fournier et al.'s code does)")
@@ -345,6 +465,9 @@ class GradientGuess(Rule):
         self._block_params = {k: sorted(model.parameters_of(k, local_head=False)) for k in model.blocks()}
         self._coupled = [model.couples_examples_after_output(k, self._target_plan(model, k))
                          for k in range(model.num_blocks)]
+        # weight space: a BatchNorm in training mode within block k (after its linear maps) or after it
+        self._weight_coupled = [model.couples_examples_after(k, plan) or (plan.train and bool(model.state_of(k, False)))
+                                for k, plan in ((k, self._target_plan(model, k)) for k in range(model.num_blocks))]
         if self.projection == "span" and any(self._coupled):
             k = self._coupled.index(True)
             raise ValueError(f"guess: projection='span' needs every example's target derivative in every "
@@ -441,7 +564,8 @@ class GradientGuess(Rule):
             grads, trace = self._activity(model, params, x, labels, (rng, streams), state, values, batch)
             batch_wide = frozenset()
         else:
-            grads, trace = self._weight(model, params, x, labels, streams, state, values, batch)
+            weight = self._weight if self.weight_examples == "shared" else self._weight_per_example
+            grads, trace = weight(model, params, x, labels, (rng, streams), state, values, batch)
             batch_wide = frozenset(grads)
         last = model.num_blocks - 1
         if self.last_block == "exact" and last in self._block_params:  # the stage that holds the last block
@@ -476,53 +600,88 @@ class GradientGuess(Rule):
         net = self._trained_net(model, params, j, value_of(trace.outputs[j]))
         return _tangent(net(trace.outputs[j], labels), directions)
 
-    def _activity_estimate(self, k, guess, derivatives, row, batch):
-        """The estimate [N, ...] of block k's per-example targets from the pass's derivatives [K, N]."""
+    def _activity_estimate(self, k, guess, derivatives, batch):
+        """The estimate [N, ...] of block k's per-example targets from its derivatives: [N] per example
+        (⟨T_n, G_n⟩), or the span's [N, N]."""
         if self.projection == "span":
             return span_projection(guess, derivatives)
-        if self._coupled[k]:  # only the batch total is known: project the whole batch as one vector
+        if self._coupled[k] and self.coupled_activity == "batch":  # only the batch total: one vector
             n = len(guess)
-            totals = batch.mean(backend.namespace(guess).stack([derivatives[row].sum() / n, (guess * guess).sum() / n]))
+            totals = batch.mean(backend.namespace(guess).stack([derivatives.sum() / n, (guess * guess).sum() / n]))
             return guess * _scale(totals[0] * batch.total, totals[1] * batch.total, self.eps, self.normalised)
-        return sample_projection(guess, derivatives[row], self.eps, self.normalised)
+        return sample_projection(guess, derivatives, self.eps, self.normalised)
+
+    def _passes(self, model, params, x, labels, state, batch, rows, plan_of, block_of):
+        """Forward passes over the directions ``rows`` [(key, example)] (at most ``directions_per_pass``
+        per pass; ``plan_of(rows of a pass)`` injects them) and the target derivatives they give:
+        {key: d [N]}.  A direction of example None carries every example's guess, and d_n is the
+        tangent of example n's target loss (no BatchNorm mixes the batch on the way); a one-example
+        direction carries example n's only, and d_n is the tangent of the batch's total target loss
+        Σ_m ℓ_m (exact whatever mixes the batch).  ``block_of(key)``: whose target.  Returns
+        (derivatives, the trace of the last pass)."""
+        isolated = any(example is not None for _, example in rows)
+        if isolated and batch.stop - batch.start != batch.total:
+            raise ValueError("guess: one-example directions need every example's target loss, which a shard does "
+                             "not hold; coupled_activity='example' or weight_examples='example' cannot run "
+                             "data-parallel where a BatchNorm mixes the batch")
+        size, derivatives = self.directions_per_pass or len(rows), {}
+        for start in range(0, len(rows), size):
+            chunk = rows[start:start + size]
+            trace = model.forward(params, x, labels, plan_of(chunk), state)
+            tangents = {}
+            for r, (key, example) in enumerate(chunk):
+                k = block_of(key)
+                if k not in tangents:
+                    tangents[k] = self._target_derivatives(model, params, trace, k, labels, len(chunk))
+                if example is None:
+                    derivatives[key] = tangents[k][r]
+                else:
+                    row = tangents[k][r]
+                    derivatives.setdefault(key, backend.namespace(row).zeros(len(row), row.dtype))[example] = row.sum()
+        return derivatives, trace
 
     def _activity(self, model, params, x, labels, generators, state, values, batch):
         rng, streams = generators
         n = len(labels)
         guesses = {} if values is None else self._aux_guesses(model, params, labels, streams, values[1])
         blocks = list(model.blocks())
-        groups = [blocks] if self.projection == "sample" else [[k] for k in blocks]
-        estimates = {}
-        # random guesses keyed by (step, block, example row): one draw for every group of blocks
+        # random guesses keyed by (step, block, example row): one draw for every pass
         draw = example_noise(rng, batch, 1, "output", layers="all") if self.guess in RANDOM_GUESSES else None
-        for group in groups:
-            perturb = self._activity_tangents(group, guesses, draw)
-            trace = model.forward(params, x, labels, Plan(perturb=perturb, record_points=False), state)
-            directions = len(group) if self.projection == "sample" else n
-            for row, k in enumerate(group):
-                derivatives = self._target_derivatives(model, params, trace, k, labels, directions)
-                estimates[k] = self._activity_estimate(k, guesses[k], derivatives, row, batch)
+        if self.projection == "span":  # one pass per block, direction m puts G_m at every example
+            derivatives = {}
+            for k in blocks:
+                perturb = self._activity_tangents([k], guesses, draw, lambda _, guess: _every_example(guess))
+                trace = model.forward(params, x, labels, Plan(perturb=perturb, record_points=False), state)
+                derivatives[k] = self._target_derivatives(model, params, trace, k, labels, n)
+        else:
+            isolate = self.coupled_activity == "example"
+            rows = [(k, e) for k in blocks for e in (range(n) if isolate and self._coupled[k] else [None])]
+
+            def plan_of(chunk):
+                perturb = self._activity_tangents({k for k, _ in chunk}, guesses, draw,
+                                                  lambda k, guess: _row_tangent(chunk, k, guess))
+                return Plan(perturb=perturb, record_points=False)
+            derivatives, trace = self._passes(model, params, x, labels, state, batch, rows, plan_of, lambda k: k)
         inputs = (values or self._block_values(model, x, trace))[0]
         grads = {}
-        for k, estimate in estimates.items():  # the block-output cotangent ĝ/N, through block k alone
+        for k in blocks:  # the block-output cotangent ĝ/N, through block k alone
+            estimate = self._activity_estimate(k, guesses[k], derivatives[k], batch)
             pullback = _block_pullback(model, k, params, self._block_params[k], inputs[k], state)
             grads.update(pullback(estimate / n))
         return grads, trace
 
-    def _activity_tangents(self, group, guesses, draw):
-        """``Plan.perturb`` putting each block's guess at its output (random guesses drawn here by
-        ``draw``, per example and keyed by the block and the example's row in the whole batch, as
-        FG-A's noise)."""
+    def _activity_tangents(self, blocks, guesses, draw, place):
+        """``Plan.perturb`` putting the guesses of ``blocks`` at their outputs as ``place(k, guess)``
+        (random guesses drawn here by ``draw``, per example and keyed by the block and the example's
+        row in the whole batch, as FG-A's noise)."""
 
         def perturb(site):
-            if site.kind != "output" or site.block not in group:
+            if site.kind != "output" or site.block not in blocks:
                 return None
             if site.block not in guesses:
                 gaussian = draw(site)[0]
                 guesses[site.block] = gaussian if self.guess == "gaussian" else signs(gaussian)
-            guess = guesses[site.block]
-            return (_one_per_row(group.index(site.block), len(group), guess) if self.projection == "sample"
-                    else _every_example(guess))
+            return place(site.block, guesses[site.block])
         return perturb
 
     def _weight_guesses(self, model, params, labels, streams, state, values, batch):
@@ -539,13 +698,14 @@ class GradientGuess(Rule):
             guesses[k] = _batch_means(batch, pullback(activity_guess / len(labels)))  # the whole batch's
         return guesses
 
-    def _weight(self, model, params, x, labels, streams, state, values, batch):
-        guesses = self._weight_guesses(model, params, labels, streams, state, values, batch)
+    def _weight(self, model, params, x, labels, generators, state, values, batch):
+        guesses = self._weight_guesses(model, params, labels, generators[1], state, values, batch)
         units = self._weight_units(model, guesses)  # direction i carries units[i]
+        rows = [(i, None) for i in range(len(units))]
         perturbed = dict(params)
         for row, (_, guess) in enumerate(units):
             for name, g in guess.items():
-                perturbed[name] = Dual._make(value_of(params[name]), _one_per_row(row, len(units), g))
+                perturbed[name] = Dual._make(value_of(params[name]), _row_tangent(rows, row, g))
         trace = model.forward(perturbed, x, labels, Plan(record_points=False), state)
         shard_means = {row: self._target_derivatives(model, params, trace, k, labels, len(units))[row].mean(
             keepdims=True) for row, (k, guess) in enumerate(units) if guess}
@@ -555,6 +715,51 @@ class GradientGuess(Rule):
             derivative = float(derivatives[row][0])
             grads.update(_weight_projection(guess, derivative, self.eps, self.normalised))
         return grads, trace
+
+    def _example_weight_guesses(self, model, params, labels, generators, state, values, batch):
+        """{k: {name: [N, *shape]}}: example n's own guess for every tensor of block k — random draws
+        keyed by (step, block, tensor, example row), or example n's share of the aux-loss gradient
+        ∇_θ mean_m ℓ_aux,m (``_block_example_pullback``).  With ``last_block='exact'`` the last block
+        gets none (its exact gradient replaces any estimate)."""
+        rng, streams = generators
+        n, last = len(labels), model.num_blocks - 1
+        blocks = [k for k in self._block_params if not (self.last_block == "exact" and k == last)]
+        if values is None:
+            draw = example_noise(rng, batch, 1, "weight", layers="all", distribution=self.guess)
+            return {k: {name: draw(Site(k, name, "weight", (n,) + params[name].shape, params[name].dtype))[0]
+                        for name in self._block_params[k]} for k in blocks}
+        inputs, outputs = values
+        activity = self._aux_guesses(model, params, labels, streams, outputs)
+        return {k: _block_example_pullback(model, k, params, inputs[k], state)(activity[k] / n) for k in blocks}
+
+    def _weight_per_example(self, model, params, x, labels, generators, state, values, batch):
+        """Per-example weight-space projection: for every unit u (a block or a module) and example n,
+        ĝ_u = mean_n d_{n,u} / (‖G_{n,u}‖² + ε) · G_{n,u} (random guesses: d_{n,u} G_{n,u}), with
+        d_{n,u} = ⟨∇_{θ_u} ℓ_n, G_{n,u}⟩ (∇_{θ_u} ℓ_n: example n's share of the gradient of its target
+        loss, N × the share of the batch's where a BatchNorm mixes it) from forward passes whose
+        tangent enters at each hidden layer as the output tangent of example n's own weight tangent
+        (``Plan.layer_hook``): one direction per unit, or one per (unit, example) where a BatchNorm
+        in training mode lies in or after the unit's block."""
+        guesses = self._example_weight_guesses(model, params, labels, generators, state, values, batch)
+        units = self._weight_units(model, guesses)
+        n = len(labels)
+        rows = [(i, e) for i, (k, _) in enumerate(units) for e in (range(n) if self._weight_coupled[k] else [None])]
+        owner = {name: i for i, (_, guess) in enumerate(units) for name in guess}
+        reached = set()
+        plan_of = lambda chunk: Plan(layer_hook=_example_weight_hook(units, owner, chunk, reached),  # noqa: E731
+                                     record_points=False)
+        derivatives, trace = self._passes(model, params, x, labels, state, batch, rows, plan_of, lambda i: units[i][0])
+        if set(owner) - reached:
+            raise ValueError(f"guess: weight_examples='example' gives per-example tangents to the hidden layers' "
+                             f"linear maps and norms only; {model.name} also has {sorted(set(owner) - reached)}")
+        xp, grads = backend.namespace(derivatives[0]), {}
+        for i, (_, guess) in enumerate(units):
+            flat = xp.concatenate([g.reshape(n, -1) for g in guess.values()], axis=1)  # [N, unit size]
+            mean, offset = sample_projection(flat, derivatives[i], self.eps, self.normalised).mean(axis=0), 0
+            for name, g in guess.items():
+                size = g[0].size
+                grads[name], offset = mean[offset:offset + size].reshape(g.shape[1:]), offset + size
+        return _batch_means(batch, grads), trace
 
     def _weight_units(self, model, guesses):
         """[(block, {name: guess})]: what one scalar projects — a whole block (``weight_unit='block'``,
