@@ -76,6 +76,12 @@ def test_fdfa_fournier_and_baydin_presets_set_the_authors_options():
     for label in ("local-weight", "gaussian-weight"):
         assert fournier[label].rule_options["weight_unit"] == "module"
         assert fournier[label].rule_options["normalise_random"] is True
+        assert fournier[label].rule_options["weight_examples"] == "example"  # per example, as the authors
+    for label in ("local-activity", "gaussian-activity"):
+        assert fournier[label].rule_options["coupled_activity"] == "example"
+    for config in fournier.values():  # every preset's options are valid ones
+        if config.rule == "guess":
+            rules.create(config.rule, **config.rule_options)
     baydin = load_beside("baydin")
     assert baydin.make_rule("fg-w").readout == "perturbed"  # every parameter, as Baydin et al.
     assert baydin.make_rule("fg-w", {}).readout == "exact"  # --unaligned

@@ -21,8 +21,9 @@ public code does (docs/fidelity.md; the preset prints that paper's rows of the f
   weights; global FG-A on the batch sum; LG-FG-W's dense columns per group; "DFA" is Ren's fixed
   random local classifier (dfa-local).
 * fournier — ResNet-18 (8 blocks), SGD 0.05, momentum 0.9, weight decay 5e-4, batch 128, ×0.2
-  every 30 epochs, crop-and-flip; the last block on its exact gradient; weight-space guesses
-  projected per module, random ones normalised.
+  every 30 epochs, crop-and-flip; the last block on its exact gradient; every example projected
+  on its own guess in both spaces (N one-example directions where a BatchNorm mixes the batch);
+  weight-space guesses projected per module, random ones normalised.
 * baydin (its own driver, baydin.py: loss curves per iteration) — SGD with lr·e^(−1e-4·step),
   batch 64, FG-W perturbing every parameter, the read-out's included (orobix/fwdgrad).
 
@@ -72,6 +73,9 @@ FOURNIER_PAPER = {  # test accuracy %, dataset -> label -> accuracy (local guess
     "cifar10": {"bp": 94.5, "local-activity": 90.4, "local-weight": 92.0},
 }
 DATASET_COLUMN = {"mnist": 0, "fashion-mnist": 1, "cifar10": 2}
+# The per-example projections' one-example directions per forward pass: at batch 128 a pass then holds
+# 32 × 128 examples' tangents (about 1 GiB per activation of the first stage in float32), not N × 128.
+FOURNIER_DIRECTIONS_PER_PASS = 32
 
 
 def _run_name(prefix, label, args):
@@ -131,8 +135,12 @@ def fournier_config(label, args):
     rule_options = dict(rule_options)
     if rule == "guess" and not args.unaligned:
         rule_options["last_block"] = "exact"  # the authors train the last block on its exact gradient
-        if rule_options.get("space") == "weight":  # one normalised projection per conv / BatchNorm
-            rule_options.update(weight_unit="module", normalise_random=True)
+        # every example projected on its own guess, in both spaces, in passes of a bounded number of directions
+        rule_options["directions_per_pass"] = FOURNIER_DIRECTIONS_PER_PASS
+        if rule_options.get("space") == "weight":  # one normalised projection per conv / BatchNorm and example
+            rule_options.update(weight_unit="module", normalise_random=True, weight_examples="example")
+        else:
+            rule_options["coupled_activity"] = "example"
     aux = "mlp" if args.dataset == "fashion-mnist" else "cnn"  # the paper's aux nets for these columns
     return Config(model="resnet18", model_options={"aux": aux}, rule=rule,
                   rule_options={**rule_options, **args.rule_options}, dataset=args.dataset, data_dir=args.data_dir,

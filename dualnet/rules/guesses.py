@@ -23,21 +23,38 @@ uses the global target, as Fournier et al. do.
   (``model.couples_examples_after_output``), example n's activity reaches every example's loss, and a
   forward pass only gives the batch total Σ_m d_m = ⟨T, G⟩ with T_n = Σ_m ∂ℓ_m/∂y_{k,n}: the
   batch is then projected as ONE vector, ĝ = ⟨T, G⟩ / (‖G‖² + ε) · G (random: ⟨T, G⟩ · G, still
-  unbiased), and ``projection='span'`` is refused (it would need N² directions).
+  unbiased; ``coupled_activity='batch'``, the default), and ``projection='span'`` is refused (it
+  would need N² directions).  ``coupled_activity='example'`` projects every example there too, as
+  Fournier et al.'s code does: direction n of N one-example directions carries G_n at example n
+  only, and the tangent of the batch's total target loss in it is d_n = ⟨T_n, G_n⟩ exactly; then
+  ĝ_n = d_n / (‖G_n‖² + ε) · G_n as above.  Cost: N directions per coupled block instead of one.
 * Weight space: one guess G (all of θ_k's tensors) shared by the batch; D = ⟨∇_{θ_k} L_T, G⟩ is
   the JVP of the batch-mean target loss with tangent G on θ_k; ĝ = D·G (random guesses) or
   D / (‖G‖² + ε) · G.  ``weight_unit='module'`` projects each module of the block (a conv or
   linear map with its bias, a norm's scale and shift: the spec's ``module``) on its own scalar
   D_m = ⟨∇_{θ_m} L_T, G_m⟩, every module in its own direction of the one pass, as Fournier et
-  al.'s code does (it also projects per example; that is not implemented).
+  al.'s code does.  ``weight_examples='example'`` projects per example too, as their code also
+  does: example n has its own guess G_{n,u} for each unit u (random: its own draws; local, NTK:
+  its share of the aux-loss gradient, x_nᵀ δ_n for a linear map), d_{n,u} = ⟨∇_{θ_u} ℓ_n, G_{n,u}⟩
+  and ĝ_u = mean_n d_{n,u} / (‖G_{n,u}‖² + ε) · G_{n,u} (random, unnormalised: d_{n,u} G_{n,u}).
+  A weight tangent of example n's own is the output tangent it causes at its layer — ż_n = x_n Ġ_n
+  + ḃ_n for a linear map, example n's own convolution for a conv, γ̇_n x̂_n + β̇_n for a norm —
+  injected there (``Plan.layer_hook``) and carried forward through the rest of the network.  One
+  direction per unit gives d_{n,u} as the tangent of ℓ_n; where a BatchNorm in training mode lies
+  in or after the unit's block, N one-example directions per unit give it as the tangent of the
+  batch total (∇_{θ_u} ℓ_n is then N × example n's share of the batch's gradient).  Cost: N × the
+  units' directions, and the guesses hold N × the estimated blocks' weights.
   ``normalise_random=True`` normalises random guesses too (D / (‖G‖² + ε) · G: biased, E = T/d,
   as the authors' code does); by default they are not (unbiased).
 
 Passes per step: with the sample projection every block's guess rides in ONE forward pass of
 K = (number of blocks) directions — direction k carries block k's guess and is zero at every
 other block, so the contributions separate; the span projection runs one pass per block with
-K = N directions.  Guesses that need activations (local, NTK) add one plain forward pass
-before it.
+K = N directions.  The one-example directions of ``coupled_activity='example'`` and
+``weight_examples='example'`` ride in the same pass, or in passes of at most
+``directions_per_pass`` directions (0: one pass), which bounds the tangents' memory.  Guesses
+that need activations (local, NTK) add one plain forward pass before it; per-example local
+weight guesses add, per block, one plain and one reverse pass through the block alone.
 
 Guesses: ``gaussian`` / ``rademacher`` are drawn every step, independently per example and
 unit (activity) or per weight (weight).  ``local``: the gradient of block k's trained
@@ -321,9 +338,9 @@ def _per_example(layer, what):
     """``layer.fn``'s per-example ``what`` (``example_tangent`` / ``example_pullback``), or a clear error."""
     method = getattr(layer.fn, what, None)
     if method is None:
-        raise ValueError(f"guess: weight_examples='example' needs per-example weight tangents, which the layer "
-                         f"{layer.name!r} of block {layer.block} ({getattr(layer.fn, '__name__', layer.fn)}) does "
-                         f"not provide; supported: linear, grouped, token-mixing and conv layers, and affine norms")
+        raise ValueError(f"guess: weight_examples='example' needs the per-example {what} of every guessed layer; "
+                         f"layer {layer.name!r} of block {layer.block} ({getattr(layer.fn, '__name__', layer.fn)}) "
+                         f"has none; supported: linear, grouped, token-mixing and conv layers, and affine norms")
     return method
 
 
