@@ -641,8 +641,8 @@ class GradientGuess(Rule):
             raise ValueError("guess: one-example directions need every example's target loss, which a shard does "
                              "not hold; coupled_activity='example' or weight_examples='example' cannot run "
                              "data-parallel where a BatchNorm mixes the batch")
-        size, derivatives = self.directions_per_pass or len(rows), {}
-        for start in range(0, len(rows), size):
+        size, derivatives = self.directions_per_pass or max(len(rows), 1), {}
+        for start in range(0, max(len(rows), 1), size):  # no rows: one plain pass, for the trace
             chunk = rows[start:start + size]
             trace = model.forward(params, x, labels, plan_of(chunk), state)
             tangents = {}
@@ -769,14 +769,14 @@ class GradientGuess(Rule):
         if set(owner) - reached:
             raise ValueError(f"guess: weight_examples='example' gives per-example tangents to the hidden layers' "
                              f"linear maps and norms only; {model.name} also has {sorted(set(owner) - reached)}")
-        xp, grads = backend.namespace(derivatives[0]), {}
+        grads = {}
         for i, (_, guess) in enumerate(units):
-            flat = xp.concatenate([g.reshape(n, -1) for g in guess.values()], axis=1)  # [N, unit size]
+            flat = backend.namespace(derivatives[i]).concatenate([g.reshape(n, -1) for g in guess.values()], axis=1)
             mean, offset = sample_projection(flat, derivatives[i], self.eps, self.normalised).mean(axis=0), 0
             for name, g in guess.items():
                 size = g[0].size
                 grads[name], offset = mean[offset:offset + size].reshape(g.shape[1:]), offset + size
-        return _batch_means(batch, grads), trace
+        return (_batch_means(batch, grads) if grads else grads), trace
 
     def _weight_units(self, model, guesses):
         """[(block, {name: guess})]: what one scalar projects — a whole block (``weight_unit='block'``,

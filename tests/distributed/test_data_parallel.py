@@ -34,6 +34,9 @@ RULES = {name: (name, {}) for name in ["bp", "lg-bp", "fa", "lg-fa", "dfa", "dkp
                                       "lg-fg-a", "guess"]}
 RULES.update({"guess-gaussian": ("guess", {"guess": "gaussian"}), "guess-weight": ("guess", {"space": "weight"}),
               "guess-weight-aux": ("guess", {"space": "weight", "aux": "linear"}),
+              "guess-weight-examples": ("guess", {"space": "weight", "weight_examples": "example"}),
+              "guess-gaussian-weight-examples": ("guess", {"guess": "gaussian", "space": "weight",
+                                                           "weight_examples": "example"}),
               "fg-a-recompute": ("fg-a", {"memory": "recompute", "directions": 2})})
 
 

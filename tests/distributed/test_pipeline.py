@@ -39,7 +39,10 @@ RULES = {"lg-fg-a": ("lg-fg-a", {}), "lg-fg-w": ("lg-fg-w", {}), "lg-bp": ("lg-b
          "fg-a": ("fg-a", {"directions": 2}),  # tangents travel forward, the last stage broadcasts d
          "fdfa": ("fdfa", {"directions": 2})}  # ... and e with the logits' tangent
 GUESSES = [{"target": "local", "guess": "gaussian"}, {"target": "local", "guess": "ntk", "space": "weight"},
-           {"target": "local", "guess": "rademacher", "projection": "span"}, {"target": "local", "guess": "fixed-ntk"}]
+           {"target": "local", "guess": "rademacher", "projection": "span"}, {"target": "local", "guess": "fixed-ntk"},
+           {"target": "local", "coupled_activity": "example"},
+           {"target": "local", "space": "weight", "weight_examples": "example", "weight_unit": "module"},
+           {"target": "local", "guess": "gaussian", "space": "weight", "weight_examples": "example"}]
 
 
 def base(out, **changes):

@@ -12,7 +12,9 @@
   n's share of the aux-loss gradient: they sum to the shared guess and match finite differences.
 * The per-example layer pieces (``example_tangent``, ``example_pullback``) equal a loop over the
   examples of single-example forward and reverse mode, for random shapes (hypothesis).
-* Directions split over several passes give the same estimate; invalid combinations are one error.
+* Directions split over several passes give the same estimate; with nothing left to estimate the
+  pass still runs; a shard, an invalid combination or a layer without per-example pieces is one
+  clear error.
 """
 import numpy as np
 import pytest
@@ -219,6 +221,21 @@ def test_directions_split_over_passes_give_the_same_estimate(options, tiny):
         grads.append(rule(model, params, x, labels, np.random.default_rng(1), state).grads)
     for name in grads[0]:
         np.testing.assert_allclose(grads[1][name], grads[0][name], rtol=1e-12, atol=1e-15)
+
+
+def test_weight_examples_with_only_an_exact_block_is_that_exact_gradient(tiny):
+    """One block, trained on its exact gradient: no unit to estimate, the pass still runs (heads, loss)."""
+    model = tiny.mlp(layers=2, local_heads=True)
+    params = tiny.params(model)
+    x, labels = tiny.batch(model, 4)
+    grads = {}
+    for option in ("shared", "example"):
+        rule = rules.create("guess", space="weight", last_block="exact", weight_examples=option)
+        rule.setup(model, params, 0)
+        grads[option] = rule(model, params, x, labels, np.random.default_rng(0)).grads
+    assert sorted(grads["example"]) == sorted(grads["shared"])
+    for name, value in grads["shared"].items():
+        np.testing.assert_allclose(grads["example"][name], value, rtol=1e-12, atol=1e-15)
 
 
 def test_one_example_directions_refuse_a_shard(tiny):
