@@ -179,6 +179,7 @@ def _row_tangent(rows, key, value):
 
 
 def _in_rows(rows, key):
+    """Whether any direction of ``rows`` [(key, example)] is ``key``'s."""
     return any(row_key == key for row_key, _ in rows)
 
 
@@ -763,12 +764,14 @@ class GradientGuess(Rule):
         rows = [(i, e) for i, (k, _) in enumerate(units) for e in (range(n) if self._weight_coupled[k] else [None])]
         owner = {name: i for i, (_, guess) in enumerate(units) for name in guess}
         reached = set()
-        plan_of = lambda chunk: Plan(layer_hook=_example_weight_hook(units, owner, chunk, reached),  # noqa: E731
-                                     record_points=False)
+
+        def plan_of(chunk):
+            return Plan(layer_hook=_example_weight_hook(units, owner, chunk, reached), record_points=False)
         derivatives, trace = self._passes(model, params, x, labels, state, batch, rows, plan_of, lambda i: units[i][0])
-        if set(owner) - reached:
+        missing = {name for k in guesses for name in self._block_params[k]} - reached
+        if missing:
             raise ValueError(f"guess: weight_examples='example' gives per-example tangents to the hidden layers' "
-                             f"linear maps and norms only; {model.name} also has {sorted(set(owner) - reached)}")
+                             f"linear maps and norms only; {model.name} also has {sorted(missing)}")
         grads = {}
         for i, (_, guess) in enumerate(units):
             flat = backend.namespace(derivatives[i]).concatenate([g.reshape(n, -1) for g in guess.values()], axis=1)

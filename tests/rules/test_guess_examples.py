@@ -272,6 +272,21 @@ def test_a_layer_without_per_example_tangents_is_named(tiny):
         rule(model, params, x, labels, np.random.default_rng(0), state)
 
 
+@pytest.mark.parametrize("guess", ["local", "gaussian"])
+def test_a_tensor_outside_the_hidden_layers_is_named(guess, tiny):
+    model, params, x, labels, state, rule = _setup("mlp", tiny, guess=guess, space="weight",
+                                                   weight_examples="example")
+    original = model.block
+
+    def block(k, params, h, ctx):  # block 0's linear map applied directly, not as a hidden layer
+        if k == 0:
+            return linear(h, params["blocks.0.linear.weight"], params["blocks.0.linear.bias"])
+        return original(k, params, h, ctx)
+    model.block = block
+    with pytest.raises(ValueError, match=r"also has \['blocks.0.linear.bias', 'blocks.0.linear.weight'\]"):
+        rule(model, params, x, labels, np.random.default_rng(0), state)
+
+
 # --- the per-example layer pieces ---------------------------------------------------------------------
 def _layer_case(kind, n, size, rng):
     """(fn, x, weight, bias) of one layer kind with small random shapes."""
