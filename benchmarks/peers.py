@@ -14,7 +14,12 @@ read-out gradient; and one BP step of the same net.  Implementations:
 plus the GEMM-bound limit: 3 × the forward FLOPs at the GEMM rate measured here (numpy float32).
 The LocalMixer M/1/16 LG-FG-A step is timed against its own BP step (dualnet only).
 Each framework runs in its own process with 2 threads; the machine is shared and noisy, so only
-the ratios measured in one run mean anything.  Prints one JSON object.
+the ratios measured in one run mean anything.  The workers run with OPENBLAS_CORETYPE and
+OPENBLAS_L2_SIZE unset (they force older OpenBLAS kernels on some CPUs); where the calling
+environment sets them, the FG-A steps of dualnet and JAX are timed again under it
+(``default_environment``).  Each worker records its BLAS libraries (threadpoolctl: library,
+kernel architecture, threads), and the load average is recorded before and after.  Prints one
+JSON object.
 """
 import argparse
 import json
@@ -26,6 +31,7 @@ import time
 SIZES = (784, 800, 800, 800, 10)
 BATCH = 128
 THREADS = "2"
+BLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
 def median_ms(step, repeats, warmup=5):
@@ -183,10 +189,19 @@ def worker_torch(repeats):
 WORKERS = {"dualnet": worker_dualnet, "jax": worker_jax, "torch": worker_torch}
 
 
-def run_worker(name, repeats):
+def blas_libraries():
+    """The BLAS/OpenMP pools loaded in this process: (library, kernel architecture, threads)."""
+    from threadpoolctl import threadpool_info
+    return [f"{pool.get('internal_api')} {pool.get('architecture')} x{pool.get('num_threads')}"
+            for pool in threadpool_info()]
+
+
+def run_worker(name, repeats, unset_blas_overrides=True):
     env = dict(os.environ, OMP_NUM_THREADS=THREADS, OPENBLAS_NUM_THREADS=THREADS, MKL_NUM_THREADS=THREADS,
                NUMBA_NUM_THREADS=THREADS,
                XLA_FLAGS=f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={THREADS}")
+    if unset_blas_overrides:
+        env = {k: v for k, v in env.items() if k not in BLAS_OVERRIDES}
     done = subprocess.run([sys.executable, __file__, "--worker", name, "--repeats", str(repeats)], env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
@@ -202,9 +217,16 @@ def main():
     args = parser.parse_args()
     repeats = args.repeats or (30 if args.quick else 200)
     if args.worker:
-        print(json.dumps(WORKERS[args.worker](repeats)))
+        print(json.dumps({**WORKERS[args.worker](repeats), "blas": blas_libraries()}))
         return
+    load_before = os.getloadavg()[0]
     result = {name: run_worker(name, repeats) for name in WORKERS}
+    default = {}
+    if any(name in os.environ for name in BLAS_OVERRIDES):  # the machine's own setting, for the record
+        for name in ("dualnet", "jax"):
+            part = run_worker(name, repeats, unset_blas_overrides=False)
+            default[name] = {"mlp_fg-a_ms": part.get("mlp_fg-a"), "blas": part.get("blas")}
+        default["overrides"] = {name: os.environ.get(name) for name in BLAS_OVERRIDES}
     ms = {f"{k}_{name}": v for name, part in result.items() for k, v in part.items() if isinstance(v, float)}
     ratios = {}
     pairs = {"fga_dualnet_over_jax": ("mlp_fg-a_dualnet", "mlp_fg-a_jax"),
@@ -220,7 +242,9 @@ def main():
             ratios[key] = round(ms[a] / ms[b], 3)
     errors = {name: part["error"] for name, part in result.items() if "error" in part}
     print(json.dumps({"ms": {k: round(v, 3) for k, v in ms.items()}, "ratios": ratios, "errors": errors,
-                      "repeats": repeats}, indent=2))
+                      "repeats": repeats, "blas": {name: part.get("blas") for name, part in result.items()},
+                      "default_environment": default, "load_average": [load_before, os.getloadavg()[0]]},
+                     indent=2))
 
 
 if __name__ == "__main__":
