@@ -27,8 +27,11 @@ from peers import median_ms
 
 
 def _spin(stop):
+    """Keep one core busy with arithmetic (the event is polled every 10⁶ iterations)."""
     while not stop.is_set():
-        pass
+        total = 0
+        for i in range(1_000_000):
+            total += i
 
 
 def measure(repeats):
