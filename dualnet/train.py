@@ -496,13 +496,12 @@ def train(config, resume=False, progress=None, on_epoch=None, overwrite=False, m
     config = dataclasses.replace(config, device=device, data_dir=config.data_dir and os.path.abspath(config.data_dir))
     config.check()
     world = distributed.world(config.parallel)
-    if device == "cuda" and world.size > 1:
-        backend.use("cupy")  # raises DeviceUnavailable without a usable GPU, before any rank binds one
-        world.use_local_gpu()
     run = _Run
     if config.parallel == "pipeline":
         from .distributed.pipeline import PipelineRun as run
     with backend.using(backend.DEVICES[device]), _blas_threads(config.blas_threads):
+        if device == "cuda" and world.size > 1:
+            world.use_local_gpu()  # one GPU per rank of a node
         return run(config, resume, overwrite, world).loop(progress, on_epoch, max_steps)
 
 

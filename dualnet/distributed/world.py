@@ -116,8 +116,9 @@ class MPIWorld(SingleProcess):
         if self.gpu_transport == "auto":
             self.gpu_transport = resolve_transport(_nccl_available(), _mpi_cuda_aware())
         if self.gpu_transport == "nccl" and not _nccl_available():
-            raise TransportUnavailable("gpu transport 'nccl': CuPy has no NCCL (cupy.cuda.nccl.available is False); "
-                               "install NCCL (pip install nvidia-nccl-cu12) or set DUALNET_GPU_TRANSPORT=host")
+            raise TransportUnavailable("gpu transport 'nccl': CuPy has no NCCL (cupy.cuda.nccl.available is "
+                                       "False); install NCCL (pip install nvidia-nccl-cu12) or set "
+                                       "DUALNET_GPU_TRANSPORT=host")
         return self.gpu_transport
 
     def _nccl_comm(self):
