@@ -499,13 +499,13 @@ def train(config, resume=False, progress=None, on_epoch=None, overwrite=False, m
     run = _Run
     if config.parallel == "pipeline":
         from .distributed.pipeline import PipelineRun as run
-    with backend.using(backend.DEVICES[device]), _blas_threads(config.blas_threads):
+    with backend.using(backend.DEVICES[device]), _blas_limit(config.blas_threads):
         if device == "cuda" and world.size > 1:
             world.use_local_gpu()  # one GPU per rank of a node
         return run(config, resume, overwrite, world).loop(progress, on_epoch, max_steps)
 
 
-def _blas_threads(count):
+def _blas_limit(count):
     """BLAS limited to ``count`` threads while the run trains (threadpoolctl); no change for None."""
     if count is None:
         return contextlib.nullcontext()
