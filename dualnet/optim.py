@@ -252,6 +252,27 @@ class Optimizer:
         return f"{type(self).__name__}({options})"
 
 
+def reference_sgd_update(param, grad, buffer, lr, momentum, weight_decay, nesterov):
+    """One SGD step in place (PyTorch's formula, dampening 0); every operand of one shape and dtype.
+
+        g ← grad + weight_decay·param                       (when weight_decay ≠ 0)
+        buffer ← momentum·buffer + g                         (when ``buffer`` is given)
+        d ← g + momentum·buffer if nesterov else buffer      (g without a buffer)
+        param ← param − lr·d
+
+    ``param`` and ``buffer`` are updated in place; ``grad`` is read only.  The scalars are rounded
+    to the arrays' dtype, as NumPy does with Python numbers.  The Numba and CUDA kernels
+    (``sgd_update``) do the same operations, element by element, in the same order.
+    """
+    if weight_decay:
+        grad = grad + weight_decay * param
+    if buffer is not None:
+        buffer *= momentum
+        buffer += grad
+        grad = grad + momentum * buffer if nesterov else buffer
+    param -= lr * grad
+
+
 class SGD(Optimizer):
     """SGD with optional (Nesterov) momentum and L2 weight decay (PyTorch's formula, dampening 0)."""
     name = "sgd"
@@ -266,16 +287,14 @@ class SGD(Optimizer):
         return {**super().hyperparameters(), "momentum": self.momentum, "nesterov": self.nesterov}
 
     def _update(self, param, grad, state, lr, weight_decay):
-        if weight_decay:
-            grad = grad + weight_decay * param
+        buffer = None
         if self.momentum:
             if "momentum" not in state:
                 state["momentum"] = backend.namespace(param).zeros_like(param)
             buffer = state["momentum"]
-            buffer *= self.momentum
-            buffer += grad
-            grad = grad + self.momentum * buffer if self.nesterov else buffer
-        param -= lr * grad
+        update = backend.kernel("sgd", "sgd_update", reference_sgd_update, param, grad,
+                                *([] if buffer is None else [buffer]))
+        update(param, grad, buffer, lr, self.momentum, weight_decay, self.nesterov)
 
 
 class Adam(Optimizer):

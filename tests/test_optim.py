@@ -226,3 +226,21 @@ def test_create_lists_valid_names_and_options():
         optim.create("rmsprop", lr=0.1)
     with pytest.raises(TypeError, match=r"optimiser 'adam': unknown option\(s\) \['momentum'\]; accepted: lr, betas"):
         optim.create("adam", lr=0.1, momentum=0.9)
+
+
+@pytest.mark.parametrize("options", [{}, {"momentum": 0.9, "weight_decay": 5e-4}, {"momentum": 0.9, "nesterov": True}])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_with_its_kernel_equals_the_reference_bit_for_bit(monkeypatch, options, dtype):
+    shapes = {"w": (17, 9), "b": (9,)}
+    runs = {}
+    for mode in ("reference", "auto"):
+        monkeypatch.setenv("DUALNET_KERNELS", mode)
+        params = {name: np.random.default_rng(1).standard_normal(shape).astype(dtype) for name, shape in shapes.items()}
+        optimizer = optim.SGD(0.05, **options)
+        for step in range(3):
+            grads = {name: np.random.default_rng(10 + step).standard_normal(shape).astype(dtype)
+                     for name, shape in shapes.items()}
+            optimizer.step(params, grads)
+        runs[mode] = params
+    for name in shapes:
+        np.testing.assert_array_equal(runs["auto"][name], runs["reference"][name])

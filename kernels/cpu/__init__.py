@@ -20,6 +20,7 @@ MODULES = (
     "normalize_epilogue",  # epilogue after the grouped GEMMs: bias, layout, LN; value + K tangents
     "replicated_loss",     # replicated local losses: the replicas' directional derivatives, the vjp scatter
     "gaussian",            # counter-based N(0, 1) draws (dualnet.noise): hash, ziggurat, per-position rejection
+    "sgd",                 # the SGD update: parameter, gradient and momentum buffer in one pass, in place
 )
 
 PARALLEL_MIN_ELEMENTS = 1 << 20

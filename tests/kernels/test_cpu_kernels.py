@@ -207,3 +207,37 @@ def test_the_registry_lists_every_kernel_module():
     assert set(cpu.MODULES) == modules
     for name in cpu.MODULES:
         assert hasattr(cpu.load(name), "warm_up")
+
+
+# ---------------------------------------------------------------------------------------
+# the SGD update: bit for bit the reference's operations
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (0, 4), (33, 65)])
+@pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+@pytest.mark.parametrize("weight_decay", [0.0, 5e-4])
+@pytest.mark.parametrize("all_threads", [False, True])
+def test_sgd_update_is_bit_identical_to_the_reference(rng, monkeypatch, dtype, shape, momentum, nesterov,
+                                                      weight_decay, all_threads):
+    from dualnet.optim import reference_sgd_update
+    if all_threads:
+        monkeypatch.setattr(cpu, "PARALLEL_MIN_ELEMENTS", 0)
+    sgd = cpu.load("sgd")
+    param, buffer = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+    grad = strided(rng, shape, dtype) if shape[-1] else rng.standard_normal(shape).astype(dtype)
+    with_buffer = momentum > 0
+    expected = [param.copy(), buffer.copy() if with_buffer else None]
+    reference_sgd_update(expected[0], grad, expected[1], 0.037, momentum, weight_decay, nesterov)
+    actual = [param.copy(), buffer.copy() if with_buffer else None]
+    sgd.sgd_update(actual[0], grad, actual[1], 0.037, momentum, weight_decay, nesterov)
+    np.testing.assert_array_equal(actual[0], expected[0])
+    if with_buffer:
+        np.testing.assert_array_equal(actual[1], expected[1])
+
+
+def test_sgd_update_of_a_non_contiguous_parameter_updates_it_in_place(rng):
+    wide = rng.standard_normal((4, 10))
+    param, grad = wide[:, ::2], rng.standard_normal((4, 5))
+    expected = param - 0.5 * grad
+    cpu.load("sgd").sgd_update(param, grad, None, 0.5, 0.0, 0.0, False)
+    np.testing.assert_array_equal(wide[:, ::2], expected)

@@ -17,6 +17,7 @@ LAUNCHED = {  # source -> kernels its launcher module fetches with cuda.function
     "layer_norm": ("layer_norm_forward", "layer_norm_jacobian"),
     "normalize_epilogue": ("normalize_epilogue",),
     "replicated_loss": ("replica_tangent", "replica_cotangent"),
+    "sgd": ("sgd_update",),
 }
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")

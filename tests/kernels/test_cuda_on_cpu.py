@@ -19,7 +19,7 @@ import itertools
 import numpy as np
 import pytest
 
-from dualnet import backend, fused, losses
+from dualnet import backend, fused, losses, optim
 from dualnet.kernels import cuda
 
 DTYPES = [np.float32, np.float64]
@@ -34,6 +34,7 @@ TESTED = {  # kernel (without _f32/_f64) -> the test below that runs it through 
     "normalize_epilogue": "test_normalize_epilogue",
     "replica_tangent": "test_replica_tangent",
     "replica_cotangent": "test_replica_cotangent",
+    "sgd_update": "test_sgd_update",
 }
 SUFFIX = {np.float32: "f32", np.float64: "f64"}
 EPS = 1e-5
@@ -129,6 +130,19 @@ def check_replica_cotangent(cp, rng, dtype, shape):
     assert_close(actual, losses.replica_cotangent_reference(cotangent, u, 0.37), dtype, 1)
 
 
+def check_sgd_update(cp, rng, dtype, shape, momentum, nesterov, weight_decay):
+    """sgd_update (in place on the parameter and the buffer) vs optim.reference_sgd_update."""
+    param, grad, buffer = (rng.standard_normal(shape).astype(dtype) for _ in range(3))
+    with_buffer = momentum > 0
+    expected = [param.copy(), buffer.copy() if with_buffer else None]
+    optim.reference_sgd_update(expected[0], grad, expected[1], 0.037, momentum, weight_decay, nesterov)
+    device = [cp.asarray(param), cp.asarray(buffer) if with_buffer else None]
+    cuda.load("sgd").sgd_update(device[0], cp.asarray(grad), device[1], 0.037, momentum, weight_decay, nesterov)
+    assert_close(device[0], expected[0], dtype, 1)
+    if with_buffer:
+        assert_close(device[1], expected[1], dtype, 1)
+
+
 # ---------------------------------------------------------------------------------------
 # every kernel entry point, both dtypes, ragged shapes, launcher and odd grids
 # ---------------------------------------------------------------------------------------
@@ -178,6 +192,16 @@ def test_replica_cotangent(device, rng, dtype, shape):
     import cupy
     check_replica_cotangent(cupy, rng, dtype, shape)
     assert launched(device, dtype) == {"replica_cotangent"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (5, 7), (300,), (3, 4, 33)])
+@pytest.mark.parametrize("momentum, nesterov, weight_decay", [(0.0, False, 0.0), (0.9, False, 5e-4),
+                                                              (0.9, True, 0.0)])
+def test_sgd_update(device, rng, dtype, shape, momentum, nesterov, weight_decay):
+    import cupy
+    check_sgd_update(cupy, rng, dtype, shape, momentum, nesterov, weight_decay)
+    assert launched(device, dtype) == {"sgd_update"}
 
 
 def test_every_kernel_entry_point_is_tested(cuda_harness):
@@ -253,6 +277,9 @@ MUTATIONS = {  # id -> (module, original text, mutated text, a check that must t
         "replicated_loss", "__shfl_down_sync(0xffffffffu, total, offset)",
         "__shfl_down_sync(0xffffffffu, total, offset + 1)",
         lambda cp, rng: check_replica_tangent(cp, rng, np.float32, (1, 3, 2, 16, 32), None)),
+    "sgd-buffer-unwritten": (
+        "sgd", "buffer[i] = b;", ";",
+        lambda cp, rng: check_sgd_update(cp, rng, np.float64, (5, 7), 0.9, False, 0.0)),
     "replicated_loss-u-index": (
         "replicated_loss", "u + (n * groups + g) * channels", "u + (g * examples + n) * channels",
         lambda cp, rng: check_replica_tangent(cp, rng, np.float64, (4, 2, 5, 3, 37), 1)),
