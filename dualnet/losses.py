@@ -34,7 +34,7 @@ import numpy
 
 from . import backend
 from .dual import Dual, value_of
-from .primitives import TABLE, Primitive, log_softmax, matmul, sqrt, stop_gradient, transpose
+from .primitives import TABLE, Primitive, array_mean, log_softmax, matmul, sqrt, stop_gradient, transpose
 from .primitives import sum as sum_
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -229,7 +229,7 @@ def _check_head(op, features, W, b):
 def _pooled_head(x, W, b):
     """``x̄ = mean_p x`` flattened to [N, G·c] and the head output ``h = x̄ W + b`` [N, D]."""
     n, _, g, c = x.shape
-    pooled = x.mean(axis=1).reshape(n, g * c)
+    pooled = array_mean(x, axis=1).reshape(n, g * c)
     h = pooled @ W
     return pooled, (h if b is None else h + b)
 

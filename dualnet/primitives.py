@@ -311,6 +311,15 @@ def _positive(x):
     return (x > 0).astype(x.dtype)
 
 
+def _relu_jvp(t, out, x):
+    """ẏ = ẋ·[x > 0].  One direction on arrays: times the bool mask itself, the same numbers without
+    the pass that makes a float mask (measured 2.6 against 3.7 ms for [128, 64, 512] float32); K > 1
+    directions broadcast the mask K times, where the float mask multiplies faster."""
+    if t.shape[0] == 1 and backend.is_array(t):
+        return t * (value_of(x) > 0)
+    return t * _positive(x)
+
+
 def _sign_of(x):
     """sign(x) of the values, a constant (its own derivative is zero)."""
     x = value_of(x)
@@ -318,7 +327,7 @@ def _sign_of(x):
 
 
 relu = Op("relu", lambda x: ns(x).maximum(x, 0),
-          jvp=(lambda t, out, x: t * _positive(x),), vjp=(lambda g, out, x: g * _positive(x),))
+          jvp=(_relu_jvp,), vjp=(lambda g, out, x: g * _positive(x),))
 abs = Op("abs", lambda x: ns(x).abs(x),
          jvp=(lambda t, out, x: t * _sign_of(x),), vjp=(lambda g, out, x: g * _sign_of(x),))
 
@@ -376,7 +385,32 @@ _astype = Op("astype", _cast,  # between float dtypes: the tangent follows, the 
 # reductions (params: axis, keepdims)
 # ---------------------------------------------------------------------------------------
 def _count(x, axis):
-    return int(numpy.prod([x.shape[a] for a in normalize_axes(axis, x.ndim)]))
+    return math.prod(x.shape[a] for a in normalize_axes(axis, x.ndim))
+
+
+_FLOAT32_COUNT = 1 << 24  # every count below it is exact in float32
+
+
+def array_mean(a, axis=None, keepdims=False):
+    """``a.mean(axis=axis, keepdims=keepdims)`` of an array (NumPy or CuPy).
+
+    A float32 or float64 NumPy array: its sum divided by the count in its own dtype.  These are
+    NumPy's numbers (NumPy divides by an integer count in float64 and rounds back to float32;
+    rounding a quotient to 53 bits and then to 24 rounds it as once), without NumPy's float64
+    pass over the result: measured 14 against 81 us for the patch mean of [128, 1, 16, 32].
+    """
+    if type(a) is numpy.ndarray and a.dtype in _MEAN_DTYPES:
+        count = _count(a, axis)
+        if 0 < count < _FLOAT32_COUNT:
+            total = a.sum(axis=axis, keepdims=keepdims)
+            if isinstance(total, numpy.ndarray):
+                total /= a.dtype.type(count)
+                return total
+            return total / a.dtype.type(count)
+    return a.mean(axis=axis, keepdims=keepdims)
+
+
+_MEAN_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 
 
 sum = Op(
@@ -385,9 +419,9 @@ sum = Op(
     vjp=(lambda g, out, x, axis=None, keepdims=False: ns(g).broadcast_to(
         _expand_reduced(g, x.shape, normalize_axes(axis, x.ndim), keepdims), x.shape),))
 mean = Op(
-    "mean", lambda x, axis=None, keepdims=False: x.mean(axis=axis, keepdims=keepdims),
+    "mean", array_mean,
     jvp=(lambda t, out, x, axis=None, keepdims=False:
-         t.mean(axis=_k(normalize_axes(axis, x.ndim)), keepdims=keepdims),),
+         array_mean(t, axis=_k(normalize_axes(axis, x.ndim)), keepdims=keepdims),),
     vjp=(lambda g, out, x, axis=None, keepdims=False: ns(g).broadcast_to(
         _expand_reduced(g, x.shape, normalize_axes(axis, x.ndim), keepdims) / _count(x, axis), x.shape),))
 

@@ -651,3 +651,26 @@ def test_stop_gradient_cuts_both_modes(rng):
     assert out.tangent is None
     np.testing.assert_array_equal(out.value, x)
     np.testing.assert_array_equal(dn.grad(lambda a: (dn.stop_gradient(a) * a).sum())(x), x)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, axis", [((6, 1, 4, 5), 1), ((4, 7, 9), 1), ((3, 5, 7), (0, 2)), ((11,), None),
+                                         ((5, 6), -1), ((2, 3), ())])
+def test_mean_gives_numpys_numbers_bit_for_bit(dtype, shape, axis, rng):
+    """``array_mean`` divides in the array's dtype; NumPy divides in float64 and rounds back."""
+    for scale in (1.0, 1e-30, 1e30, 1e-40):
+        x = (rng.standard_normal(shape) * scale).astype(dtype)
+        for keepdims in (False, True):
+            ours, numpys = dn.primitives.array_mean(x, axis, keepdims), x.mean(axis=axis, keepdims=keepdims)
+            assert type(ours) is type(numpys) and ours.dtype == numpys.dtype
+            assert np.asarray(ours).tobytes() == np.asarray(numpys).tobytes()
+
+
+@pytest.mark.parametrize("directions", [1, 3])
+def test_relu_tangent_is_the_float_masks_product_bit_for_bit(directions, rng):
+    x = rng.standard_normal((5, 7)).astype(np.float32)
+    x[0, :3] = 0.0
+    t = rng.standard_normal((directions, 5, 7)).astype(np.float32)
+    tangent = dn.relu(Dual(x, t)).tangent
+    assert tangent.dtype == np.float32
+    assert tangent.tobytes() == (t * (x > 0).astype(np.float32)).tobytes()
