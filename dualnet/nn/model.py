@@ -322,10 +322,11 @@ class Model:
             h = normalize(z, *norm_weights) if normalize is not None else z
             to_z = None if normalize is None else _pullback(normalize, value_of(z), [value_of(w) for w in norm_weights],
                                                             list(norm_param_names))
-        h, u_pre = ctx.inject(k, name, "pre", h)
+        # the fused LN and relu make their output tangents afresh: the noise goes into them in place
+        h, u_pre = ctx.inject(k, name, "pre", h, fresh=normalize is layer_norm)
         pre_activation = h if residual is None else h + residual
         a = activation(pre_activation)
-        a, u_post = ctx.inject(k, name, "post", a)
+        a, u_post = ctx.inject(k, name, "post", a, fresh=activation is P.relu)
         if not ctx.plan.record_points and ctx.plan.on_point is None:
             return a
         point = Point(

@@ -225,3 +225,14 @@ def expand_replicas(d, shape, replica):
         xp = backend.namespace(d)
         return xp.broadcast_to(d[..., None], (k, n, patches, groups, per_group)).reshape((k, n, patches, shape[-1]))
     raise ValueError(f"expand_replicas: unknown replica mapping {replica!r}")
+
+
+def times_replicas(d, values, replica):
+    """``expand_replicas(d, values.shape[1:], replica) * values`` for ``values`` [K, N, ...], without
+    the expanded array where it would be a copy: a flat layer [N, P, C] under 'own' is multiplied
+    as [K, N, P, G, c] (one pass instead of two)."""
+    if d.ndim == 4 and replica == "own" and values.ndim == 4 and d.shape[2:] != (1, 1):
+        groups = d.shape[3]
+        split = values.reshape(values.shape[:3] + (groups, values.shape[3] // groups))
+        return (d[..., None] * split).reshape(values.shape)
+    return expand_replicas(d, values.shape[1:], replica) * values

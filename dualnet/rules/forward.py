@@ -40,7 +40,7 @@ import zlib
 from .. import backend, noise
 from ..dual import Dual, value_of
 from ..nn.plan import Plan, Site
-from .base import PLANS, Estimate, Rule, contrastive_plan, expand_replicas, local_head_grads, mean_value, output_error
+from .base import PLANS, Estimate, Rule, contrastive_plan, local_head_grads, mean_value, output_error, times_replicas
 
 
 def _tangent(x, k):
@@ -244,7 +244,7 @@ class ActivityPerturbation(Rule):
                                                                   loss_tangent) / (len(u) * n)
                 if self.loss_reduction == "sum":  # Ren's global FG-A: d of the whole batch's sum, no 1/N
                     derivatives[point.block] = derivatives[point.block] * batch.total
-            products = expand_replicas(derivatives[point.block], point.h.shape, point.replica) * u  # [K, N, ...]
+            products = times_replicas(derivatives[point.block], u, point.replica)  # [K, N, ...]
             site_grad = products[0] if len(u) == 1 else products.sum(axis=0)
             # 'pre': the ReLU-sparsity trick (zero where the unit is off, unbiased since the true
             # gradient is zero there); 'post': the chain rule from the post-activation back to h.
