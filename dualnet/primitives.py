@@ -544,7 +544,13 @@ def _matmul_jvp_left(t, out, x, w):
 
 
 def _matmul_jvp_right(t, out, x, w):
-    """x @ ẇ for ẇ of shape (K,) + w.shape (batched over K by matmul broadcasting)."""
+    """x @ ẇ for ẇ of shape (K,) + w.shape.  For a matrix w, the rows of x against each ẇ_k: K
+    GEMMs of all rows (broadcasting x [N, P, p] against ẇ [K, 1, p, q] instead would make N·P
+    matrix-vector products: measured 2.7 against 0.5 ms on LocalMixer M/1/16's first layer)."""
+    if w.ndim == 2 and x.ndim >= 2:
+        rows = _rows(x)
+        products = rows @ t[0] if t.shape[0] == 1 else rows[None] @ t
+        return products.reshape((t.shape[0],) + x.shape[:-1] + (w.shape[-1],))
     return x @ lift(t, out.ndim)
 
 

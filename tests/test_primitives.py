@@ -674,3 +674,17 @@ def test_relu_tangent_is_the_float_masks_product_bit_for_bit(directions, rng):
     tangent = dn.relu(Dual(x, t)).tangent
     assert tangent.dtype == np.float32
     assert tangent.tobytes() == (t * (x > 0).astype(np.float32)).tobytes()
+
+
+@pytest.mark.parametrize("x_shape", [(5, 4), (3, 2, 4), (2, 1, 3, 4)])
+@pytest.mark.parametrize("directions", [1, 3])
+def test_matmul_tangent_of_the_weight_is_one_gemm_per_direction_over_all_rows(x_shape, directions):
+    """x @ ẇ for a matrix w: the rows of x against each ẇ_k equal matmul broadcasting, value for value."""
+    from dualnet.primitives import _matmul_jvp_right, lift
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal((4, 6))
+    tangent = rng.standard_normal((directions, 4, 6))
+    out = x @ w
+    np.testing.assert_allclose(_matmul_jvp_right(tangent, out, x, w), x @ lift(tangent, out.ndim), rtol=1e-13,
+                               atol=1e-13)
+    assert _matmul_jvp_right(tangent, out, x, w).shape == (directions,) + out.shape
