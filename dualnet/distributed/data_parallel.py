@@ -70,19 +70,20 @@ def batch_mean(world, weight):
 
 def combine(world, estimate, weight, flag=0.0):
     """The full-batch (grads, loss, state, flag) from every rank's shard ``estimate`` weighted by
-    ``weight`` = N_r/N: one Allreduce of one buffer (in the gradients' dtype) holding the weighted gradients (in
-    sorted name order), the weighted loss, the weighted BatchNorm running statistics and
-    ``flag`` (summed: any rank's Ctrl-C stops every rank at the same step).  Gradients the rule
-    already made the batch's (``estimate.batch_wide``) are kept as they are.  With one process,
-    the estimate is returned as it is."""
+    ``weight`` = N_r/N: one Allreduce of one buffer (in the gradients' dtype, on their device, so
+    that GPU gradients take the world's GPU transport) holding the weighted gradients (in sorted
+    name order), the weighted loss, the weighted BatchNorm running statistics and ``flag``
+    (summed: any rank's Ctrl-C stops every rank at the same step).  Gradients the rule already
+    made the batch's (``estimate.batch_wide``) are kept as they are.  With one process, the
+    estimate is returned as it is."""
     if world.size == 1:
         return estimate.grads, estimate.loss, estimate.state, flag
     names = sorted(name for name, g in estimate.grads.items() if g is not None and name not in estimate.batch_wide)
     states = sorted(estimate.state or {})
-    parts = [backend.to_numpy(estimate.grads[name]).ravel() for name in names]
-    parts += [backend.to_numpy(a).ravel() for key in states for a in estimate.state[key]]
-    dtype = numpy.result_type(*parts) if parts else numpy.float64  # float32 gradients travel as float32
-    buffer = numpy.concatenate([numpy.asarray(p, dtype) for p in parts] + [numpy.zeros(2, dtype)]) * dtype.type(weight)
+    parts = [estimate.grads[name] for name in names] + [a for key in states for a in estimate.state[key]]
+    xp = backend.namespace(*parts) if parts else numpy
+    dtype = numpy.result_type(*[p.dtype for p in parts]) if parts else numpy.dtype(numpy.float64)  # float32 stays
+    buffer = xp.concatenate([xp.asarray(p, dtype).ravel() for p in parts] + [xp.zeros(2, dtype)]) * dtype.type(weight)
     buffer[-2], buffer[-1] = weight * estimate.loss, flag
     total = world.allreduce(buffer)
     grads, offset = {name: estimate.grads[name] for name in estimate.batch_wide}, 0

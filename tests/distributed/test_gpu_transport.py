@@ -80,3 +80,32 @@ def test_two_gpu_ranks_follow_the_single_gpu_trajectory(tmp_path, transport, rul
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value, rtol=2e-4, atol=2e-6, err_msg=f"{rule} over {transport}: {name}")
     assert os.path.exists(os.path.join(parallel.out, "metrics.jsonl"))
+
+
+def test_gpu_gradients_reach_the_allreduce_on_the_device(fake_cupy):
+    """``combine`` puts a step's gradients, loss and statistics in one buffer on the gradients'
+    device, so that the GPU transport (not the host) carries them (the CuPy stand-in here)."""
+    import cupy
+
+    from dualnet.distributed.data_parallel import combine
+    from dualnet.rules.base import Estimate
+
+    class TwoRanks(distributed.SingleProcess):
+        size, sent = 2, []
+
+        def allreduce(self, array):
+            self.sent.append(array)
+            return array * 2
+
+    grads = {"w": cupy.asarray(np.arange(6.0, dtype=np.float32).reshape(2, 3)),
+             "b": cupy.asarray(np.ones(3, np.float32))}
+    state = {"bn": (cupy.asarray(np.full(3, 4.0, np.float32)),)}
+    world = TwoRanks()
+    combined, loss, new_state, flag = combine(world, Estimate(grads, 1.5, state), 0.5, flag=1.0)
+    assert len(world.sent) == 1 and backend.namespace(world.sent[0]) is cupy
+    assert world.sent[0].dtype == np.float32
+    for name, g in grads.items():
+        assert backend.namespace(combined[name]) is cupy
+        np.testing.assert_array_equal(combined[name].get(), g.get())  # 2 ranks x weight 0.5
+    np.testing.assert_array_equal(new_state["bn"][0].get(), np.full(3, 4.0))
+    assert (loss, flag) == (1.5, 2.0)
