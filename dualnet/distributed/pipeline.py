@@ -15,12 +15,13 @@ FG-W's directions by tensor, the guesses' by block, DFA's matrices by layer).  E
 arithmetic is the one-process arithmetic of its blocks: the pipelined parameters equal the
 single-process ones bit for bit (with the same BLAS threads).
 
-DFA, DKP, FDFA and FG-A (``SIGNAL``) need a small per-example signal from the end of the network
-(the output error e [N, classes], with the logits' tangent [K, N, classes] for FDFA; FG-A's loss
-derivatives d [K, N]): the last stage broadcasts it after its forward pass of batch t, and every
-stage forms and applies its update for batch t before its forward pass of batch t+1 (exact, but
-the stages' forward passes no longer overlap).  FG-A's and FDFA's forward messages also carry the
-output's tangent [K, N, ...].
+Each rule says how a pipeline can train it (``Rule.pipeline``): 'local' (above), 'signal', or not
+at all.  The 'signal' rules (DFA, DKP, FDFA, FG-A) need a small per-example signal from the end of
+the network (the output error e [N, classes], with the logits' tangent [K, N, classes] for FDFA;
+FG-A's loss derivatives d [K, N]): the last stage broadcasts it after its forward pass of batch t,
+and every stage forms and applies its update for batch t before its forward pass of batch t+1
+(exact, but the stages' forward passes no longer overlap).  FG-A's and FDFA's forward messages
+also carry the output's tangent [K, N, ...] (``Rule.pipeline_tangents``).
 
 The stages agree on when to stop: after each step every stage starts a non-blocking Allreduce of
 two flags (Ctrl-C seen, non-finite loss or gradient), and waits for the one of step t before it
@@ -39,18 +40,6 @@ import numpy
 from .. import backend, rules
 from .. import train as runner
 from ..dual import Dual
-
-LOCAL = ("lg-fg-a", "lg-fg-w", "lg-bp", "lg-fa", "guess")
-"""The rules a stage can train on its own blocks alone (local greedy: nothing from later blocks);
-``guess`` with ``target='local'`` only."""
-SIGNAL = ("dfa", "dkp", "fdfa", "fg-a")
-"""Global rules whose blocks need only a small per-example signal from the last stage (DFA's and
-DKP's output error e [N, classes], FDFA's e and logits' tangent [K, N, classes], FG-A's loss
-derivatives d [K, N]): the last stage broadcasts it, and every stage applies its update for batch
-t before its forward pass of t+1."""
-TANGENTS = ("fg-a", "fdfa")
-"""Rules whose forward messages carry the output's tangent [K, N, ...] along with its value."""
-SUPPORTED = LOCAL + SIGNAL
 
 
 def block_costs(model):
@@ -185,7 +174,7 @@ class PipelineRun(runner._Run):
         """Blocks per stage: ``config.stages`` or the balanced split; one-line errors for a model the
         pipeline cannot split."""
         model, processes = self.model, self.world.size
-        if model.num_blocks < 1 or not (model.has_local_heads or self.config.rule in SIGNAL):
+        if model.num_blocks < 1 or not (model.has_local_heads or self.rule.pipeline == "signal"):
             raise ValueError(f"--parallel pipeline needs a model of blocks with local heads; {model.name} has "
                              f"{model.num_blocks} blocks{'' if model.has_local_heads else ' and no local heads'}")
         if self.config.stages:
@@ -212,7 +201,7 @@ class PipelineRun(runner._Run):
         self.clock["idle"] += received - started
         self.model.output = None
         rng = runner._step_rng(config.seed, epoch, step)
-        if self.config.rule in SIGNAL:
+        if self.rule.pipeline == "signal":
             batch = rules.Batch.whole(len(yb))
             forward = self.rule.forward_pass(self.model, self.params, x, yb, rng, self.state, batch)
             self._send_output()
@@ -235,7 +224,7 @@ class PipelineRun(runner._Run):
     def _receive(self):
         """The previous stage's output for this batch (a ``Dual`` with its tangent for FG-A)."""
         value = backend.to_device(self.world.recv(self.stage - 1))
-        if self.config.rule not in TANGENTS:
+        if not self.rule.pipeline_tangents:
             return value
         return Dual._make(value, backend.to_device(self.world.recv(self.stage - 1, tag=1)))
 
@@ -245,7 +234,7 @@ class PipelineRun(runner._Run):
             self._wait_sends()
             self.sending.append(self.world.isend(self.model.output, self.stage + 1))
             self.forward_bytes += self.model.output.nbytes
-            if self.config.rule in TANGENTS:
+            if self.rule.pipeline_tangents:
                 tangent = self.model.output_tangent
                 self.sending.append(self.world.isend(tangent, self.stage + 1, tag=1))
                 self.forward_bytes += tangent.nbytes
@@ -345,7 +334,7 @@ class PipelineRun(runner._Run):
                            stage_busy_s=[stage[1] for stage in stages], stage_idle_s=[stage[2] for stage in stages],
                            steps_wall_s=max(stage[4] for stage in stages) - min(stage[3] for stage in stages),
                            stage_peak_rss_mb=[stage[5] for stage in stages], steps=self._steps)
-            if self.config.rule in SIGNAL:  # the last stage's broadcast of e, and each stage's wait for it
+            if self.rule.pipeline == "signal":  # the last stage's broadcast of e, and each stage's wait for it
                 summary.update(signal_bytes_per_batch=sum(stage[6] for stage in stages) / steps,
                                stage_signal_wait_s=[stage[7] for stage in stages])
         if self.writes:
@@ -355,21 +344,17 @@ class PipelineRun(runner._Run):
 
 
 def check_rule(config):
-    """One-line errors for a rule or option the pipeline cannot train, before anything is built."""
-    if config.rule == "guess" and config.rule_options.get("target", "global") != "local":
-        raise ValueError(f"--parallel pipeline trains guess with target='local' only (each block's own aux "
-                         f"loss); target={config.rule_options.get('target', 'global')!r} needs later blocks")
-    if config.rule in ("dkp", "fdfa") and config.rule_options.get("adam"):
-        raise ValueError(f"--parallel pipeline: {config.rule} with adam=True is not supported (its Adam state is "
-                         f"not gathered across stages); use the default plain steps")
-    if config.rule == "guess" and config.rule_options.get("aux") is not None:
-        raise ValueError("--parallel pipeline trains guess with the model's local heads as aux nets (aux=None); "
-                         "rule-owned aux nets are not gathered across stages")
-    if config.rule not in SUPPORTED:
-        raise ValueError(f"--parallel pipeline trains the local greedy rules ({', '.join(LOCAL)}) and the rules "
-                         f"that need only a small per-example signal from the last stage ({', '.join(SIGNAL)}); "
+    """One-line errors for a rule or option the pipeline cannot train (the rule says: ``Rule.pipeline``,
+    ``Rule.pipeline_refusal``), before anything is built."""
+    rule = rules.create(config.rule, **config.rule_options)
+    refusal = rule.pipeline_refusal()
+    if refusal:
+        raise ValueError(f"--parallel pipeline: {refusal}")
+    if rule.pipeline is None:
+        kinds = {name: rules.create(name).pipeline for name in rules.names()}
+        local, signal = ([name for name, kind in kinds.items() if kind == wanted] for wanted in ("local", "signal"))
+        raise ValueError(f"--parallel pipeline trains the local greedy rules ({', '.join(local)}) and the rules "
+                         f"that need only a small per-example signal from the last stage ({', '.join(signal)}); "
                          f"{config.rule!r} needs a signal from later blocks that the pipeline does not carry")
-    if config.rule_options.get("contrastive"):
-        raise ValueError("--parallel pipeline: contrastive=True (two augmented views per batch) is not supported")
     if config.diagnostics:
         raise ValueError("--parallel pipeline: --diagnostics is not supported (it needs every block at once)")

@@ -96,6 +96,23 @@ class Rule:
     def needs_local_heads(self):
         return self.target != "global"
 
+    pipeline_tangents = False
+    """With ``pipeline == 'signal'``: the stages' forward messages carry the output's tangent too."""
+
+    @property
+    def pipeline(self):
+        """How the block pipeline (``--parallel pipeline``) trains this rule: 'local' (every block from
+        its own local loss, nothing from later blocks), 'signal' (``forward_pass``, ``signal`` and
+        ``updates``: the blocks need only a small per-example signal from the last stage), or None
+        (it needs later blocks)."""
+        return "local" if self.target == "local-greedy" else None
+
+    def pipeline_refusal(self):
+        """One line saying why these options cannot run in the block pipeline, or None."""
+        if self.contrastive:
+            return "contrastive=True (two augmented views per batch) is not supported"
+        return None
+
     def __init__(self, diagnostics=False):
         self.diagnostics = diagnostics
         self.state = {}

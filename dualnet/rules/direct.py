@@ -32,6 +32,8 @@ class DirectFeedback(Rule):
 
     ``adam``: B learns by Adam with rate ``feedback_lr`` on its gradient, else by plain steps."""
 
+    pipeline = "signal"  # every block needs only the output error e [N, classes]
+
     def __init__(self, adam=False, feedback_lr=1e-4, diagnostics=False):
         super().__init__(diagnostics)
         self.adam, self.feedback_lr = adam, feedback_lr
@@ -42,6 +44,12 @@ class DirectFeedback(Rule):
         self.seed, self.state = seed, {}
         if self.adam:
             self._adam = Adam(lr=self.feedback_lr)
+
+    def pipeline_refusal(self):
+        if self.adam:
+            return (f"{self.name} with adam=True is not supported (its Adam state is not gathered across stages); "
+                    f"use the default plain steps")
+        return super().pipeline_refusal()
 
     def state_dict(self):
         """The feedback matrices {'B.…': array}, and the Adam state of their updates under 'adam'."""
@@ -152,6 +160,7 @@ class FDFA(DirectFeedback):
     residual B − mean(d uᵀ) with rate ``feedback_lr`` (``adam=True``).  ``update='before'``: B
     learns from this step's pass before δ_l is formed from it; ``'after'``: δ_l uses the B of the
     previous step and B learns afterwards, as the authors' code does."""
+    pipeline_tangents = True  # the pipeline's forward messages carry the perturbed output's tangent
 
     def __init__(self, alpha=0.1, feedback_lr=1e-4, adam=False, directions=1, update="before", diagnostics=False):
         if not 0 < alpha <= 1:

@@ -175,6 +175,14 @@ def _perturbed_readout_grads(model, trace, k):
 class ActivityPerturbation(Rule):
     """FG-A (``local=False``) and LG-FG-A (``local=True``)."""
 
+    @property
+    def pipeline(self):  # global FG-A: every block needs only the final loss's tangent d [K, N]
+        return "local" if self.local else "signal"
+
+    @property
+    def pipeline_tangents(self):
+        return not self.local
+
     def __init__(self, local=False, directions=1, norm_grad=True, site="pre", contrastive=False, temperature=0.5,
                  memory="store", batch_coupling="total", readout="exact", loss_reduction="mean", noise="gaussian",
                  diagnostics=False):

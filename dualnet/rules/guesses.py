@@ -419,6 +419,19 @@ class GradientGuess(Rule):
     name = "guess"
     needs_local_heads = True  # the model's local heads are the default aux nets (and probes otherwise)
 
+    @property
+    def pipeline(self):  # each block's own aux loss, through the model's local heads
+        return "local" if self.target_loss == "local" and self.aux is None else None
+
+    def pipeline_refusal(self):
+        if self.target_loss != "local":
+            return (f"guess with target='local' only (each block's own aux loss); target={self.target_loss!r} "
+                    f"needs later blocks")
+        if self.aux is not None:
+            return ("guess with the model's local heads as aux nets (aux=None) only; rule-owned aux nets are not "
+                    "gathered across stages")
+        return super().pipeline_refusal()
+
     def __init__(self, guess="local", target="global", space="activity", projection="sample", aux=None,
                  eps=1e-8, aux_width=None, aux_depth=2, aux_lr=0.05, last_block="estimate", weight_unit="block",
                  normalise_random=False, coupled_activity="batch", weight_examples="shared", directions_per_pass=0,

@@ -96,7 +96,7 @@ def _staged_estimate(rule_name, options, model, params, state, x, y, counts, see
     """The rule's estimate for every parameter, computed stage by stage (stage s's input: stage
     s−1's output), with one rule object per stage as on separate processes; for DFA and DKP every
     stage's update waits for the last stage's output error e."""
-    estimates, signal, h, start = [], rule_name in pipeline.SIGNAL, x, 0
+    estimates, signal, h, start = [], rules.create(rule_name, **options).pipeline == "signal", x, 0
     from dualnet.dual import Dual
     for count in counts:
         view = pipeline.StageModel(model, range(start, start + count))
@@ -108,7 +108,7 @@ def _staged_estimate(rule_name, options, model, params, state, x, y, counts, see
         estimates.append((rule, view, mine, rule.forward_pass(*arguments, rules.Batch.whole(len(y))) if signal
                           else rule(*arguments)))
         h, start = view.output, start + count
-        if rule_name in pipeline.TANGENTS:  # FG-A: the tangent of the output travels with it
+        if rule.pipeline_tangents:  # FG-A, FDFA: the tangent of the output travels with it
             h = Dual._make(view.output, view.output_tangent)
     if signal:
         last_rule, _, _, last_forward = estimates[-1]
@@ -276,3 +276,21 @@ def test_ctrl_c_stops_every_stage_at_one_step_and_the_run_resumes_on_one_process
     assert 0 < stopped["epoch"] < single.epochs, stopped
     launch({"rest": dataclasses.replace(cut, parallel=None)}, tmp_path, resume=True, name="rest")
     assert_same_run(cut.out, single.out, "interrupted on 3 stages, finished on one process")
+
+
+def test_each_rule_declares_how_the_pipeline_trains_it():
+    """``Rule.pipeline``: 'local' for the local greedy rules (and guess with its local target), 'signal'
+    for those that need only the last stage's per-example signal, None for the rest; only FG-A's and
+    FDFA's forward messages carry tangents."""
+    kinds = {name: rules.create(name).pipeline for name in rules.names()}
+    assert {name for name, kind in kinds.items() if kind == "local"} == {"lg-fg-a", "lg-fg-w", "lg-bp", "lg-fa"}
+    assert {name for name, kind in kinds.items() if kind == "signal"} == {"dfa", "dkp", "fdfa", "fg-a"}
+    assert {name for name in rules.names() if rules.create(name).pipeline_tangents} == {"fg-a", "fdfa"}
+    assert rules.create("guess", target="local").pipeline == "local"
+    assert rules.create("guess", target="local", aux="linear").pipeline is None
+    refusals = {("guess", ()): "target='local' only", ("guess", (("target", "local"), ("aux", "linear"))): "aux=None",
+                ("dkp", (("adam", True),)): "dkp with adam=True", ("fdfa", (("adam", True),)): "fdfa with adam=True",
+                ("lg-fg-a", (("contrastive", True),)): "contrastive=True", ("lg-fg-a", ()): None}
+    for (name, options), fragment in refusals.items():
+        refusal = rules.create(name, **dict(options)).pipeline_refusal()
+        assert (refusal is None) if fragment is None else (fragment in refusal), (name, options, refusal)
