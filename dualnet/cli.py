@@ -20,12 +20,24 @@ import sys
 
 from . import backend, data, distributed, models, optim, rules
 from .nn.localmixer import CONFIGS
-from .train import SCHEDULES, Config, Interrupted, RunError, default_out, epoch_line, read_config, train
+from .train import (
+    RESUMABLE_FIELDS,
+    SCHEDULES,
+    Config,
+    Interrupted,
+    RunError,
+    default_out,
+    epoch_line,
+    read_config,
+    train,
+)
 
 MODEL_FLAGS = {"config": str, "hidden": int, "layers": int, "blocks": int, "patches": int, "channels": int,
                "groups": int, "aux": str}
-RESUME_FLAGS = {"resume", "epochs", "lr", "device", "parallel", "stages", "blas_threads", "max_steps", "progress"}
+RESUME_FLAGS = set(RESUMABLE_FIELDS) | {"resume", "max_steps", "progress"}
 """What ``train --resume`` accepts; any other flag given with it is refused by name."""
+APPLIED_ON_RESUME = ", ".join(f"--{name.replace('_', '-')}" for name in RESUMABLE_FIELDS) + " and --max-steps"
+"""The flags that change a resumed run, as the help and the errors name them."""
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -232,8 +244,7 @@ def build_parser():
     p.add_argument("--rule", default="bp", help=f"one of: {', '.join(rules.names())}")
     p.add_argument("--out", help="run directory (default: a fresh runs/<model>-<rule>-<time>)")
     p.add_argument("--resume", metavar="DIR",
-                   help="continue the run in DIR itself; only --epochs, --lr, --device, --parallel, --stages, "
-                        "--blas-threads and --max-steps apply")
+                   help=f"continue the run in DIR itself; only {APPLIED_ON_RESUME} apply")
     p.set_defaults(func=cmd_train)
     p = commands.add_parser("compare", help="train several rules with the same data and seed",
                             formatter_class=_Help)
@@ -313,12 +324,11 @@ def cmd_train(args, given):
         refused = sorted(set(given) - RESUME_FLAGS)
         if refused:
             flag = "--" + refused[0].replace("_", "-")
-            raise ValueError(f"{flag} cannot be given with --resume (the run keeps its own; only --epochs, "
-                             f"--lr, --device, --parallel, --stages, --blas-threads and --max-steps apply); "
-                             f"start a new run with --out to change it")
+            raise ValueError(f"{flag} cannot be given with --resume (the run keeps its own; only {APPLIED_ON_RESUME} "
+                             f"apply); start a new run with --out to change it")
         stored = read_config(args.resume)
-        config = Config(**{**stored.__dict__, **{k: getattr(args, k) for k in ("epochs", "lr", "device", "parallel",
-                                                                               "blas_threads") if k in given}})
+        config = Config(**{**stored.__dict__, **{k: getattr(args, k) for k in RESUMABLE_FIELDS
+                                                  if k in given and k != "stages"}})
         if "parallel" in given or "stages" in given:  # a new layout: the stored partition does not carry over
             config.stages = getattr(args, "stages", None)
         _warn_if_oversubscribed(config)
