@@ -104,5 +104,5 @@ def combine(world, estimate, weight, flag=0.0):
 def checksum(params):
     """A float64 sum of every parameter's values and of their squares: equal on every rank while
     the ranks apply the same updates."""
-    return sum(float((backend.to_numpy(p).astype(numpy.float64) ** 2).sum() + backend.to_numpy(p).sum())
-               for _, p in sorted(params.items()))
+    hosts = (backend.to_numpy(p) for _, p in sorted(params.items()))  # one device-to-host copy each
+    return sum(float((h.astype(numpy.float64) ** 2).sum() + h.sum()) for h in hosts)
