@@ -9,6 +9,7 @@ array the backend is asked to create, so that ``import dualnet`` itself never fa
 """
 import contextlib
 import os
+import sys
 
 import numpy
 
@@ -44,7 +45,7 @@ def keep_freed_memory():
     import ctypes
     import ctypes.util
     name = ctypes.util.find_library("c")
-    if not name or not hasattr(os, "sched_getaffinity"):  # glibc is Linux-only
+    if not name or not sys.platform.startswith("linux"):  # glibc's mallopt; elsewhere nothing to set
         return False
     try:
         mallopt = ctypes.CDLL(name).mallopt
