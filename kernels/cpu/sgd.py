@@ -3,19 +3,19 @@
 NumPy makes two to four passes over the parameters for one update, each with a temporary
 (``p -= lr * g``; with momentum ``b *= m; b += g`` first).  Here each element is read once and
 written once, with the same operations in the same order as ``dualnet.optim.reference_sgd_update``
-(no fused multiply-add), so the results are bit-identical.
+(no fused multiply-add), so the results are bit-identical.  One thread: the update is bound by
+memory, is called for every tensor at every step, and a parallel region there started the OpenMP
+runtime in processes (MPI ranks) that otherwise never use it.
 """
 import numba
 import numpy as np
 
 from dualnet.optim import reference_sgd_update
 
-from . import threads_for
 
-
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True)
 def _update(param, grad, buffer, lr, momentum, weight_decay, has_buffer, nesterov):
-    for i in numba.prange(param.shape[0]):
+    for i in range(param.shape[0]):
         g = grad[i]
         if weight_decay != 0:
             g = g + weight_decay * param[i]
@@ -34,10 +34,8 @@ def sgd_update(param, grad, buffer, lr, momentum, weight_decay, nesterov):
         return reference_sgd_update(param, grad, buffer, lr, momentum, weight_decay, nesterov)
     kind = param.dtype.type
     flat = param.reshape(-1)
-    with threads_for(flat.size):
-        _update(flat, np.ascontiguousarray(grad, param.dtype).reshape(-1),
-                flat if buffer is None else buffer.reshape(-1), kind(lr), kind(momentum), kind(weight_decay),
-                buffer is not None, bool(nesterov))
+    _update(flat, np.ascontiguousarray(grad, param.dtype).reshape(-1), flat if buffer is None else buffer.reshape(-1),
+            kind(lr), kind(momentum), kind(weight_decay), buffer is not None, bool(nesterov))
 
 
 def warm_up(dtype):

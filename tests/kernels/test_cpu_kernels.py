@@ -216,12 +216,8 @@ def test_the_registry_lists_every_kernel_module():
 @pytest.mark.parametrize("shape", [(7,), (3, 5), (0, 4), (33, 65)])
 @pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True)])
 @pytest.mark.parametrize("weight_decay", [0.0, 5e-4])
-@pytest.mark.parametrize("all_threads", [False, True])
-def test_sgd_update_is_bit_identical_to_the_reference(rng, monkeypatch, dtype, shape, momentum, nesterov,
-                                                      weight_decay, all_threads):
+def test_sgd_update_is_bit_identical_to_the_reference(rng, dtype, shape, momentum, nesterov, weight_decay):
     from dualnet.optim import reference_sgd_update
-    if all_threads:
-        monkeypatch.setattr(cpu, "PARALLEL_MIN_ELEMENTS", 0)
     sgd = cpu.load("sgd")
     param, buffer = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
     grad = strided(rng, shape, dtype) if shape[-1] else rng.standard_normal(shape).astype(dtype)
