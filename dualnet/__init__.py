@@ -37,6 +37,7 @@ from . import backend  # noqa: E402
 
 if _os.environ.get("DUALNET_MALLOC", "keep") != "default":
     backend.keep_freed_memory()
+backend.let_idle_threads_sleep()
 
 from .autodiff import (checkpoint, custom_jvp, custom_vjp, grad, jvp, linearize, tree_flatten,  # noqa: E402
                        tree_map, value_and_grad, vjp)
