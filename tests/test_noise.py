@@ -149,6 +149,24 @@ def test_kernel_matches_reference_on_many_slow_draws(dtype):
     assert_matches_reference(kernel().normal_flat(k, 0, 1 << 20, dtype), expected)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_parallel_draw_does_not_depend_on_the_thread_count(dtype):
+    # from PARALLEL_MIN_ELEMENTS numbers the kernel cuts the draw into one run per thread; an odd
+    # offset and a size that is no multiple of the block move every run's boundary inside a word
+    import numba
+
+    from dualnet.kernels.cpu import PARALLEL_MIN_ELEMENTS
+    k, offset, size = noise.key(4, 2), 3, PARALLEL_MIN_ELEMENTS + 2 * 2048 + 5
+    expected = noise.reference_normal_flat(k, offset, size, dtype)
+    previous = numba.get_num_threads()
+    try:
+        for threads in sorted({1, previous}):
+            numba.set_num_threads(threads)
+            assert_matches_reference(kernel().normal_flat(k, offset, size, dtype), expected)
+    finally:
+        numba.set_num_threads(previous)
+
+
 @given(st.lists(st.integers(0, 6), min_size=0, max_size=3), st.integers(0, 5000), st.sampled_from(DTYPES),
        st.booleans())
 def test_a_draw_at_an_offset_is_a_slice_of_a_larger_draw(shape, offset, dtype, reference):

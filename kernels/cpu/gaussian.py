@@ -9,8 +9,10 @@ Work goes in blocks of ``BLOCK`` numbers that stay in L1: one loop hashes the bl
 into 64-bit words (SplitMix64's finaliser; LLVM vectorises it with 64-bit multiplies), a second
 loop turns each word (float64) or 32-bit half-word (float32) into ±m·W[i] and lists the ≈1.5%
 draws outside their layer's rectangle, and those few finish on the scalar wedge/tail path, which
-reads only their own position's rejection sub-streams.  One thread: the draw runs inside a
-training step whose other core is busy with BLAS.
+reads only their own position's rejection sub-streams.  A draw of at least
+``PARALLEL_MIN_ELEMENTS`` numbers is cut into runs of whole blocks, one per thread (each run is
+the same function of its positions, so the numbers do not depend on the thread count); smaller
+draws run on the calling thread.
 
 The constants of ``dualnet.noise`` (γ, the mixers, r) are compiled into Numba's cached machine
 code, whose cache tracks this file only: they are fixed by design (the stream is pinned by
@@ -24,6 +26,8 @@ import numpy as np
 from numba import float32, float64, int64, uint64
 
 from dualnet import noise
+
+from . import PARALLEL_MIN_ELEMENTS
 
 if sys.byteorder != "little":  # the float32 path reads a word's 32-bit halves through a view
     raise ImportError("kernels.cpu.gaussian assumes a little-endian CPU")
@@ -169,6 +173,29 @@ def _fill64(k, offset, out, width, limit, density):
                                      density, width, limit)
 
 
+@numba.njit(inline="always")
+def _run(n, run, runs):
+    """[start, stop) of run ``run`` of ``runs``: whole blocks, the last run takes the rest."""
+    per_run = ((n + BLOCK - 1) // BLOCK + runs - 1) // runs * BLOCK
+    return min(n, run * per_run), min(n, (run + 1) * per_run)
+
+
+@numba.njit(parallel=True, cache=True)
+def _fill32_runs(runs, k, offset, out, width, limit, width23, density, width52, limit52):
+    """``_fill32`` over ``runs`` runs of whole blocks in parallel."""
+    for run in numba.prange(runs):
+        start, stop = _run(out.shape[0], run, runs)
+        _fill32(k, offset + start, out[start:stop], width, limit, width23, density, width52, limit52)
+
+
+@numba.njit(parallel=True, cache=True)
+def _fill64_runs(runs, k, offset, out, width, limit, density):
+    """``_fill64`` over ``runs`` runs of whole blocks in parallel."""
+    for run in numba.prange(runs):
+        start, stop = _run(out.shape[0], run, runs)
+        _fill64(k, offset + start, out[start:stop], width, limit, density)
+
+
 def normal_flat(k, offset, size, dtype, out=None):
     """Numbers ``offset, ..., offset + size − 1`` of key k's N(0, 1) stream: a 1-D array [size] of
     dtype (``out``, a contiguous 1-D array of that size and dtype, when given).
@@ -182,13 +209,18 @@ def normal_flat(k, offset, size, dtype, out=None):
     elif out.shape != (size,) or out.dtype != dtype or not out.flags.c_contiguous:
         raise ValueError(f"normal_flat: out must be a contiguous [{size}] {dtype} array")
     k = np.uint64(noise.stream_key(noise.as_key(k), dtype))
-    if dtype == np.float32:
-        _fill32(k, np.int64(offset), out, _W32, _K32, noise.WIDTH23, noise.DENSITY, _W64, _K64)
+    tables = (_W32, _K32, noise.WIDTH23, noise.DENSITY, _W64, _K64) if dtype == np.float32 else (_W64, _K64,
+                                                                                                 noise.DENSITY)
+    if size >= PARALLEL_MIN_ELEMENTS:  # one run per thread
+        runs = _fill32_runs if dtype == np.float32 else _fill64_runs
+        runs(numba.get_num_threads(), k, np.int64(offset), out, *tables)
     else:
-        _fill64(k, np.int64(offset), out, _W64, _K64, noise.DENSITY)
+        fill = _fill32 if dtype == np.float32 else _fill64
+        fill(k, np.int64(offset), out, *tables)
     return out
 
 
 def warm_up(dtype):
     """Compile (or load from Numba's cache) the kernels for ``dtype``, the slow path included."""
     normal_flat(noise.key(0), 1, 3 * BLOCK + 1, dtype)
+    normal_flat(noise.key(0), 1, PARALLEL_MIN_ELEMENTS, dtype)  # the parallel runs
