@@ -8,6 +8,10 @@ The engine in three names: ``Dual`` (value + tangent), the primitive table
 """
 import os as _os
 
+from . import idle_threads as _idle_threads
+
+_idle_threads.let_idle_threads_sleep()  # before NumPy loads OpenBLAS
+
 
 def _bind_kernels():
     """Make ``dualnet.kernels`` the ``kernels/`` directory of the checkout this package came from.
@@ -37,7 +41,6 @@ from . import backend  # noqa: E402
 
 if _os.environ.get("DUALNET_MALLOC", "keep") != "default":
     backend.keep_freed_memory()
-backend.let_idle_threads_sleep()
 
 from .autodiff import (checkpoint, custom_jvp, custom_vjp, grad, jvp, linearize, tree_flatten,  # noqa: E402
                        tree_map, value_and_grad, vjp)

@@ -54,26 +54,6 @@ def keep_freed_memory():
     return all([bool(mallopt(number, value)) for number, value in MALLOC_SETTINGS.values()])
 
 
-OPENMP_WAIT = ("OMP_WAIT_POLICY", "PASSIVE")
-"""The OpenMP wait policy ``import dualnet`` sets unless the environment names one."""
-
-
-def let_idle_threads_sleep():
-    """Make the CPU kernels' OpenMP workers sleep as soon as a parallel region ends.
-
-    The Numba kernels run their large calls as OpenMP parallel regions, between BLAS calls that
-    want every core.  Under GNU OpenMP's default policy each worker spins for ~9 ms after a region
-    (measured: 8.6 ms of CPU time in a 20 ms pause after a region on a 2-core machine), so the next
-    GEMM shares a core with a spinning thread.  With ``OMP_WAIT_POLICY=PASSIVE`` they sleep at once:
-    a LocalMixer M/8/16 step went from ~460 to ~300 ms for BP and from ~500 to ~410 ms for FG-A
-    (2 threads, benchmarks/README.md).  Sets the variable only where the environment does not
-    (``OMP_WAIT_POLICY=ACTIVE`` keeps OpenMP's spinning), and only an OpenMP runtime started after
-    it reads it: ``import dualnet`` calls this before any kernel runs.  Returns the policy in force.
-    """
-    name, value = OPENMP_WAIT
-    return os.environ.setdefault(name, value)
-
-
 def _cupy():
     try:
         import cupy
