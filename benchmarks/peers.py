@@ -54,10 +54,9 @@ def _data(np):
 
 
 def worker_dualnet(repeats):
-    # isort: off
-    from dualnet import models, optim, rules  # before NumPy: dualnet's thread settings reach OpenBLAS
     import numpy as np
-    # isort: on
+
+    from dualnet import models, optim, rules
     x, y = _data(np)
     x = x.reshape(BATCH, 1, 28, 28)
     out = {}

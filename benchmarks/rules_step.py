@@ -12,10 +12,7 @@ import json
 import statistics
 import time
 
-# isort: off
-import dualnet  # noqa: F401  (before NumPy: its thread settings reach OpenBLAS, dualnet/idle_threads.py)
 import numpy as np
-# isort: on
 
 from dualnet import models, optim, rules
 from dualnet.nn.localmixer import CONFIGS

@@ -10,7 +10,7 @@ import os as _os
 
 from . import idle_threads as _idle_threads
 
-_idle_threads.let_idle_threads_sleep()  # before NumPy loads OpenBLAS
+_idle_threads.let_idle_threads_sleep()  # before any kernel starts OpenMP
 
 
 def _bind_kernels():

@@ -1,27 +1,27 @@
-"""Worker threads that sleep when idle: the thread settings ``import dualnet`` makes.
+"""Worker threads that sleep when idle: the thread setting ``import dualnet`` makes.
 
 A training step alternates BLAS matrix products, which want every core, with the CPU kernels'
-parallel loops (Numba on OpenMP), which want every core too.  By default both runtimes keep their
-workers spinning after a call, in case another follows at once: GNU OpenMP for ~9 ms after each
-parallel loop, OpenBLAS for 2^28 cycles (~0.1 s) after each product.  The spinning worker of one
-runtime then shares a core with the working threads of the other, and whichever finishes last
-sets the pace.  Measured on a 2-core machine, in CPU time spent during a 20 ms pause: 8.6 ms after
-an OpenMP loop, 20 ms after a GEMM; with the settings below, under 0.1 ms after either.
+parallel loops (Numba on OpenMP), which want every core too.  By default GNU OpenMP keeps its
+workers spinning for ~9 ms after each parallel loop, in case another follows at once, and the
+next matrix product then shares a core with a spinning thread.  Measured on a 2-core machine, in
+CPU time spent during a 20 ms pause right after a parallel kernel: 8.6 ms by default, under
+0.1 ms with ``OMP_WAIT_POLICY=PASSIVE``; a LocalMixer M/8/16 step (batch 128, 2 threads) went
+from ~460 to ~300 ms for BP and from ~500 to ~410 ms for FG-A (benchmarks/README.md).
 
 ``IDLE_THREAD_SETTINGS`` are environment defaults: a variable the environment already sets is
-kept (``OMP_WAIT_POLICY=ACTIVE``, ``OPENBLAS_THREAD_TIMEOUT=28`` restore the runtimes'
-spinning).  Each runtime reads its variable when it starts, so the settings apply to the runtimes
-started after ``import dualnet``: OpenMP starts with the first parallel kernel; OpenBLAS starts
-when NumPy is imported, so its setting applies when ``dualnet`` is imported before NumPy (as in
-``python -m dualnet``), and has no effect otherwise.  Effect (LocalMixer M/8/16 step, batch 128,
-2 threads, benchmarks/README.md): BP ~460 → ~300 ms and FG-A ~500 → ~410 ms from the OpenMP
-setting, then ~10% off every rule from the OpenBLAS one.
+kept (``OMP_WAIT_POLICY=ACTIVE`` restores the spinning).  OpenMP reads it when it starts, with
+the first parallel kernel, after ``import dualnet``.
+
+OpenBLAS's workers spin too, for 2^28 cycles (~0.1 s) after each product.
+``OPENBLAS_THREAD_TIMEOUT=14`` (set before NumPy is imported) makes them sleep after ~5 µs: on
+LocalMixer M/8/16 every rule's step was ~10% shorter, but on the small M/1/16 and its 0.1 ms
+products the wake-ups made LG-FG-A's step up to 20% longer.  Being a trade-off that depends on
+the model, and only settable before NumPy loads, it is left to the user (benchmarks/README.md).
 """
 import os
 
 IDLE_THREAD_SETTINGS = {
-    "OMP_WAIT_POLICY": "PASSIVE",      # OpenMP workers sleep as soon as a parallel loop ends
-    "OPENBLAS_THREAD_TIMEOUT": "14",   # OpenBLAS workers spin 2^14 cycles (~5 µs), not 2^28, then sleep
+    "OMP_WAIT_POLICY": "PASSIVE",  # OpenMP workers sleep as soon as a parallel loop ends
 }
 
 
