@@ -1,6 +1,7 @@
 """Every rule's estimate on a fixed seed, for an MLP, a LocalMixer and a ResNet-18, is pinned
-bit for bit (``pin.py`` says how the cases are built and how to re-pin them).  A refactoring that
-claims not to change behaviour must leave every case identical."""
+bit for bit under each BLAS kernel set that pinned it (``pin.py`` says how the cases are built
+and how to re-pin them).  A refactoring that claims not to change behaviour must leave every case
+identical; under a kernel set without pins, every tensor's norm must hold."""
 import json
 
 import numpy as np
@@ -30,9 +31,14 @@ def test_estimate_is_unchanged(name, model, rule, options):
     if "refused" in expected or "refused" in got:
         assert got == expected
         return
-    if got["sha256"] != expected["sha256"]:
-        names = sorted(pin.estimates(model, rule, options))
-        moved = [f"{n}: norm {b:.9g} (pinned {a:.9g})" for n, a, b in zip(names, expected["norms"], got["norms"])
-                 if not np.isclose(a, b, rtol=1e-8, atol=0)]
+    names = sorted(pin.estimates(model, rule, options))
+    floor = 1e-10 * max(expected["norms"], default=0.0)  # round-off on a tensor that is zero in exact arithmetic
+    moved = [f"{n}: norm {b:.9g} (pinned {a:.9g})" for n, a, b in zip(names, expected["norms"], got["norms"])
+             if not np.isclose(a, b, rtol=1e-8, atol=floor)]
+    kernels = pin.blas_kernels()
+    if kernels not in expected["sha256"]:  # pinned under other BLAS kernels only: the norms must hold
+        assert len(got["norms"]) == len(expected["norms"]) and not moved, \
+            f"{name}: the estimate changed (no pin for {kernels}); tensors whose norm moved: {moved}"
+    elif got["sha256"] != expected["sha256"][kernels]:
         pytest.fail(f"{name}: the estimate changed ({len(expected['norms'])} pinned tensors, {len(got['norms'])} now); "
                     f"tensors whose norm moved: {moved or 'none beyond round-off'}")
