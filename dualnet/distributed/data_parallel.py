@@ -10,7 +10,7 @@ BatchNorm normalises with the whole batch's statistics, summed over the ranks by
 import numpy
 
 from .. import backend
-from ..nn.layers import batch_statistics_over_ranks
+from ..nn.layers import RankStatistics
 from ..primitives import Primitive
 from ..rules.base import Batch
 
@@ -39,11 +39,9 @@ def estimate_on_shard(world, rule, model, params, x, labels, rng, state, views=N
     if views is not None:
         x = backend.namespace(x).concatenate([views[0][rows], views[1][rows]], axis=0)
     batch = Batch(rows.start, rows.stop, total, mean=batch_mean(world, weight))
-    if world.size == 1:
-        estimate = rule(model, params, x, labels, rng, state, batch)
-    else:
-        with batch_statistics_over_ranks(rank_sum(world, weight), round(weight * total), total):
-            estimate = rule(model, params, x, labels, rng, state, batch)
+    if world.size > 1:
+        model = model.sharded(RankStatistics(rank_sum(world, weight), round(weight * total), total))
+    estimate = rule(model, params, x, labels, rng, state, batch)
     return (estimate,) + combine(world, estimate, weight, flag)
 
 

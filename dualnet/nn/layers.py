@@ -4,8 +4,9 @@ Every function here is composed from primitives (so forward mode, K directions a
 mode come for free) except the fused ops it calls (``grouped_linear``, ``layer_norm``,
 ``grouped_linear_layer_norm``).
 """
-import contextlib
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 from .. import autodiff, backend, fused
 from .. import primitives as P
@@ -124,52 +125,44 @@ def normalized(fn, x, weights, feedback=None):
     return fused.layer_norm(linear_map(fn, x, weights, feedback), return_sigma=True)
 
 
-class _ShardStatistics:
-    """While a data-parallel estimate runs: ``rank_sum`` (a primitive summing an array over the
-    ranks, differentiable both ways) and the shard's place in the batch, so that a BatchNorm
-    normalises with the statistics of the whole batch."""
-    active = None
+class RankStatistics(NamedTuple):
+    """How a data-parallel shard's BatchNorm finds the whole batch's statistics: ``rank_sum`` (a
+    primitive summing an array over the ranks, differentiable both ways) and the shard's place in
+    the batch, ``examples`` of its ``total`` examples (0: a rank that computes on a stand-in row
+    and contributes nothing).  Made by ``distributed.estimate_on_shard``; reaches a BatchNorm
+    through ``Model.sharded`` and the pass's ``Context``."""
+    rank_sum: Callable
+    examples: int
+    total: int
 
 
-@contextlib.contextmanager
-def batch_statistics_over_ranks(rank_sum, examples, total):
-    """Within the block, BatchNorm statistics are the whole batch's: ``rank_sum`` sums over the
-    ranks, this rank holds ``examples`` of the batch's ``total`` examples (0: a rank that computes
-    on a stand-in row and contributes nothing).  Used by ``distributed.estimate_on_shard``."""
-    previous, _ShardStatistics.active = _ShardStatistics.active, (rank_sum, examples, total)
-    try:
-        yield
-    finally:
-        _ShardStatistics.active = previous
-
-
-def _batch_moments(x, axes):
-    """(mean, x − mean, biased variance, count) over ``axes``: of this batch or, during a
-    data-parallel estimate, of the whole batch across the ranks."""
+def _batch_moments(x, axes, over_ranks=None):
+    """(mean, x − mean, biased variance, count) over ``axes``: of this batch or, given
+    ``over_ranks`` (a ``RankStatistics``), of the whole batch across the ranks."""
     count = value_of(x).size // value_of(x).shape[1]
-    if _ShardStatistics.active is None:
+    if over_ranks is None:
         mean = P.mean(x, axis=axes, keepdims=True)
         centred = x - mean
         return mean, centred, P.mean(centred * centred, axis=axes, keepdims=True), count
-    rank_sum, examples, total = _ShardStatistics.active
+    rank_sum, examples, total = over_ranks
     count = count // max(examples, 1) * total  # per example (× views for contrastive), × the batch
     mean = rank_sum(P.sum(x, axis=axes, keepdims=True)) / count
     centred = x - mean
     return mean, centred, rank_sum(P.sum(centred * centred, axis=axes, keepdims=True)) / count, count
 
 
-def batch_norm(x, gamma, beta, running, train, momentum=0.1, eps=1e-5):
+def batch_norm(x, gamma, beta, running, train, momentum=0.1, eps=1e-5, over_ranks=None):
     """BatchNorm over every axis but the channel axis 1: x [N, C, ...] (or [N, C]).
 
     Training: batch statistics (biased variance to normalise; tangents and cotangents flow
     through the statistics) and returns the updated running averages (unbiased variance, as
-    PyTorch).  Evaluation: the running averages.  Returns ``(y, new_running)``.  During a
-    data-parallel estimate the statistics are the whole batch's (``batch_statistics_over_ranks``).
+    PyTorch).  Evaluation: the running averages.  Returns ``(y, new_running)``.  ``over_ranks`` (a
+    ``RankStatistics``, during a data-parallel estimate): the statistics are the whole batch's.
     """
     axes = (0,) + tuple(range(2, value_of(x).ndim))
     shape = (1, -1) + (1,) * (value_of(x).ndim - 2)
     if train:
-        mean, centred, var, count = _batch_moments(x, axes)
+        mean, centred, var, count = _batch_moments(x, axes, over_ranks)
         batch_mean = value_of(mean).reshape(-1)
         batch_var = value_of(var).reshape(-1) * (count / max(count - 1, 1))
         new_running = (running[0] * (1 - momentum) + momentum * batch_mean,

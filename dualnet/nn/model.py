@@ -12,6 +12,7 @@ the runner and the partitioners of scale-out (``model.blocks()``, ``model.parame
 Names are labels (checkpoint keys, the plan's feedback keys); nothing outside a model reads
 structure from them.  See docs/architecture.md.
 """
+import copy
 from dataclasses import dataclass, field
 
 import numpy
@@ -123,6 +124,7 @@ class Model:
     num_blocks = 0
     has_local_heads = False
     use_batch_norm = False  # a BatchNorm in every block (see ``couples_examples_after``)
+    over_ranks = None  # a layers.RankStatistics in a data-parallel shard's copy (see ``sharded``)
 
     def __init__(self):
         self.specs = {}
@@ -198,6 +200,19 @@ class Model:
         return counts
 
     # --- one pass ----------------------------------------------------------------------
+    def sharded(self, over_ranks):
+        """This model as one data-parallel shard sees it: a shallow copy whose BatchNorms normalise
+        with the whole batch's statistics, summed over the ranks as ``over_ranks`` (a
+        ``layers.RankStatistics``) says.  The model itself is left as it is."""
+        shard = copy.copy(self)
+        shard.over_ranks = over_ranks
+        return shard
+
+    def context(self, plan, state=None):
+        """A fresh ``Context`` for one pass (or part of one) under ``plan``, reading the running
+        statistics ``state`` (default: fresh ones)."""
+        return Context(plan, state if state is not None else self.init_state(), self.over_ranks)
+
     def forward(self, params, x, labels=None, plan=None, state=None, blocks=None):
         """Run the whole model once under ``plan``; returns a ``Trace``.
 
@@ -210,7 +225,7 @@ class Model:
         (``x`` may be a ``Dual`` carrying the tangent of the previous stages).
         """
         plan = plan or Plan()
-        ctx = Context(plan, state if state is not None else self.init_state())
+        ctx = self.context(plan, state)
         blocks = range(self.num_blocks) if blocks is None else blocks
         h = self.embed(x) if blocks.start == 0 else x
         outputs, output_tangents, local = [None] * blocks.start, [None] * blocks.start, [None] * blocks.start

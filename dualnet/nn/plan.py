@@ -141,11 +141,14 @@ def _in_place(old, u):
 
 
 class Context:
-    """Collects the points of one forward pass and applies the plan's injections."""
+    """Collects the points of one forward pass and applies the plan's injections.  ``state``: the
+    BatchNorm running statistics the pass reads (updates go to ``new_state``); ``over_ranks``: a
+    ``layers.RankStatistics`` when the pass is a data-parallel shard's (its BatchNorms then use the
+    whole batch's statistics), else None."""
 
-    def __init__(self, plan, state=None):
+    def __init__(self, plan, state=None, over_ranks=None):
         self.plan, self.points, self.state = plan, [], {} if state is None else state
-        self.new_state = {}
+        self.new_state, self.over_ranks = {}, over_ranks
 
     def inject(self, block, name, kind, value, fresh=False):
         """Add the plan's tangent for this site to ``value``'s tangent; returns (value, tangent).

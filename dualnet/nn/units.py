@@ -19,19 +19,21 @@ def identity(a):
 
 
 class Running:
-    """BatchNorm running statistics for one pass: reads ``state``, writes updates to ``new_state``."""
+    """BatchNorm running statistics for one pass: reads ``state``, writes updates to ``new_state``;
+    ``over_ranks``: the pass's ``RankStatistics`` (a data-parallel shard's) or None."""
 
-    def __init__(self, state, new_state, train):
-        self.state, self.new_state, self.train = state, new_state, train
+    def __init__(self, state, new_state, train, over_ranks=None):
+        self.state, self.new_state, self.train, self.over_ranks = state, new_state, train, over_ranks
 
     @classmethod
     def of(cls, ctx):
-        return cls(ctx.state, ctx.new_state, ctx.plan.train)
+        return cls(ctx.state, ctx.new_state, ctx.plan.train, ctx.over_ranks)
 
     def normalizer(self, key):
         """``normalize(z, gamma, beta)``: BatchNorm with the statistics ``state[key]``."""
         def normalize(z, gamma, beta):
-            y, self.new_state[key] = batch_norm(z, gamma, beta, self.state[key], self.train)
+            y, self.new_state[key] = batch_norm(z, gamma, beta, self.state[key], self.train,
+                                                over_ranks=self.over_ranks)
             return y
         return normalize
 

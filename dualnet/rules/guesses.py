@@ -99,7 +99,7 @@ from ..nn.aux_heads import POOL  # images are pooled to POOL × POOL before an a
 from ..nn.conv import adaptive_avg_pool2d, conv2d, flatten
 from ..nn.layers import layer_norm, linear, norm_example_pullback, norm_example_tangent
 from ..nn.model import ParamSpec
-from ..nn.plan import Context, Plan, Site, add_tangent
+from ..nn.plan import Plan, Site, add_tangent
 from .base import Estimate, Rule, mean_value
 from .forward import _batch_means, _gaussian, _head_grads, _tangent, example_noise, signs
 
@@ -279,7 +279,7 @@ def _block_pullback(model, k, params, names, block_input, state):
 
     def run(*weights):
         return model.block(k, {**params, **dict(zip(names, weights))}, block_input,
-                           Context(Plan(record_points=False), running))
+                           model.context(Plan(record_points=False), running))
     _, pullback = autodiff.vjp(run, *[params[name] for name in names])
     return lambda cotangent: dict(zip(names, pullback(cotangent)))
 
@@ -308,7 +308,7 @@ def _block_example_pullback(model, k, params, block_input, state):
             layers[-1][3] = value_of(y)
             return y
         return fn, normalize if layer.normalize is not None else None
-    model.block(k, params, block_input, Context(Plan(record_points=False, layer_hook=record), running))
+    model.block(k, params, block_input, model.context(Plan(record_points=False, layer_hook=record), running))
 
     def probed(*probes):
         added = iter(probes)
@@ -318,7 +318,7 @@ def _block_example_pullback(model, k, params, block_input, state):
                 return layer.normalize(z, *weights) + next(added)
             return (lambda x, *weights: layer.fn(x, *weights) + next(added),
                     normalize if layer.normalize is not None else None)
-        return model.block(k, params, block_input, Context(Plan(record_points=False, layer_hook=hook), running))
+        return model.block(k, params, block_input, model.context(Plan(record_points=False, layer_hook=hook), running))
     xp = backend.namespace(block_input)
     zeros = [xp.zeros_like(a) for *_, z, y in layers for a in (z, y) if a is not None]
     _, pullback = autodiff.vjp(probed, *zeros)
@@ -365,7 +365,7 @@ def _last_block_exact(model, params, trace, block_input, labels, state, names):
     running = state if state is not None else model.init_state()
 
     def readout_loss(h):
-        ctx = Context(Plan(record_points=False), running)
+        ctx = model.context(Plan(record_points=False), running)
         logits = model.readout(params, model.pooled_features(h), ctx)
         return P.mean(losses.cross_entropy(logits, labels, reduction="none"))
     _, pullback = autodiff.vjp(readout_loss, output)

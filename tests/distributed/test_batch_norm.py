@@ -6,9 +6,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from dualnet import distributed
+from dualnet import distributed, models
 from dualnet import primitives as P
-from dualnet.nn.layers import batch_norm, batch_statistics_over_ranks
+from dualnet.nn.layers import RankStatistics, batch_norm
 from dualnet.train import Config, train
 
 from .test_data_parallel import base, needs_mpi, params_of, run_mpi
@@ -56,9 +56,29 @@ def test_synchronised_statistics_are_the_whole_batch_s(rng):
     others = [x[3:].sum(axis=0, keepdims=True), ((x[3:] - mean) ** 2).sum(axis=0, keepdims=True)]
     calls = iter(others)
     rank_sum = P.Primitive("rank_sum", lambda a: a + next(calls))
-    with batch_statistics_over_ranks(rank_sum, 3, 5):
-        shard, _ = batch_norm(x[:3], gamma, beta, running, True)
+    shard, _ = batch_norm(x[:3], gamma, beta, running, True, over_ranks=RankStatistics(rank_sum, 3, 5))
     np.testing.assert_allclose(shard, whole[:3], rtol=1e-12)
+
+
+def test_a_sharded_model_normalises_over_the_ranks_and_the_model_stays_as_it_was(rng):
+    """The whole batch is the shard twice (the other rank holds the same rows), so summing over
+    the ranks doubles this rank's sums.  The sharded copy's pass then matches the whole batch's:
+    its BatchNorms' running variances use the batch's count (6 rows, not the shard's 3) for the
+    unbiased variance.  The model itself keeps normalising over its own rows."""
+    model = models.create("mlp", hidden=6, layers=3, batch_norm=True, input_shape=(1, 2, 2))
+    params, x, labels = model.init(0, "float64"), rng.standard_normal((3, 1, 2, 2)), np.array([0, 1, 2])
+    calls = []
+    rank_sum = P.Primitive("rank_sum", lambda a: calls.append(1) or 2 * a, jvp=(lambda t, out, a: 2 * t,))
+    sharded = model.sharded(RankStatistics(rank_sum, 3, 6))
+    shard = sharded.forward(params, x, labels)
+    whole = model.forward(params, np.concatenate([x, x]), np.concatenate([labels, labels]))
+    alone = model.forward(params, x, labels)
+    assert calls and model.over_ranks is None
+    np.testing.assert_allclose(shard.logits, whole.logits[:3], rtol=1e-12)
+    for key, (mean, var) in whole.state.items():
+        np.testing.assert_allclose(shard.state[key][0], mean, rtol=1e-12)
+        np.testing.assert_allclose(shard.state[key][1], var, rtol=1e-12)
+        assert not np.allclose(alone.state[key][1], var, rtol=1e-6)
 
 
 def test_rank_sum_passes_the_weighted_cotangents_back():
