@@ -1,13 +1,16 @@
-"""The counter-based Gaussian draw (dualnet.noise) against NumPy's, at FG-A sizes, on one thread.
+"""The counter-based Gaussian draw (dualnet.noise) against NumPy's, at FG-A sizes.
 
     python benchmarks/gaussian.py [--rounds 200] [--json out.json]
 
 Sizes: 2 × 128 × 512 = 131 072 numbers (LocalMixer M/1/16: two perturbed sites, batch 128) and
-3 × 128 × 800 = 307 200 (MLP 784-800-800-800-10: three hidden layers, batch 128), plus 2²⁰.
+3 × 128 × 800 = 307 200 (MLP 784-800-800-800-10: three hidden layers, batch 128), 2²⁰, and
+128 × 64 × 512 = 4 194 304 (one perturbed layer of LocalMixer M/8/16, batch 128).
 Methods, each returning a fresh array like the others:
 
 * ``numpy``: ``numpy.random.default_rng(0).standard_normal(n, dtype)`` (PCG64 + ziggurat);
-* ``dualnet``: ``dualnet.noise.normal(key, n, dtype)`` (the Numba kernel, one thread);
+* ``dualnet``: ``dualnet.noise.normal(key, n, dtype)`` (the Numba kernel: one thread below
+  ``kernels.cpu.PARALLEL_MIN_ELEMENTS`` = 2²⁰ numbers, one run of whole blocks per Numba thread
+  from there on; the same numbers either way);
 * ``numpy_out`` and ``dualnet_out``: the same two filling a preallocated array (``out=``);
 * ``reference``: the xp reference on NumPy (what CuPy runs; ``DUALNET_KERNELS=reference``).
 
@@ -34,7 +37,8 @@ import time
 
 import numpy as np
 
-SIZES = {"M/1/16 FG-A (2x128x512)": 2 * 128 * 512, "MLP FG-A (3x128x800)": 3 * 128 * 800, "2^20": 1 << 20}
+SIZES = {"M/1/16 FG-A (2x128x512)": 2 * 128 * 512, "MLP FG-A (3x128x800)": 3 * 128 * 800, "2^20": 1 << 20,
+         "M/8/16 FG-A layer (128x64x512)": 128 * 64 * 512}
 UNSET = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 

@@ -48,8 +48,8 @@ def suites(configs):
         yield label, models.create("localmixer", config=config, input_shape=shape), shape
 
 
-def run(quick=False, configs=("M/1/16",), rule_names=RULES):
-    repeats = 3 if quick else 10
+def run(quick=False, configs=("M/1/16",), rule_names=RULES, repeats=None):
+    repeats = repeats or (3 if quick else 10)
     rng = np.random.default_rng(0)
     y = rng.integers(0, 10, 128)
     result = {}
@@ -68,6 +68,9 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--configs", default="M/1/16", help="LocalMixer configs, comma-separated (e.g. M/1/16,M/8/16)")
     parser.add_argument("--rules", default=",".join(RULES), help="rules to time, comma-separated (bp is always first)")
+    parser.add_argument("--repeats", type=int, help="timed steps per rule (default 10, 3 with --quick)")
     args = parser.parse_args()
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     chosen = ["bp"] + [r for r in args.rules.split(",") if r and r != "bp"]
-    print(json.dumps(run(args.quick, args.configs.split(","), chosen), indent=2))
+    print(json.dumps(run(args.quick, args.configs.split(","), chosen, args.repeats), indent=2))

@@ -12,11 +12,13 @@ from ~460 to ~300 ms for BP and from ~500 to ~410 ms for FG-A (benchmarks/README
 kept (``OMP_WAIT_POLICY=ACTIVE`` restores the spinning).  OpenMP reads it when it starts, with
 the first parallel kernel, after ``import dualnet``.
 
-OpenBLAS's workers spin too, for 2^28 cycles (~0.1 s) after each product.
-``OPENBLAS_THREAD_TIMEOUT=14`` (set before NumPy is imported) makes them sleep after ~5 µs: on
-LocalMixer M/8/16 every rule's step was ~10% shorter, but on the small M/1/16 and its 0.1 ms
-products the wake-ups made LG-FG-A's step up to 20% longer.  Being a trade-off that depends on
-the model, and only settable before NumPy loads, it is left to the user (benchmarks/README.md).
+OpenBLAS's workers spin too, for 2^28 cycles (~0.1 s) after each product, and a parallel kernel
+right after a product runs at half speed (a 4 M-number draw: 5.2 against 2.7 ms).
+``OPENBLAS_THREAD_TIMEOUT=20`` (set before NumPy is imported) makes them sleep after ~0.4 ms:
+LocalMixer M/8/16's FG-A and LG-FG-A steps were 15-18% shorter, but on the small M/1/16 the
+wake-ups made LG-FG-A's step 3-9% longer (14, ~5 µs: up to 20%).  Being a trade-off that
+depends on the model, and only settable before NumPy loads, it is left to the user
+(benchmarks/README.md, "Idle worker threads").
 """
 import os
 
