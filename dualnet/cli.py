@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import traceback
 
 from . import backend, data, distributed, models, optim, rules
 from .nn.localmixer import CONFIGS
@@ -320,25 +321,26 @@ def _report_rule(config, metrics):
 
 
 def cmd_train(args, given):
-    if args.resume:
-        refused = sorted(set(given) - RESUME_FLAGS)
-        if refused:
-            flag = "--" + refused[0].replace("_", "-")
-            raise ValueError(f"{flag} cannot be given with --resume (the run keeps its own; only {APPLIED_ON_RESUME} "
-                             f"apply); start a new run with --out to change it")
-        stored = read_config(args.resume)
-        config = Config(**{**stored.__dict__, **{k: getattr(args, k) for k in RESUMABLE_FIELDS
-                                                  if k in given and k != "stages"}})
-        if "parallel" in given or "stages" in given:  # a new layout: the stored partition does not carry over
-            config.stages = getattr(args, "stages", None)
-        _warn_if_oversubscribed(config)
-        return train(config, resume=True, progress=args.progress, on_epoch=_report(config.epochs),
-                     max_steps=args.max_steps)
-    out = args.out or default_out(args.model, args.rule)
-    config = _config(args, args.rule, out)
+    config = distributed.together(distributed.world(args.parallel), lambda: _train_config(args, given))
     _warn_if_oversubscribed(config)
-    return train(config, progress=args.progress, on_epoch=_report(config.epochs), overwrite=args.overwrite,
-                 max_steps=args.max_steps)
+    return train(config, resume=bool(args.resume), progress=args.progress, on_epoch=_report(config.epochs),
+                 overwrite=args.overwrite, max_steps=args.max_steps)
+
+
+def _train_config(args, given):
+    if not args.resume:
+        return _config(args, args.rule, args.out or default_out(args.model, args.rule))
+    refused = sorted(set(given) - RESUME_FLAGS)
+    if refused:
+        flag = "--" + refused[0].replace("_", "-")
+        raise ValueError(f"{flag} cannot be given with --resume (the run keeps its own; only {APPLIED_ON_RESUME} "
+                         f"apply); start a new run with --out to change it")
+    stored = read_config(args.resume)
+    config = Config(**{**stored.__dict__, **{k: getattr(args, k) for k in RESUMABLE_FIELDS
+                                              if k in given and k != "stages"}})
+    if "parallel" in given or "stages" in given:  # a new layout: the stored partition does not carry over
+        config.stages = getattr(args, "stages", None)
+    return config
 
 
 def cmd_compare(args, given):
@@ -356,7 +358,8 @@ def cmd_compare(args, given):
         for rule in chosen:
             _check_name("rule", rule, rules.names())
         out = args.out or default_out("compare", args.model)
-        configs = [_config(args, rule, os.path.join(out, rule)) for rule in chosen]
+        configs = distributed.together(distributed.world(args.parallel),
+                                       lambda: [_config(args, rule, os.path.join(out, rule)) for rule in chosen])
         _warn_if_oversubscribed(configs[0])
         run = lambda: compare(configs, out, overwrite=args.overwrite, progress=args.progress,  # noqa: E731
                               on_epoch=_report_rule)
@@ -403,11 +406,12 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     given = given_flags(argv)
     try:
-        rank = distributed.world(getattr(args, "parallel", None)).rank
+        world = distributed.world(getattr(args, "parallel", None))
     except (ImportError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    if rank:  # under mpiexec, rank 0 speaks for every rank
+    stderr = sys.stderr
+    if world.rank:  # under mpiexec, rank 0 speaks for every rank
         sys.stderr = sys.stdout = open(os.devnull, "w")
     try:
         result = args.func(args, given)
@@ -425,6 +429,13 @@ def main(argv=None):
         print(f"error: cannot write{where}: {error.strerror or error}; choose a writable --out with free space",
               file=sys.stderr)
         return 1
+    except Exception as error:  # a bug on one rank: the others would wait for it in their next collective
+        if world.size == 1:
+            raise
+        traceback.print_exc(file=stderr)
+        print(f"error: rank {world.rank}: {type(error).__name__}: {error}; every rank stopped", file=stderr,
+              flush=True)
+        world.abort(1)
     if isinstance(result, dict):
         print(json.dumps(result, indent=2))
     return 0

@@ -28,13 +28,14 @@ def compare(configs, out, overwrite=False, progress=None, on_epoch=None):
     ``on_epoch(config, metrics)`` is called after each epoch of each rule.  ``out`` must not hold
     a comparison already (``overwrite=True`` replaces it; ``resume_compare`` continues it).
     """
-    if os.path.exists(os.path.join(out, "compare.json")) and not overwrite:
-        raise RunError(f"{out} already holds a comparison; choose another --out, finish it with "
-                       f"compare --resume {out}, or replace it with --overwrite")
-    if distributed.world(configs[0].parallel).rank == 0:
+    def start():  # on rank 0 alone
+        if os.path.exists(os.path.join(out, "compare.json")) and not overwrite:
+            raise RunError(f"{out} already holds a comparison; choose another --out, finish it with "
+                           f"compare --resume {out}, or replace it with --overwrite")
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "compare.json"), "w") as f:
             json.dump([dataclasses.asdict(c) for c in configs], f, indent=2)
+    distributed.from_rank_zero(distributed.world(configs[0].parallel), start)
     return _run_all(configs, out, {c.rule: overwrite for c in configs}, progress, on_epoch)
 
 
@@ -69,18 +70,15 @@ def _run_all(configs, out, overwrite, progress, on_epoch):
 
 def _run_one(config, overwrite, progress, on_epoch):
     """One rule's summary, with ``status`` 'finished', 'diverged: ...' or 'failed: ...'."""
-    summary_path = os.path.join(config.out, "summary.json")
     try:
-        if not overwrite and holds_run(config.out):
-            if os.path.exists(summary_path) and len(_read_metrics(config.out)) >= config.epochs:
-                with open(summary_path) as f:
-                    return {**json.load(f), "status": "finished"}
-            if os.path.exists(os.path.join(config.out, "checkpoint.npz")):
-                stored = read_config(config.out)
-                return {**train(dataclasses.replace(stored, epochs=config.epochs), resume=True,
-                                progress=progress, on_epoch=on_epoch), "status": "finished"}
-            overwrite = True  # a run that stopped before its first checkpoint starts again
-        return {**train(config, overwrite=overwrite, progress=progress, on_epoch=on_epoch), "status": "finished"}
+        found, value = distributed.from_rank_zero(distributed.world(config.parallel),
+                                                  lambda: _found(config, overwrite))
+        if found == "finished":
+            return {**value, "status": "finished"}
+        if found == "resumable":
+            return {**train(dataclasses.replace(value, epochs=config.epochs), resume=True, progress=progress,
+                            on_epoch=on_epoch), "status": "finished"}
+        return {**train(config, overwrite=value, progress=progress, on_epoch=on_epoch), "status": "finished"}
     except TrainingDiverged as error:
         status = f"diverged: {error}"
     except (RunError, ValueError, data.DataError) as error:
@@ -91,6 +89,20 @@ def _run_one(config, overwrite, progress, on_epoch):
     return {"rule": config.rule, "model": config.model, "dataset": config.dataset, "epochs": len(history),
             "test_error": last.get("test_error"), "train_error": last.get("train_error"),
             "wall_s": last.get("wall_s"), "status": status}
+
+
+def _found(config, overwrite):
+    """What ``config.out`` holds for the comparison: ('finished', its summary), ('resumable', its
+    stored config) or ('start', whether to replace what is there)."""
+    if overwrite or not holds_run(config.out):
+        return "start", overwrite
+    summary_path = os.path.join(config.out, "summary.json")
+    if os.path.exists(summary_path) and len(_read_metrics(config.out)) >= config.epochs:
+        with open(summary_path) as f:
+            return "finished", json.load(f)
+    if os.path.exists(os.path.join(config.out, "checkpoint.npz")):
+        return "resumable", read_config(config.out)
+    return "start", True  # a run that stopped before its first checkpoint starts again
 
 
 def _read_metrics(out):

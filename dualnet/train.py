@@ -487,22 +487,41 @@ def train(config, resume=False, progress=None, on_epoch=None, overwrite=False, m
     is called after every epoch with that epoch's metrics line.  The run uses the backend of
     ``config.device`` ('cpu': NumPy, 'cuda': CuPy; None: the active one); 'cuda' without a usable
     GPU raises ``backend.DeviceUnavailable`` before anything is written.
+
+    Under ``mpiexec`` rank 0 alone looks at what ``config.out`` holds (and its ``out`` is every
+    rank's), and an error on any rank while the run starts or writes a checkpoint is raised on
+    every rank (``distributed.together``): no rank is left waiting for one that stopped.
     """
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"max_steps={max_steps!r}: must be a whole number >= 1")
+    world = distributed.world(config.parallel)
+    out, found = distributed.from_rank_zero(world, lambda: (config.out, holds_run(config.out)))
+    with contextlib.ExitStack() as context:
+        config = distributed.together(world, lambda: _enter(context, dataclasses.replace(config, out=out),
+                                                            resume, overwrite, found))
+        if config.device == "cuda" and world.size > 1:
+            world.use_local_gpu()  # one GPU per rank of a node
+        run = _Run
+        if config.parallel == "pipeline":
+            from .distributed.pipeline import PipelineRun as run
+        return distributed.together(world, lambda: run(config, resume, overwrite, world)).loop(
+            progress, on_epoch, max_steps)
+
+
+def _enter(context, config, resume, overwrite, found):
+    """``config`` checked and completed (device, absolute data_dir); its backend and BLAS limit are
+    entered on ``context``.  ``found``: whether ``config.out`` already holds a run."""
     device = config.device or backend.device()
     if device not in backend.DEVICES:
         raise ValueError(f"Config.device={device!r}; choose one of {sorted(backend.DEVICES)}")
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
-        raise ValueError(f"max_steps={max_steps!r}: must be a whole number >= 1")
     config = dataclasses.replace(config, device=device, data_dir=config.data_dir and os.path.abspath(config.data_dir))
     config.check()
-    world = distributed.world(config.parallel)
-    run = _Run
-    if config.parallel == "pipeline":
-        from .distributed.pipeline import PipelineRun as run
-    with backend.using(backend.DEVICES[device]), _blas_limit(config.blas_threads):
-        if device == "cuda" and world.size > 1:
-            world.use_local_gpu()  # one GPU per rank of a node
-        return run(config, resume, overwrite, world).loop(progress, on_epoch, max_steps)
+    if found and not resume and not overwrite:
+        raise RunExists(f"{config.out} already holds a run; choose another --out, continue it with "
+                        f"--resume {config.out}, or replace it with --overwrite")
+    context.enter_context(backend.using(backend.DEVICES[device]))
+    context.enter_context(_blas_limit(config.blas_threads))
+    return config
 
 
 def _blas_limit(count):
@@ -541,9 +560,6 @@ class _Run:
         if resume:
             config, changes = _resumed_config(config)
             parts, meta = _read_checkpoint(self.checkpoint)
-        elif holds_run(self.out) and not overwrite:
-            raise RunExists(f"{self.out} already holds a run; choose another --out, continue it with "
-                            f"--resume {self.out}, or replace it with --overwrite")
         self.config = config
         self.dataset, self.train_x, self.train_y, self.test_x, self.test_y = prepare_data(config)
         self.model = build_model(config, self.dataset)
@@ -604,12 +620,16 @@ class _Run:
 
     def _save(self):
         self._check_ranks_agree()
-        if not self.writes:
-            self.has_checkpoint = True
-            return
-        save_checkpoint(self.checkpoint, self.params, self.state, self.optimizer, self.rule, self.position,
-                        self.history, self.segments)
-        _write_metrics(self.out, self.history)
+        self._write_checkpoint(self.params, self.state, self.optimizer, self.rule, self.position)
+
+    def _write_checkpoint(self, params, state, optimizer, rule, position):
+        """Rank 0 writes the checkpoint and metrics.jsonl; a failed write stops every rank."""
+        def write():
+            if self.writes:
+                save_checkpoint(self.checkpoint, params, state, optimizer, rule, position, self.history,
+                                self.segments)
+                _write_metrics(self.out, self.history)
+        distributed.together(self.world, write)
         self.has_checkpoint = True
 
     def _check_ranks_agree(self):

@@ -7,7 +7,16 @@ Allgather / Bcast on NumPy buffers (CuPy buffers go over NCCL, a CUDA-aware MPI 
 exact traffic of a step.
 """
 from .data_parallel import batch_mean, combine, estimate_on_shard, shard
-from .world import GPU_TRANSPORTS, MPIWorld, SingleProcess, TransportUnavailable, world
+from .world import (
+    GPU_TRANSPORTS,
+    MPIWorld,
+    RankFailed,
+    SingleProcess,
+    TransportUnavailable,
+    from_rank_zero,
+    together,
+    world,
+)
 
-__all__ = ["GPU_TRANSPORTS", "MPIWorld", "SingleProcess", "TransportUnavailable", "batch_mean", "combine",
-           "estimate_on_shard", "shard", "world"]
+__all__ = ["GPU_TRANSPORTS", "MPIWorld", "RankFailed", "SingleProcess", "TransportUnavailable", "batch_mean",
+           "combine", "estimate_on_shard", "from_rank_zero", "shard", "together", "world"]

@@ -310,14 +310,8 @@ class PipelineRun(runner._Run):
         return self.world.bcast(line)
 
     def _save(self):
-        gathered = self._gathered()
-        self.has_checkpoint = True
-        if gathered is None:
-            return
-        params, state, optimizer, position, rule = gathered
-        runner.save_checkpoint(self.checkpoint, params, state, optimizer, rule, position, self.history,
-                               self.segments)
-        runner._write_metrics(self.out, self.history)
+        params, state, optimizer, position, rule = self._gathered() or (None,) * 5
+        self._write_checkpoint(params, state, optimizer, rule, position)
 
     def _write_summary(self, stopped=None):
         self._drain()

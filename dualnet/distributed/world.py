@@ -16,8 +16,11 @@ point-to-point messages of the block pipeline are staged through the host.
 ``bytes_sent`` counts the payload this process contributed to each Allreduce (n float64 count
 8n bytes) and sent point to point (``isend``: the block pipeline's forward messages), and
 ``allreduces`` the number of Allreduces, which is what the benchmarks report per step.
+``together`` and ``from_rank_zero`` make work that one rank may fail (reading files, writing a
+checkpoint) fail on every rank, so that no rank waits in a collective for one that stopped.
 """
 import os
+import pickle
 import time
 
 import numpy
@@ -30,6 +33,10 @@ GPU_TRANSPORTS = ("auto", "nccl", "cuda-aware", "host")
 
 class TransportUnavailable(RuntimeError):
     """The GPU transport asked for (DUALNET_GPU_TRANSPORT) cannot be used here."""
+
+
+class RankFailed(RuntimeError):
+    """Another rank's error that could not be sent as itself (it does not pickle): its type and message."""
 
 
 class SingleProcess:
@@ -137,6 +144,10 @@ class MPIWorld(SingleProcess):
     def gather(self, value):
         return self.comm.gather(value, root=0)
 
+    def abort(self, code):
+        """End every process of the run now, with exit status ``code`` (MPI_Abort)."""
+        self.comm.Abort(code)
+
     # --- point to point (the block pipeline): one array = a fixed-size header, then its bytes ----
     def isend(self, array, dest, tag=0):
         """Start sending ``array`` (any shape, a float or int dtype, NumPy or CuPy) to rank ``dest``;
@@ -194,6 +205,44 @@ class MPIWorld(SingleProcess):
         request = self.comm.Iallreduce(host, total)
         self.bytes_sent += host.nbytes
         return _Reducing(request, host, total)
+
+
+def together(world, work):
+    """``work()`` on every rank as one step: its result on this rank; when it raised on any rank,
+    every rank raises the error of the lowest failing rank r (its message prefixed ``rank r:`` when
+    r > 0), so no rank goes on to wait in a collective for a rank that gave up.  One allgather of
+    an error or None; ``work`` itself must not communicate."""
+    try:
+        result, error = work(), None
+    except Exception as raised:
+        result, error = None, raised
+    if world.size > 1:
+        errors = world.allgather(_sendable(error))
+        failed = next((rank for rank, sent in enumerate(errors) if sent is not None), None)
+        if failed is not None:
+            error = error if failed == world.rank else errors[failed]
+            if failed and error.args and isinstance(error.args[0], str):
+                error.args = (f"rank {failed}: {error.args[0]}",) + error.args[1:]
+    if error is not None:
+        raise error
+    return result
+
+
+def from_rank_zero(world, work):
+    """Rank 0's ``work()`` on every rank (the others do not call it): what rank 0 alone may decide,
+    such as whether a run directory is already taken; an error it raises is raised on every rank."""
+    return world.bcast(together(world, work if world.rank == 0 else lambda: None))
+
+
+def _sendable(error):
+    """``error`` if it survives pickling (the allgather), else a ``RankFailed`` with its message."""
+    if error is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RankFailed(f"{type(error).__name__}: {error}")
 
 
 def resolve_transport(nccl_available, mpi_cuda_aware):

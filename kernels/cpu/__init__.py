@@ -35,17 +35,19 @@ def available():
 
 
 def cached(names=MODULES):
-    """True when Numba's on-disk cache (``__pycache__`` beside the sources) holds an index for every
-    cached kernel the modules of ``names`` define: a run then starts without compiling.  Helpers
-    compiled into their callers (``inline='always'``, no ``cache=True``) have no index of their own."""
+    """True when Numba's on-disk cache holds an index for every cached kernel the modules of
+    ``names`` define: a run then starts without compiling.  The cache is where Numba put it:
+    ``__pycache__`` beside the sources, or the user-wide cache directory when the sources are
+    read-only.  Helpers compiled into their callers (``inline='always'``, no ``cache=True``) have
+    no index of their own."""
     from numba.core.caching import NullCache
     from numba.core.registry import CPUDispatcher
-    cache = pathlib.Path(__file__).parent / "__pycache__"
     for name in names:
         module = load(name)
         for kernel in vars(module).values():
             if (isinstance(kernel, CPUDispatcher) and kernel.py_func.__module__ == module.__name__
                     and not isinstance(kernel._cache, NullCache)):
+                cache = pathlib.Path(kernel._cache.cache_path)
                 if not any(cache.glob(f"{name}.{kernel.py_func.__qualname__}-*.nbi")):
                     return False
     return True

@@ -5,7 +5,10 @@ statistics in float64, the references in float32).  Shapes include width 1, odd 
 K > 1, non-contiguous inputs, and runs on all threads (``PARALLEL_MIN_ELEMENTS`` lowered to 0).
 """
 import itertools
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -237,3 +240,15 @@ def test_sgd_update_of_a_non_contiguous_parameter_updates_it_in_place(rng):
     expected = param - 0.5 * grad
     cpu.load("sgd").sgd_update(param, grad, None, 0.5, 0.0, 0.0, False)
     np.testing.assert_array_equal(wide[:, ::2], expected)
+
+
+def test_cached_looks_where_numba_keeps_its_cache(tmp_path):
+    """With NUMBA_CACHE_DIR set (or read-only sources) Numba keeps its cache away from the sources:
+    ``cached()`` must look there, False in a fresh directory and True after the warm-up (else the
+    runner announces a compilation on every run)."""
+    code = ("from dualnet.kernels import cpu; before = cpu.cached(('sgd',)); cpu.warm_up(('sgd',), ('float32',)); "
+            "print(before, cpu.cached(('sgd',)))")
+    root = str(pathlib.Path(__file__).parents[2])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": root})
+    assert done.stdout.split() == ["False", "True"], done.stderr[-2000:]
