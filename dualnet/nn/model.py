@@ -123,6 +123,7 @@ class Model:
     name = "model"
     num_blocks = 0
     has_local_heads = False
+    linear_local_heads = True  # a local head is one linear map of ``local_head_input`` (False: an aux net)
     use_batch_norm = False  # a BatchNorm in every block (see ``couples_examples_after``)
     over_ranks = None  # a layers.RankStatistics in a data-parallel shard's copy (see ``sharded``)
 
@@ -276,12 +277,17 @@ class Model:
         if not self.has_local_heads:
             raise ValueError(f"{self.name}: local losses need local heads; build the model with local_heads=True")
         weight, bias = params[f"blocks.{k}.head.weight"], params[f"blocks.{k}.head.bias"]
-        grid = self.replica_grid(h)
         if replicated:
-            return losses.replicated_cross_entropy(grid, weight, bias, labels)
-        pooled = P.reshape(P.mean(grid, axis=1), (value_of(grid).shape[0], -1))
-        logits = linear_map(linear, pooled, [weight, bias], (feedback or {}).get(f"blocks.{k}.head.weight"))
+            return losses.replicated_cross_entropy(self.replica_grid(h), weight, bias, labels)
+        logits = linear_map(linear, self.local_head_input(h), [weight, bias],
+                            (feedback or {}).get(f"blocks.{k}.head.weight"))
         return losses.cross_entropy(logits, labels, reduction="none")
+
+    def local_head_input(self, h):
+        """What a linear local head reads from its block's output h: the replica grid averaged over
+        its P patches, [N, G·c] (the pooled local loss's features)."""
+        grid = self.replica_grid(h)
+        return P.reshape(P.mean(grid, axis=1), (value_of(grid).shape[0], -1))
 
     def contrastive_loss(self, k, params, h, replicated, temperature=0.5):
         """Block k's symmetric InfoNCE between the two views stacked in ``h`` [2N, ...]:

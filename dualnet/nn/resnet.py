@@ -107,6 +107,7 @@ class ResNet18(Model):
     ``aux_depth`` (its FC or strided-conv layers, default 2), ``init`` (weights' initialiser)."""
     name = "resnet18"
     has_local_heads = True
+    linear_local_heads = False  # Fournier's aux nets
 
     def __init__(self, input_shape=(3, 32, 32), num_classes=10, blocks=8, width=64, aux="cnn", aux_width=None,
                  aux_depth=None, init="kaiming_uniform"):

@@ -188,13 +188,23 @@ def output_error(logits, labels):
 def local_head_grads(model, params, trace, labels, contrastive=False, temperature=0.5):
     """Exact gradients of every local head — the parameters its model declares as block k's local
     head (a linear head or an aux net) — from its pooled local loss (heads always backprop); with ``contrastive``,
-    from the pooled InfoNCE of the two views stacked in the block output."""
+    from the pooled InfoNCE of the two views stacked in the block output.
+
+    A linear head (``model.linear_local_heads``) on features f = ``local_head_input(h)`` [N, F]
+    takes the read-out's closed form: e = (softmax(f W + b) − onehot) / N, W̄ = fᵀ e, b̄ = Σ_n e_n
+    (no reverse pass); the others go through ``autodiff.vjp``."""
     grads = {}
     for k, block_output in enumerate(trace.outputs):
         names = sorted(model.parameters_of(k, local_head=True))
         if not names or block_output is None:  # None: a block of an earlier pipeline stage
             continue
         h = value_of(block_output)
+        if model.linear_local_heads and not contrastive:
+            weight, bias = f"blocks.{k}.head.weight", f"blocks.{k}.head.bias"
+            features = value_of(model.local_head_input(h))
+            error = output_error(features @ value_of(params[weight]) + value_of(params[bias]), labels)
+            grads.update({weight: features.T @ error, bias: error.sum(axis=0)})
+            continue
 
         def loss_of(*weights, k=k, h=h, names=names):
             heads = dict(zip(names, weights))
