@@ -275,11 +275,10 @@ def _block_pullback(model, k, params, names, block_input, state):
     Returns ``cotangent [N, ...] at the block output -> {name: cotangent}`` for the block's
     parameters ``names``; ``state``: the running statistics the forward pass used.
     """
-    running = state if state is not None else model.init_state()
 
     def run(*weights):
         return model.block(k, {**params, **dict(zip(names, weights))}, block_input,
-                           model.context(Plan(record_points=False), running))
+                           model.context(Plan(record_points=False), state))
     _, pullback = autodiff.vjp(run, *[params[name] for name in names])
     return lambda cotangent: dict(zip(names, pullback(cotangent)))
 
@@ -294,7 +293,6 @@ def _block_example_pullback(model, k, params, block_input, state):
     ``fn.example_pullback(x, δ_z)`` (x_nᵀ δ_n for a linear map) and, for a norm's scale and shift,
     ``norm_example_pullback`` (Σ δ_n x̂_n, Σ δ_n).
     """
-    running = state if state is not None else model.init_state()
     layers = []  # [layer, x, z, y] in the order the block runs them (values)
 
     def record(layer):
@@ -308,7 +306,7 @@ def _block_example_pullback(model, k, params, block_input, state):
             layers[-1][3] = value_of(y)
             return y
         return fn, normalize if layer.normalize is not None else None
-    model.block(k, params, block_input, model.context(Plan(record_points=False, layer_hook=record), running))
+    model.block(k, params, block_input, model.context(Plan(record_points=False, layer_hook=record), state))
 
     def probed(*probes):
         added = iter(probes)
@@ -318,7 +316,7 @@ def _block_example_pullback(model, k, params, block_input, state):
                 return layer.normalize(z, *weights) + next(added)
             return (lambda x, *weights: layer.fn(x, *weights) + next(added),
                     normalize if layer.normalize is not None else None)
-        return model.block(k, params, block_input, model.context(Plan(record_points=False, layer_hook=hook), running))
+        return model.block(k, params, block_input, model.context(Plan(record_points=False, layer_hook=hook), state))
     xp = backend.namespace(block_input)
     zeros = [xp.zeros_like(a) for *_, z, y in layers for a in (z, y) if a is not None]
     _, pullback = autodiff.vjp(probed, *zeros)
@@ -362,10 +360,9 @@ def _last_block_exact(model, params, trace, block_input, labels, state, names):
     its input value ``block_input``."""
     k = model.num_blocks - 1
     output = value_of(trace.outputs[k])
-    running = state if state is not None else model.init_state()
 
     def readout_loss(h):
-        ctx = model.context(Plan(record_points=False), running)
+        ctx = model.context(Plan(record_points=False), state)
         logits = model.readout(params, model.pooled_features(h), ctx)
         return P.mean(losses.cross_entropy(logits, labels, reduction="none"))
     _, pullback = autodiff.vjp(readout_loss, output)
