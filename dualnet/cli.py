@@ -21,17 +21,8 @@ import traceback
 
 from . import backend, data, distributed, models, optim, rules
 from .nn.localmixer import CONFIGS
-from .train import (
-    RESUMABLE_FIELDS,
-    SCHEDULES,
-    Config,
-    Interrupted,
-    RunError,
-    default_out,
-    epoch_line,
-    read_config,
-    train,
-)
+from .run import RESUMABLE_FIELDS, SCHEDULES, Config, Interrupted, RunError, default_out, epoch_line, read_config
+from .train import train
 
 MODEL_FLAGS = {"config": str, "hidden": int, "layers": int, "blocks": int, "patches": int, "channels": int,
                "groups": int, "aux": str}

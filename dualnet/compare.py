@@ -11,7 +11,8 @@ import os
 import sys
 
 from . import data, distributed
-from .train import Config, RunError, TrainingDiverged, holds_run, read_config, train
+from .run import Config, RunError, TrainingDiverged, holds_run, read_config
+from .train import train
 
 # One fixed colour and marker per rule, so every comparison plot reads the same.
 COLOURS = {

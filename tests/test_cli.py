@@ -245,7 +245,7 @@ def test_help_shows_defaults_and_choices(capsys):
 def test_ctrl_c_is_one_line_with_the_resume_command(tmp_path, capsys, monkeypatch):
     import signal
 
-    import dualnet.train as runner
+    import dualnet.run as runner
     real_step, calls = runner.optim.SGD.step, {"n": 0}
 
     def step_then_ctrl_c(self, params, grads):
@@ -268,10 +268,10 @@ def blas_threads():
 
 
 def test_blas_threads_hold_during_the_run_and_are_restored(tmp_path, capsys, monkeypatch):
-    from dualnet import train as train_module
+    from dualnet import run as run_module
     seen, before = [], blas_threads()
-    original = train_module._Run.loop
-    monkeypatch.setattr(train_module._Run, "loop", lambda self, *a: seen.append(blas_threads()) or original(self, *a))
+    original = run_module.Run.loop
+    monkeypatch.setattr(run_module.Run, "loop", lambda self, *a: seen.append(blas_threads()) or original(self, *a))
     code, _, err = run(["train", *TINY, "--blas-threads", "1", "--out", str(tmp_path / "run")], capsys)
     assert code == 0, err
     assert seen == [{1}] and blas_threads() == before

@@ -151,8 +151,8 @@ def test_same_estimate_on_cpu_and_gpu(cupy, host_draws, model_name, rule_name):
 
 
 def test_the_runner_draws_noise_on_the_device(cupy):
-    from dualnet.train import _step_rng
-    generator = _step_rng(0, 1, 2)
+    from dualnet.run import step_rng
+    generator = step_rng(0, 1, 2)
     assert isinstance(generator, cupy.random.Generator)
     assert isinstance(generator.standard_normal((3,), dtype=np.float32), cupy.ndarray)
 

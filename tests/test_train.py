@@ -58,7 +58,7 @@ def test_mid_epoch_interrupt_resumes_exactly(tmp_path, tiny_config, monkeypatch)
     full = Config(rule="fg-a", out=str(tmp_path / "full"), **tiny_config)
     train(full)
     interrupted = Config(rule="fg-a", out=str(tmp_path / "cut"), **tiny_config)
-    import dualnet.train as runner
+    import dualnet.run as runner
     real_batches, calls = runner.data.batches, {"n": 0}
 
     def batches_then_interrupt(*args, **kwargs):
@@ -185,7 +185,7 @@ def test_an_interrupt_during_evaluation_loses_no_metrics(tmp_path, tiny_config, 
     """The original failure: Ctrl-C during the end-of-epoch evaluation left a checkpoint at epoch 2
     with one history line; epoch 2's metrics were lost and summary.json said 2 epochs after 3."""
     pytest.importorskip("sklearn")
-    import dualnet.train as runner
+    import dualnet.run as runner
     train(Config(rule="bp", out=str(tmp_path / "full"), **tiny_config))
     real_evaluate, calls = runner.evaluate, {"n": 0}
 
@@ -214,7 +214,7 @@ def test_ctrl_c_between_the_update_and_the_step_counter_resumes_bit_identically(
     pytest.importorskip("sklearn")
     import signal
 
-    import dualnet.train as runner
+    import dualnet.run as runner
     config = {**tiny_config, "rule": "fg-a"}
     train(Config(out=str(tmp_path / "full"), **config))
     real_step, calls = runner.optim.SGD.step, {"n": 0}
@@ -352,13 +352,13 @@ def test_diagnostics_are_written_every_epoch(tmp_path, tiny_config):
 def test_every_training_step_draws_fresh_noise(tmp_path, tiny_config, monkeypatch):
     """A runner that reused one draw for a whole epoch would pass every other test."""
     pytest.importorskip("sklearn")
-    import dualnet.train as runner
-    real_rng, states = runner._step_rng, []
+    import dualnet.run as runner
+    real_rng, states = runner.step_rng, []
 
     def recording_rng(*args):
         generator = real_rng(*args)
         states.append(generator.standard_normal(4).tobytes())
         return real_rng(*args)
-    monkeypatch.setattr(runner, "_step_rng", recording_rng)
+    monkeypatch.setattr(runner, "step_rng", recording_rng)
     train(Config(rule="fg-a", out=str(tmp_path / "run"), **tiny_config))
     assert len(states) == 12 and len(set(states)) == 12

@@ -38,7 +38,7 @@ import time
 import numpy
 
 from .. import backend, rules
-from .. import train as runner
+from .. import run as runner
 from ..dual import Dual
 
 
@@ -148,8 +148,8 @@ class _MergedRule:
         return merged
 
 
-class PipelineRun(runner._Run):
-    """``_Run`` with the model's blocks split over the ranks of ``world`` (one stage each)."""
+class PipelineRun(runner.Run):
+    """``Run`` with the model's blocks split over the ranks of ``world`` (one stage each)."""
 
     def __init__(self, config, resume, overwrite, world):
         check_rule(config)
@@ -200,7 +200,7 @@ class PipelineRun(runner._Run):
         received = time.perf_counter()
         self.clock["idle"] += received - started
         self.model.output = None
-        rng = runner._step_rng(config.seed, epoch, step)
+        rng = runner.step_rng(config.seed, epoch, step)
         if self.rule.pipeline == "signal":
             batch = rules.Batch.whole(len(yb))
             forward = self.rule.forward_pass(self.model, self.params, x, yb, rng, self.state, batch)
@@ -332,7 +332,7 @@ class PipelineRun(runner._Run):
                 summary.update(signal_bytes_per_batch=sum(stage[6] for stage in stages) / steps,
                                stage_signal_wait_s=[stage[7] for stage in stages])
         if self.writes:
-            runner._write_json(os.path.join(self.out, "summary.json"), summary)
+            runner.write_json(os.path.join(self.out, "summary.json"), summary)
         return summary
 
 

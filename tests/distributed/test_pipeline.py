@@ -20,7 +20,8 @@ import pytest
 
 from dualnet import models, rules
 from dualnet.distributed import pipeline
-from dualnet.train import Config, _flatten, load_checkpoint
+from dualnet.run import _flatten
+from dualnet.train import Config, load_checkpoint
 
 MPIEXEC = shutil.which("mpiexec")
 needs_mpi = pytest.mark.skipif(MPIEXEC is None or __import__("importlib").util.find_spec("mpi4py") is None,

@@ -89,13 +89,13 @@ def test_an_unexpected_failure_on_one_rank_ends_every_rank(tmp_path):
     """A bug that raises on rank 1 in the middle of training (here: its fourth step) ends the whole
     run at once, with rank 1's error, instead of leaving rank 0 waiting for it."""
     out = str(tmp_path / "run")
-    failing = python("-c", "import sys; from dualnet import cli, train\n"
-                           "step = train._Run._train_step\n"
+    failing = python("-c", "import sys; from dualnet import cli, run\n"
+                           "step = run.Run._train_step\n"
                            "def failing(self, *args):\n"
                            "    if self._steps == 3:\n"
                            "        raise RuntimeError('simulated bug')\n"
                            "    return step(self, *args)\n"
-                           "train._Run._train_step = failing\n"
+                           "run.Run._train_step = failing\n"
                            "sys.exit(cli.main(sys.argv[1:]))", *TRAIN[2:], "--out", out, "--epochs", "3")
     done = launch(python(*TRAIN, "--out", out, "--epochs", "3"), failing)
     assert done.returncode != 0
