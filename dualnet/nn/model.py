@@ -264,8 +264,7 @@ class Model:
 
     def readout_grads(self, trace, error):
         """Exact read-out gradients from the logits' cotangent ``error`` [N, classes]."""
-        features = trace.readout_input
-        return {"head.weight": features.T @ error, "head.bias": error.sum(axis=0)}
+        return dict(zip(("head.weight", "head.bias"), linear.param_pullback(trace.readout_input, error)))
 
     def local_loss(self, k, params, h, labels, replicated, feedback=None, ctx=None):
         """Block k's local loss: replicas [N, P, G] or the pooled per-example loss [N].

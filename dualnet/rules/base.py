@@ -14,6 +14,7 @@ import numpy
 from .. import autodiff, backend
 from .. import primitives as P
 from ..dual import value_of
+from ..nn.layers import linear
 from ..nn.plan import Plan
 
 
@@ -203,7 +204,7 @@ def local_head_grads(model, params, trace, labels, contrastive=False, temperatur
             weight, bias = f"blocks.{k}.head.weight", f"blocks.{k}.head.bias"
             features = value_of(model.local_head_input(h))
             error = output_error(features @ value_of(params[weight]) + value_of(params[bias]), labels)
-            grads.update({weight: features.T @ error, bias: error.sum(axis=0)})
+            grads.update(zip((weight, bias), linear.param_pullback(features, error)))
             continue
 
         def loss_of(*weights, k=k, h=h, names=names):
