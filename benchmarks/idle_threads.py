@@ -1,7 +1,7 @@
 """What idle worker threads cost a parallel kernel, under this process's thread settings.
 
-    python benchmarks/idle_threads.py
-    OPENBLAS_THREAD_TIMEOUT=20 python benchmarks/idle_threads.py    # OpenBLAS's workers sleep sooner
+    python benchmarks/idle_threads.py                               # dualnet's settings
+    OPENBLAS_THREAD_TIMEOUT=28 python benchmarks/idle_threads.py    # OpenBLAS's own default spinning
     OMP_WAIT_POLICY=ACTIVE python benchmarks/idle_threads.py        # OpenMP's workers keep spinning
 
 A training step alternates BLAS matrix products with Numba's parallel kernels, and each runtime
@@ -14,7 +14,10 @@ may keep its workers spinning after a call.  Measured here, each as a median ove
   LocalMixer M/8/16) right after another draw, right after a product, and right after a product
   and 1 ms of busy work on the main thread.
 
-Prints one JSON object with the settings in force (after ``import dualnet``), the thread pools
+The first parallel kernel (before the measurements) has dualnet make OpenBLAS's idle workers
+sleep after 2^20 cycles unless the environment sets ``OPENBLAS_THREAD_TIMEOUT``
+(``dualnet.idle_threads.let_openblas_workers_sleep``).  Prints one JSON object with the settings
+in force (after ``import dualnet``), the OpenBLAS libraries dualnet changed, the thread pools
 (threadpoolctl) and the load average.  Run it with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset,
 as the other speed benchmarks; an environment variable that OpenBLAS reads must be set before
 the process starts, since NumPy loads OpenBLAS on import.
@@ -84,6 +87,7 @@ def main():
     report = {
         "settings": {name: os.environ.get(name) for name in
                      ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_CORETYPE")},
+        "openblas_made_to_sleep_sooner": dualnet.idle_threads.openblas_changed,
         "idle_cpu_ms": {"after_parallel_kernel": idle_cpu_ms(kernel), "after_gemm": idle_cpu_ms(gemm)},
         "draw_ms": {"after_draw": median_ms(draw, draw), "after_gemm": median_ms(gemm, draw),
                     "after_gemm_and_1ms_busy": median_ms(gemm_then_busy, draw)},

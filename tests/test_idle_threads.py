@@ -1,4 +1,5 @@
-"""The thread setting ``import dualnet`` makes: idle OpenMP workers sleep."""
+"""The thread settings of dualnet: idle OpenMP workers sleep, and so do idle OpenBLAS workers once
+kernels run in parallel."""
 import json
 import os
 import subprocess
@@ -59,3 +60,68 @@ def test_a_setting_from_the_environment_is_kept():
     assert seen["settings"] == {"OMP_WAIT_POLICY": "ACTIVE"}
     if seen["threads"] >= 2:
         assert seen["spent_ms"] > 2.0  # the measurement sees the spinning it guards against
+
+
+OPENBLAS_IDLE_CPU = textwrap.dedent("""
+    import json, os, sys, time
+    import numpy as np
+    import dualnet
+    from dualnet import noise
+    from threadpoolctl import threadpool_info
+    a = np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32)
+
+    def idle_ms():  # median CPU ms the process spends in a 30 ms pause right after a matrix product
+        spent = []
+        for _ in range(5):
+            a @ a
+            start = time.process_time()
+            time.sleep(0.03)
+            spent.append(time.process_time() - start)
+        return 1000 * sorted(spent)[2]
+    before = idle_ms()
+    draw = int(sys.argv[1])
+    noise.normal_rows(noise.key(1), (draw,), 0, draw)  # parallel from 2^20 numbers on
+    after = idle_ms()
+    blas = [(i["threading_layer"], i["num_threads"]) for i in threadpool_info() if i["internal_api"] == "openblas"]
+    print(json.dumps(dict(before=before, after=after, blas=blas, left=os.environ.get("OPENBLAS_THREAD_TIMEOUT"))))
+""")
+
+
+def openblas_idle_cpu(draw, **env):
+    """In a fresh process with 2 OpenBLAS and 2 Numba threads: the median CPU ms spent in a 30 ms
+    pause after a matrix product, before and after a Gaussian draw of ``draw`` numbers."""
+    clean = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    done = subprocess.run([sys.executable, "-c", OPENBLAS_IDLE_CPU, str(draw)], capture_output=True, text=True,
+                          timeout=300, env={**clean, "PYTHONPATH": ROOT, "NUMBA_NUM_THREADS": "2",
+                                            "OPENBLAS_NUM_THREADS": "2", **env})
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    if not seen["blas"] or any(blas != ["pthreads", 2] for blas in seen["blas"]):
+        pytest.skip(f"the BLAS here is not OpenBLAS with its own 2 threads: {seen['blas']}")
+    return seen
+
+
+needs_two_cores = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores for a second worker")
+
+
+@needs_two_cores
+def test_openblas_workers_sleep_once_a_kernel_runs_in_parallel():
+    # OpenBLAS's idle worker spins ~0.1 s after each product; a parallel kernel then shares its
+    # core (a 4 M-number draw: 5.2 against 2.7 ms).  After the first parallel kernel it sleeps.
+    seen = openblas_idle_cpu(1 << 21)
+    assert seen["before"] > 10.0  # the measurement sees the spinning it guards against
+    assert seen["after"] < 5.0
+    assert seen["left"] is None  # child processes get OpenBLAS's default
+
+
+@needs_two_cores
+def test_openblas_workers_keep_spinning_when_no_kernel_runs_in_parallel():
+    seen = openblas_idle_cpu(1 << 16)
+    assert seen["before"] > 10.0 and seen["after"] > 10.0
+
+
+@needs_two_cores
+def test_an_openblas_timeout_from_the_environment_is_kept():
+    seen = openblas_idle_cpu(1 << 21, OPENBLAS_THREAD_TIMEOUT="28")
+    assert seen["before"] > 10.0 and seen["after"] > 10.0
+    assert seen["left"] == "28"

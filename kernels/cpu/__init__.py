@@ -60,10 +60,22 @@ def load(name):
     return importlib.import_module(f"{__name__}.{name}")
 
 
+def parallel(elements):
+    """Whether a kernel call over ``elements`` runs on every thread (at least
+    ``PARALLEL_MIN_ELEMENTS``).  The first such call has OpenBLAS's idle workers sleep sooner
+    (``dualnet.idle_threads.let_openblas_workers_sleep``), so they no longer spin on the cores the
+    parallel kernels need."""
+    if elements < PARALLEL_MIN_ELEMENTS:
+        return False
+    from dualnet.idle_threads import let_openblas_workers_sleep
+    let_openblas_workers_sleep()
+    return True
+
+
 @contextlib.contextmanager
 def threads_for(elements):
-    """Run the enclosed kernel call on one thread when ``elements`` is small, else on all."""
-    if elements >= PARALLEL_MIN_ELEMENTS:
+    """Run the enclosed kernel call on one thread when ``elements`` is small, else on all (``parallel``)."""
+    if parallel(elements):
         yield
         return
     import numba

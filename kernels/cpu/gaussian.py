@@ -27,7 +27,7 @@ from numba import float32, float64, int64, uint64
 
 from dualnet import noise
 
-from . import PARALLEL_MIN_ELEMENTS
+from . import parallel
 
 if sys.byteorder != "little":  # the float32 path reads a word's 32-bit halves through a view
     raise ImportError("kernels.cpu.gaussian assumes a little-endian CPU")
@@ -209,13 +209,10 @@ def normal_flat(k, offset, size, dtype, out=None):
     elif out.shape != (size,) or out.dtype != dtype or not out.flags.c_contiguous:
         raise ValueError(f"normal_flat: out must be a contiguous [{size}] {dtype} array")
     k = np.uint64(noise.stream_key(noise.as_key(k), dtype))
-    tables = (_W32, _K32, noise.WIDTH23, noise.DENSITY, _W64, _K64) if dtype == np.float32 else (_W64, _K64,
-                                                                                                 noise.DENSITY)
-    if size >= PARALLEL_MIN_ELEMENTS:  # one run per thread
-        runs = _fill32_runs if dtype == np.float32 else _fill64_runs
+    fill, runs, tables = _kernels(dtype)
+    if parallel(size):  # one run per thread
         runs(numba.get_num_threads(), k, np.int64(offset), out, *tables)
     else:
-        fill = _fill32 if dtype == np.float32 else _fill64
         fill(k, np.int64(offset), out, *tables)
     return out
 
@@ -223,4 +220,12 @@ def normal_flat(k, offset, size, dtype, out=None):
 def warm_up(dtype):
     """Compile (or load from Numba's cache) the kernels for ``dtype``, the slow path included."""
     normal_flat(noise.key(0), 1, 3 * BLOCK + 1, dtype)
-    normal_flat(noise.key(0), 1, PARALLEL_MIN_ELEMENTS, dtype)  # the parallel runs
+    _, runs, tables = _kernels(np.dtype(dtype))
+    runs(2, np.uint64(1), np.int64(0), np.empty(BLOCK + 1, dtype), *tables)  # the parallel runs, on a small array
+
+
+def _kernels(dtype):
+    """(one-thread fill, parallel runs, their tables) for float32 or float64."""
+    if dtype == np.float32:
+        return _fill32, _fill32_runs, (_W32, _K32, noise.WIDTH23, noise.DENSITY, _W64, _K64)
+    return _fill64, _fill64_runs, (_W64, _K64, noise.DENSITY)
