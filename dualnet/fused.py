@@ -11,6 +11,11 @@ or per token and group on a [..., G, c] tensor; σ = √(var + ε), biased varia
 * ``grouped_linear_layer_norm(x, W, b)``:  LN(xW + b) — the GEMMs in BLAS/cuBLAS, then one
   epilogue pass (bias, layout, LN, value and K tangents); the grouped layers of LocalMixer run
   through it (``dualnet.nn.layers.normalized``).
+* ``layer_norm_relu(x, residual)`` and ``grouped_linear_layer_norm_relu(x, W, b, residual)``: a
+  hidden layer to its activation, a = relu(h + r) with h = LN(x) (or LN(xW + b)) and ȧ =
+  (ḣ + u + ṙ)·[h + r > 0], where u is a tangent ``injected`` at h (FG-A's noise at the 'pre'
+  site).  The norm, the injection, the residual add and the ReLU, for the value and all K
+  tangents, take one epilogue pass; the reverse rule is ā → p̄ = ā·[a > 0] → (J p̄, p̄).
 
 Every op is a primitive in ``dualnet.primitives.TABLE``, K-aware in forward mode, with exact
 reverse rules.  The LN ops compute value and K tangents in one kernel call and declare σ
@@ -18,7 +23,7 @@ reverse rules.  The LN ops compute value and K tangents in one kernel call and d
 it with the tape node and hands it to the vjp, which therefore never recomputes the statistics,
 and ``return_sigma=True`` returns it to the caller (for ``layer_norm_pullback``).
 
-Kernel dispatch contract.  The memory-bound loops are three *contracts*, each with a NumPy/CuPy
+Kernel dispatch contract.  The memory-bound loops are four *contracts*, each with a NumPy/CuPy
 reference here (``reference_<contract>``) and kernels of the same name, signature and results in
 ``dualnet.kernels.cpu.<module>`` (Numba) and ``dualnet.kernels.cuda.<module>`` (CuPy):
 
@@ -26,6 +31,8 @@ reference here (``reference_<contract>``) and kernels of the same name, signatur
   ``layer_norm_jacobian(normalized, sigma, vectors) -> J vectors``              (module layer_norm)
   ``normalize_epilogue(value, tangent, bias, bias_tangent, eps, directions)
   -> (out, out_tangent, sigma)``                                        (module normalize_epilogue)
+  ``normalize_relu(value, tangent, bias, bias_tangent, injected, residual, residual_tangent, eps,
+  directions) -> (normalized, activated, activated_tangent, sigma)``   (module normalize_epilogue)
 
 ``implementation(contract, array)`` asks ``backend.kernel`` (the one dispatcher) for the kernel
 or the reference.  ``DUALNET_KERNELS=reference`` forces the references everywhere.  All arrays
@@ -35,8 +42,8 @@ ahead of time.
 import numpy
 
 from . import backend
-from .dual import value_of
-from .primitives import TABLE, Primitive
+from .dual import Dual, add_tangent, split, top_tag, value_of
+from .primitives import TABLE, Primitive, relu
 
 ns = backend.namespace
 
@@ -88,10 +95,35 @@ def reference_normalize_epilogue(value, tangent, bias, bias_tangent, eps, direct
     return out, xp.ascontiguousarray(out_tangent), sigma
 
 
+def reference_normalize_relu(value, tangent, bias, bias_tangent, injected, residual, residual_tangent, eps,
+                             directions):
+    """The epilogue on through a hidden layer's activation: h = LN(value + bias) and its tangent as in
+    ``reference_normalize_epilogue``, then a = relu(h + residual) with the K tangents
+    ȧ_k = (ḣ_k + injected_k + residual_tangent_k)·[h + residual > 0].
+
+    The inputs of ``reference_normalize_epilogue``, and injected [K, M, G, c] (a tangent added to
+    h's: FG-A's noise at the normalised pre-activation), residual [M, G, c] and its tangent
+    residual_tangent [K, M, G, c], each may be None; ``directions`` = K, 0 when nothing carries a
+    tangent.  Returns (normalized h [M, G, c], activated a [M, G, c], ȧ [K, M, G, c] or None,
+    sigma [M, G, 1]).
+    """
+    normalized, tangent, sigma = reference_normalize_epilogue(value, tangent, bias, bias_tangent, eps, directions)
+    pre = normalized if residual is None else normalized + residual
+    activated = ns(pre).maximum(pre, 0)
+    if not directions:
+        return normalized, activated, None, sigma
+    if injected is not None:
+        tangent = tangent + injected
+    if residual_tangent is not None:
+        tangent = tangent + residual_tangent
+    return normalized, activated, tangent * (pre > 0), sigma
+
+
 _CONTRACTS = {  # contract -> (kernel module, reference)
     "layer_norm_forward": ("layer_norm", reference_layer_norm_forward),
     "layer_norm_jacobian": ("layer_norm", reference_layer_norm_jacobian),
     "normalize_epilogue": ("normalize_epilogue", reference_normalize_epilogue),
+    "normalize_relu": ("normalize_epilogue", reference_normalize_relu),
 }
 
 
@@ -336,4 +368,153 @@ def grouped_linear_layer_norm(x, weight, bias=None, *, eps=1e-5, return_sigma=Fa
     return (y, sigma) if return_sigma else y
 
 
-TABLE.update({p.name: p for p in (_layer_norm, _grouped_linear, _grouped_linear_layer_norm)})
+# ---------------------------------------------------------------------------------------
+# a hidden layer to its activation: [grouped linear ->] LN -> (+ injected tangent) -> (+ residual) -> ReLU
+# ---------------------------------------------------------------------------------------
+def _normalize_relu(value, tangent, bias, bias_tangent, residual, residual_tangent, injected, eps, directions,
+                    shape):
+    """``normalize_relu`` on the GEMM layout value [G, M, c] (tangent [G, K, M, c]); the other
+    arrays in the layer's ``shape`` (lead + (G, c)).  Returns (a, ȧ or None, (h, σ [..., 1]))."""
+    groups, rows, width = value.shape
+
+    def grid(array, lead):
+        return None if array is None else array.reshape(lead + (rows, groups, width))
+    value, tangent, bias, bias_tangent, residual, residual_tangent = _common(
+        value, tangent, bias, bias_tangent, grid(residual, ()), grid(residual_tangent, (directions,)))
+    injected = _like(grid(injected, (directions,)), value)  # a tangent: it never changes the value's dtype
+    h, a, a_tangent, sigma = implementation("normalize_relu", value)(
+        value, tangent, bias, bias_tangent, injected, residual, residual_tangent, eps, directions)
+    return (a.reshape(shape), None if a_tangent is None else a_tangent.reshape((directions,) + shape),
+            (h.reshape(shape), sigma.reshape(shape[:-1] + (1,))))
+
+
+def _layer_norm_relu_value_and_jvp(tangents, x, residual=None, eps=1e-5, injected=None):
+    x_tangent, residual_tangent = tangents
+    directions = _num_directions(list(tangents) + [injected])
+    width = x.shape[-1]
+    rows = x.size // width
+    tangent = None if x_tangent is None else x_tangent.reshape(1, directions, rows, width)
+    return _normalize_relu(x.reshape(1, rows, width), tangent, None, None, residual, residual_tangent, injected,
+                           eps, directions, x.shape)
+
+
+def _grouped_linear_layer_norm_relu_value_and_jvp(tangents, x, weight, bias=None, residual=None, eps=1e-5,
+                                                  injected=None):
+    x_tangent, weight_tangent, bias_tangent, residual_tangent = tangents
+    x_major = _group_major(x)
+    directions = _num_directions(list(tangents) + [injected])
+    return _normalize_relu(x_major @ weight, _grouped_tangent_raw(x_tangent, weight_tangent, x_major, weight), bias,
+                           bias_tangent, residual, residual_tangent, injected, eps, directions,
+                           x.shape[:-2] + (weight.shape[0], weight.shape[2]))
+
+
+def _relu_pullback(g, out, residuals):
+    """(z̄, p̄) for a = relu(p), p = LN(z) + r: p̄ = g·[a > 0] and z̄ = J(h, σ) p̄."""
+    normalized, sigma = residuals
+    pre_bar = g * (out > 0)
+    z_bar = implementation("layer_norm_jacobian", normalized)(normalized, sigma, _like(pre_bar, normalized)[None])[0]
+    return z_bar, pre_bar
+
+
+def _layer_norm_relu_vjp(g, out, x, residual=None, eps=1e-5, injected=None, *, residuals):
+    z_bar, pre_bar = _relu_pullback(g, out, residuals)
+    return [z_bar, None if residual is None else pre_bar]
+
+
+def _grouped_linear_layer_norm_relu_vjp(g, out, x, weight, bias=None, residual=None, eps=1e-5, injected=None, *,
+                                        residuals):
+    z_bar, pre_bar = _relu_pullback(g, out, residuals)
+    return _grouped_linear_vjp(z_bar, out, x, weight, bias) + [None if residual is None else pre_bar]
+
+
+_layer_norm_relu = _fused("layer_norm_relu", _layer_norm_relu_value_and_jvp, vjp=_layer_norm_relu_vjp)
+_grouped_linear_layer_norm_relu = _fused("grouped_linear_layer_norm_relu",
+                                         _grouped_linear_layer_norm_relu_value_and_jvp,
+                                         vjp=_grouped_linear_layer_norm_relu_vjp)
+
+
+def _activate(primitive, args, params, injected, unfused):
+    """``(a, h, σ)`` from ``primitive`` with ``injected`` (a [K, ...] tangent, or None) added to h's
+    tangent.  The injection rides in the fused pass when no input has a tangent and none is on a
+    tape (the first perturbed layer), or when the inputs' tangents carry K directions of their own;
+    any other case (a taped input without a tangent, a single-direction tangent, another K) runs
+    ``unfused()``, the same function from separate primitives."""
+    if injected is None:
+        a, residuals = primitive.apply(*args, **params)
+        return (a,) + residuals
+    tag = top_tag(args)
+    if tag is None:
+        a, a_tangent, residuals = primitive.value_and_jvp([None] * len(args), *args, injected=injected, **params)
+        return (Dual._make(a, a_tangent),) + residuals
+    _, tangents, _, single = split(primitive.name, args, tag)
+    directions = {t.shape[0] for t in tangents if t is not None}
+    if not single and directions == {injected.shape[0]}:
+        a, residuals = primitive.apply(*args, injected=injected, **params)
+        return (a,) + residuals
+    if not single and injected.shape[0] != 1 and 1 not in directions:
+        raise ValueError(f"{primitive.name}: the inputs carry {directions.pop()} tangent directions and injected "
+                         f"{injected.shape[0]}; give injected the same K (or K = 1)")
+    return unfused()
+
+
+def _unfused_activation(h, sigma, residual, injected):
+    pre = add_tangent(h, injected)
+    return relu(pre if residual is None else pre + residual), value_of(h), sigma
+
+
+def layer_norm_relu(x, residual=None, *, injected=None, eps=1e-5):
+    """A hidden layer's norm and activation in one fused op: a = relu(h + r), h = LN(x).
+
+    x: array or Dual [..., c]; residual r: None or like x; ``injected``: None or an array
+    [K, ..., c] added to h's tangent (FG-A's noise at the normalised pre-activation; the output
+    then carries a tangent even when x has none).  Tangents: ȧ = (J ẋ + u + ṙ)·[h + r > 0].
+    Returns ``(a, h, sigma)``: a of x's shape (a Dual when anything carries a tangent or a tape),
+    h the normalised pre-activation and σ [..., 1], plain arrays (``layer_norm_pullback(h, σ, δ)``
+    is the norm's exact reverse pass).  Reverse mode: ā → p̄ = ā·[a > 0] → x̄ = J p̄, r̄ = p̄.
+    """
+    shape = _shape(x)
+    _check_normalized("layer_norm_relu", shape, eps)
+    _check_floating("layer_norm_relu", x=x)
+    _check_residual_and_injected("layer_norm_relu", residual, injected, shape)
+
+    def unfused():
+        return _unfused_activation(*layer_norm(x, eps, return_sigma=True), residual, injected)
+    return _activate(_layer_norm_relu, (x, residual), dict(eps=float(eps)), injected, unfused)
+
+
+def grouped_linear_layer_norm_relu(x, weight, bias=None, residual=None, *, injected=None, eps=1e-5):
+    """``layer_norm_relu`` after a grouped linear layer, as one fused op: a = relu(h + r) with
+    h = LN(grouped_linear(x, W, b)) (``grouped_linear_layer_norm``).
+
+    x [..., G, c_in], W [G, c_in, c_out], b [G, c_out] or None, residual None or [..., G, c_out]
+    (arrays or Duals); ``injected`` None or [K, ..., G, c_out].  Returns ``(a, h, sigma)`` as
+    ``layer_norm_relu`` does, σ [..., G, 1].  The GEMMs run in BLAS/cuBLAS, then one epilogue
+    pass makes h, a and ȧ for the value and all K tangents.
+    """
+    shape = _check_grouped("grouped_linear_layer_norm_relu", x, weight, bias)
+    _check_normalized("grouped_linear_layer_norm_relu", shape, eps)
+    _check_floating("grouped_linear_layer_norm_relu", x=x, W=weight)
+    _check_residual_and_injected("grouped_linear_layer_norm_relu", residual, injected, shape)
+
+    def unfused():
+        h, sigma = grouped_linear_layer_norm(x, weight, bias, eps=eps, return_sigma=True)
+        return _unfused_activation(h, sigma, residual, injected)
+    return _activate(_grouped_linear_layer_norm_relu, (x, weight, bias, residual), dict(eps=float(eps)),
+                     injected, unfused)
+
+
+def grouped_output_shape(x, weight):
+    """The shape of ``grouped_linear(x, W)``: x [..., G, c_in], W [G, c_in, c_out] -> [..., G, c_out]."""
+    return _shape(x)[:-2] + (_shape(weight)[0], _shape(weight)[2])
+
+
+def _check_residual_and_injected(name, residual, injected, shape):
+    if residual is not None and _shape(residual) != shape:
+        raise ValueError(f"{name}: residual has shape {_shape(residual)}; expected the layer's output shape {shape}")
+    if injected is not None and (numpy.ndim(injected) != len(shape) + 1 or numpy.shape(injected)[1:] != shape):
+        raise ValueError(f"{name}: injected has shape {numpy.shape(injected)}; expected (K,) + the layer's output "
+                         f"shape {shape}")
+
+
+TABLE.update({p.name: p for p in (_layer_norm, _grouped_linear, _grouped_linear_layer_norm, _layer_norm_relu,
+                                  _grouped_linear_layer_norm_relu)})

@@ -35,6 +35,8 @@ ELSEWHERE = {
     "grouped_linear": "tests/test_fused.py",
     "layer_norm": "tests/test_fused.py",
     "grouped_linear_layer_norm": "tests/test_fused.py",
+    "layer_norm_relu": "tests/test_fused.py",
+    "grouped_linear_layer_norm_relu": "tests/test_fused.py",
     "replicated_cross_entropy": "tests/test_losses.py",
     "replicated_info_nce": "tests/test_losses.py",
     "conv2d": "tests/test_conv.py",

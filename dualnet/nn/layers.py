@@ -109,6 +109,8 @@ def layer_norm(x, eps=1e-5):
 
 # Layers with a fused form of "the layer, then its local LN": (x, W, b) -> (LN(fn(x, W, b)), σ).
 grouped.layer_norm = lambda x, weight, bias=None: fused.grouped_linear_layer_norm(x, weight, bias, return_sigma=True)
+grouped.layer_norm_relu = fused.grouped_linear_layer_norm_relu
+grouped.output_shape = fused.grouped_output_shape
 
 
 def normalized(fn, x, weights, feedback=None):
@@ -123,6 +125,32 @@ def normalized(fn, x, weights, feedback=None):
     if fused_form is not None and feedback is None:
         return fused_form(x, *weights)
     return fused.layer_norm(linear_map(fn, x, weights, feedback), return_sigma=True)
+
+
+def normalized_relu(fn, x, weights, feedback=None, residual=None, perturb=None):
+    """``((a, h, sigma), u)``: a = relu(h + residual) with h = LN(fn(x, *weights)) and σ [..., 1]
+    as in ``normalized``, and u = ``perturb(shape, dtype)`` (None or a [K, ...] tangent) added to
+    h's tangent between the norm and the activation (FG-A's 'pre' site).
+
+    The norm, u, the residual add and the ReLU run as one fused op, for the value and all
+    tangents (``fused.layer_norm_relu``); a grouped layer without ``feedback`` folds its GEMMs in
+    too (``fn.layer_norm_relu``).  h and σ are plain arrays: the exact pull-back to z is
+    ``fused.layer_norm_pullback(h, σ, δ)``.
+    """
+    fused_form = getattr(fn, "layer_norm_relu", None)
+    if fused_form is not None and feedback is None:
+        dtype = _result_type(x, weights[0])
+        u = None if perturb is None else perturb(fn.output_shape(x, weights[0]), dtype)
+        return fused_form(x, *weights, residual=residual, injected=u), u
+    z = linear_map(fn, x, weights, feedback)
+    u = None if perturb is None else perturb(value_of(z).shape, value_of(z).dtype)
+    return fused.layer_norm_relu(z, residual, injected=u), u
+
+
+def _result_type(*arrays):
+    """The dtype NumPy (or CuPy) gives an operation on ``arrays`` (Duals' values)."""
+    values = [value_of(a) for a in arrays]
+    return backend.namespace(*values).result_type(*values)
 
 
 class RankStatistics(NamedTuple):

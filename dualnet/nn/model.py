@@ -21,7 +21,7 @@ from .. import autodiff, backend, fused, losses
 from .. import primitives as P
 from ..dual import value_of
 from . import init as initialisers
-from .layers import layer_norm, linear, linear_map, normalized
+from .layers import layer_norm, linear, linear_map, normalized, normalized_relu
 from .plan import Context, Layer, Plan, Point
 
 ROLES = ("weight", "bias", "norm")
@@ -324,9 +324,11 @@ class Model:
 
         Records a ``Point`` so rules can read the layer; applies the plan's feedback weights to
         ``fn`` when the plan names this layer's weight (feedback alignment).  With the local
-        ``layer_norm`` as ``normalize``, the layer and its LN run as ``layers.normalized`` (one
-        fused op for a grouped layer) and the point keeps the LN's σ, not z: its pull-back to z is
-        ``layer_norm_pullback(h, σ, δ)``, no second LN pass.
+        ``layer_norm`` as ``normalize`` and ReLU as ``activation``, everything from the norm to the
+        activation ('pre' tangent and residual included) is one fused pass,
+        ``layers.normalized_relu`` (a grouped layer's GEMMs folded in); with another activation the
+        layer and its LN run as ``layers.normalized``.  Either way the point keeps the LN's σ, not
+        z: its pull-back to z is ``layer_norm_pullback(h, σ, δ)``, no second LN pass.
         """
         if ctx.plan.layer_hook is not None:
             fn, normalize = ctx.plan.layer_hook(Layer(k, name, fn, normalize, tuple(param_names),
@@ -334,18 +336,25 @@ class Model:
         weights = [params[p] for p in param_names]
         norm_weights = [params[p] for p in norm_param_names]
         feedback = ctx.plan.feedback.get(param_names[0])
-        if normalize is layer_norm:
-            h, sigma = normalized(fn, x, weights, feedback)
-            to_z = _layer_norm_pullback(value_of(h), sigma)
+        if normalize is layer_norm and activation is P.relu:  # one fused pass from the norm to the activation
+            (a, h, sigma), u_pre = normalized_relu(
+                fn, x, weights, feedback, residual, lambda shape, dtype: ctx.tangent_at(k, name, "pre", shape, dtype))
+            to_z, pre_activation = _layer_norm_pullback(h, sigma), a  # a > 0 exactly where h + residual > 0
         else:
-            z = linear_map(fn, x, weights, feedback)
-            h = normalize(z, *norm_weights) if normalize is not None else z
-            to_z = None if normalize is None else _pullback(normalize, value_of(z), [value_of(w) for w in norm_weights],
-                                                            list(norm_param_names))
-        # the fused LN and relu make their output tangents afresh: the noise goes into them in place
-        h, u_pre = ctx.inject(k, name, "pre", h, fresh=normalize is layer_norm)
-        pre_activation = h if residual is None else h + residual
-        a = activation(pre_activation)
+            if normalize is layer_norm:
+                h, sigma = normalized(fn, x, weights, feedback)
+                to_z = _layer_norm_pullback(value_of(h), sigma)
+            else:
+                z = linear_map(fn, x, weights, feedback)
+                h = normalize(z, *norm_weights) if normalize is not None else z
+                to_z = None if normalize is None else _pullback(normalize, value_of(z),
+                                                                [value_of(w) for w in norm_weights],
+                                                                list(norm_param_names))
+            # the fused LN makes its output tangent afresh: the noise goes into it in place
+            h, u_pre = ctx.inject(k, name, "pre", h, fresh=normalize is layer_norm)
+            pre_activation = h if residual is None else h + residual
+            a = activation(pre_activation)
+        # relu and the fused pass make their output tangents afresh
         a, u_post = ctx.inject(k, name, "post", a, fresh=activation is P.relu)
         if not ctx.plan.record_points and ctx.plan.on_point is None:
             return a

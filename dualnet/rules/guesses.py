@@ -93,13 +93,13 @@ import numpy
 
 from .. import autodiff, backend, losses
 from .. import primitives as P
-from ..dual import Dual, value_of
+from ..dual import Dual, add_tangent, value_of
 from ..nn import init as initialisers
 from ..nn.aux_heads import POOL  # images are pooled to POOL × POOL before an aux net's linear layers
 from ..nn.conv import adaptive_avg_pool2d, conv2d, flatten
 from ..nn.layers import layer_norm, linear, norm_example_pullback, norm_example_tangent
 from ..nn.model import ParamSpec
-from ..nn.plan import Plan, Site, add_tangent
+from ..nn.plan import Plan, Site
 from .base import Estimate, Rule, mean_value
 from .forward import _batch_means, _gaussian, _head_grads, _tangent, example_noise, signs
 

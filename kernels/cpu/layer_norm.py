@@ -52,15 +52,19 @@ def _moments(u, du, w, dw, mean):
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _normalize(value, tangent, bias, bias_tangent, groups, rows, width, directions, has_tangent, eps, out,
-               out_tangent, sigma):
-    """Row kernel on flat C-ordered arrays (an absent tangent is empty, its flag False):
+def _normalize(value, tangent, bias, bias_tangent, injected, residual, residual_tangent, groups, rows, width,
+               directions, has_tangent, has_injected, has_residual, has_residual_tangent, relu, eps, out,
+               out_tangent, sigma, activated):
+    """Row kernel on flat C-ordered arrays (an absent input is a zero row [c], its flag False):
 
     value [G, M, c]; tangent [G, K, M, c]; bias [G, c] (zeros when absent); bias_tangent
     [K, G, c] (zeros when absent).  Writes out [M, G, c], out_tangent [K, M, G, c] and sigma
     [M, G].  Per row (m, g): a = value + bias, out = (a − mean a)/σ, out_tangent_k =
-    J(tangent_k + bias_tangent_k).  Every loop runs over a contiguous row view of length c, so
-    LLVM vectorises it.
+    J(tangent_k + bias_tangent_k).  With ``relu`` the row goes on through the activation:
+    activated [M, G, c] = relu(out + residual) and out_tangent_k = (J(...) + injected_k +
+    residual_tangent_k)·[out + residual > 0], the activation's tangent (injected and
+    residual_tangent [K, M, G, c], residual [M, G, c]).  Every loop runs over a contiguous row
+    view of length c, so LLVM vectorises it.
     """
     plane = rows * groups * width
     for flat in numba.prange(rows * groups):
@@ -75,8 +79,16 @@ def _normalize(value, tangent, bias, bias_tangent, groups, rows, width, directio
         sigma[flat] = std
         for j in range(width):
             o[j] = (v[j] + b[j] - mean) * inverse
+        act = _row(activated, flat, width, relu)
+        if relu:
+            res = _row(residual, flat, width, has_residual)
+            for j in range(width):
+                pre = o[j] + res[j]
+                act[j] = 0.0 if pre <= 0 else pre  # NaN stays NaN, as in relu
         for k in range(directions):
             ot = out_tangent[k * plane + flat * width:k * plane + (flat + 1) * width]
+            shift = _row(injected, k * rows * groups + flat, width, has_injected)
+            residual_shift = _row(residual_tangent, k * rows * groups + flat, width, has_residual_tangent)
             if has_tangent:
                 t0 = ((g * directions + k) * rows + m) * width
                 t = tangent[t0:t0 + width]
@@ -84,10 +96,26 @@ def _normalize(value, tangent, bias, bias_tangent, groups, rows, width, directio
                 total, moment = _moments(t, bt, v, b, mean)
                 tangent_mean = total / width
                 projection = moment * inverse / width  # mean(y · tangent)
+                if relu:
+                    for j in range(width):
+                        linear = (t[j] + bt[j] - tangent_mean - o[j] * projection) * inverse
+                        pre = linear + shift[j] + residual_shift[j]
+                        ot[j] = pre if act[j] > 0 else pre * 0.0  # as tangent·[pre > 0]: NaN stays NaN
+                else:
+                    for j in range(width):
+                        ot[j] = (t[j] + bt[j] - tangent_mean - (v[j] + b[j] - mean) * inverse * projection) * inverse
+            elif relu:
                 for j in range(width):
-                    ot[j] = (t[j] + bt[j] - tangent_mean - (v[j] + b[j] - mean) * inverse * projection) * inverse
+                    pre = shift[j] + residual_shift[j]
+                    ot[j] = pre if act[j] > 0 else pre * 0.0  # as tangent·[pre > 0]: NaN stays NaN
             else:
                 ot[:] = 0.0
+
+
+@numba.njit(inline="always")
+def _row(array, index, width, present):
+    """Row ``index`` of a flat [..., c] array, or the zero row [c] that stands for an absent one."""
+    return array[index * width:(index + 1) * width] if present else array[:width]
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -109,21 +137,18 @@ def _jacobian(normalized, sigma, vectors, zeros, directions, rows, width, out):
             o[j] = (v[j] - vector_mean - y[j] * projection) * inverse
 
 
-def empty(dtype, ndim):
-    """A zero-length array: how an absent optional input reaches ``_normalize``."""
-    return np.empty((0,) * ndim, dtype)
-
-
-def run_normalize(value, tangent, bias, bias_tangent, eps, directions):
+def run_normalize(value, tangent, bias, bias_tangent, eps, directions, injected=None, residual=None,
+                  residual_tangent=None, relu=False):
     """Call ``_normalize``; ``None`` marks an absent input.  Any layout, one float dtype.
 
-    Shapes as in ``_normalize``; returns (out [M, G, c], out_tangent [K, M, G, c], sigma [M, G]).
+    Shapes as in ``_normalize``; returns (out [M, G, c], out_tangent [K, M, G, c], sigma [M, G],
+    activated [M, G, c] or None); with ``relu`` out_tangent is the activation's tangent.
     """
     dtype = value.dtype
     groups, rows, width = value.shape
 
     def flat(array):
-        return empty(dtype, 1) if array is None else np.ascontiguousarray(array, dtype=dtype).reshape(-1)
+        return np.zeros(width, dtype) if array is None else np.ascontiguousarray(array, dtype=dtype).reshape(-1)
     if tangent is None and bias_tangent is not None:
         tangent = np.zeros((groups, directions, rows, width), dtype)
     bias = np.zeros((groups, width), dtype) if bias is None else bias
@@ -131,10 +156,14 @@ def run_normalize(value, tangent, bias, bias_tangent, eps, directions):
     out = np.empty((rows, groups, width), dtype)
     out_tangent = np.empty((directions, rows, groups, width), dtype)
     sigma = np.empty((rows, groups), dtype)
+    activated = np.empty((rows, groups, width), dtype) if relu else None
     with threads_for(value.size * (1 + directions)):
-        _normalize(flat(value), flat(tangent), flat(bias), flat(bias_tangent), groups, rows, width, directions,
-                   tangent is not None, float(eps), out.reshape(-1), out_tangent.reshape(-1), sigma.reshape(-1))
-    return out, out_tangent, sigma
+        _normalize(flat(value), flat(tangent), flat(bias), flat(bias_tangent), flat(injected), flat(residual),
+                   flat(residual_tangent), groups, rows, width, directions, tangent is not None,
+                   injected is not None, residual is not None, residual_tangent is not None, relu, float(eps),
+                   out.reshape(-1), out_tangent.reshape(-1), sigma.reshape(-1),
+                   flat(None) if activated is None else activated.reshape(-1))
+    return out, out_tangent, sigma, activated
 
 
 def layer_norm_forward(x, tangent, eps):
@@ -147,7 +176,8 @@ def layer_norm_forward(x, tangent, eps):
     rows = x.size // width
     directions = 0 if tangent is None else tangent.shape[0]
     rows_tangent = None if tangent is None else tangent.reshape(1, directions, rows, width)
-    out, out_tangent, sigma = run_normalize(x.reshape(1, rows, width), rows_tangent, None, None, eps, directions)
+    out, out_tangent, sigma, _ = run_normalize(x.reshape(1, rows, width), rows_tangent, None, None, eps,
+                                               directions)
     y_tangent = None if tangent is None else out_tangent.reshape((directions,) + x.shape)
     return out.reshape(x.shape), y_tangent, sigma.reshape(x.shape[:-1] + (1,))
 

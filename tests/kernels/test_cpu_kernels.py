@@ -123,6 +123,80 @@ def test_normalize_epilogue_non_contiguous_gemm_layout(rng):
         assert_close(a, e, np.float64)
 
 
+def normalize_relu_inputs(rng, dtype, groups, rows, width, directions, present):
+    """Arguments of the normalize_relu contract; ``present`` flags its six optional arrays (tangent, bias,
+    bias_tangent, injected, residual, residual_tangent); ``directions`` becomes 0 when no tangent is present."""
+    value, tangent, bias, bias_tangent, _, _ = epilogue_inputs(rng, dtype, groups, rows, width, directions,
+                                                               present[:3])
+
+    def make(*shape):
+        return (rng.standard_normal(shape) * 2).astype(dtype)
+    candidates = (make(directions, rows, groups, width), make(rows, groups, width),
+                  make(directions, rows, groups, width))
+    injected, residual, residual_tangent = (c if p else None for c, p in zip(candidates, present[3:]))
+    moving = any(present[i] for i in (0, 2, 3, 5))
+    return (value, tangent, bias, bias_tangent, injected, residual, residual_tangent, 1e-5,
+            directions if moving else 0)
+
+
+def assert_normalize_relu_agrees(call, dtype):
+    actual, expected = epilogue_kernels.normalize_relu(*call), fused.reference_normalize_relu(*call)
+    assert len(actual) == len(expected) == 4
+    for a, e in zip(actual, expected):
+        assert_close(a, e, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("directions", [1, 3])
+def test_normalize_relu_every_combination_of_inputs(rng, dtype, directions):
+    for present in itertools.product([False, True], repeat=6):
+        assert_normalize_relu_agrees(normalize_relu_inputs(rng, dtype, 3, 5, 7, directions, present), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("groups, rows, width, directions", [(1, 1, 1, 1), (1, 6, 33, 3), (4, 3, 1, 3),
+                                                             (2, 0, 3, 1), (16, 130, 32, 3), (1, 300, 257, 1)])
+def test_normalize_relu_shapes(rng, dtype, groups, rows, width, directions):
+    for present in [(True,) * 6, (False, True, False, True, True, False), (True, False, True, False, False, True)]:
+        assert_normalize_relu_agrees(normalize_relu_inputs(rng, dtype, groups, rows, width, directions, present),
+                                     dtype)
+
+
+def test_normalize_relu_on_all_threads_and_non_contiguous_inputs(rng, monkeypatch):
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_ELEMENTS", 0)
+    assert_normalize_relu_agrees(normalize_relu_inputs(rng, np.float64, 4, 65, 9, 2, (True,) * 6), np.float64)
+    value = rng.standard_normal((5, 3, 4)).transpose(1, 0, 2)          # [G=3, M=5, c=4], not contiguous
+    tangent = rng.standard_normal((2, 5, 3, 4)).transpose(2, 0, 1, 3)   # [G, K, M, c]
+    injected, residual, residual_tangent = (strided(rng, shape, np.float64)
+                                            for shape in ((2, 5, 3, 4), (5, 3, 4), (2, 5, 3, 4)))
+    assert_normalize_relu_agrees((value, tangent, None, None, injected, residual, residual_tangent, 1e-5, 2),
+                                 np.float64)
+
+
+def nan_call(rng, dtype):
+    """normalize_relu arguments with a NaN in one value row (its whole LN row is NaN) and one in the residual."""
+    call = list(normalize_relu_inputs(rng, dtype, 2, 4, 5, 2, (True, True, False, True, True, True)))
+    call[0][1, 2, 3] = np.nan   # value [G, M, c]: row (m=2, g=1)
+    call[5][0, 0, 1] = np.nan   # residual [M, G, c]: one element of row (m=0, g=0)
+    return call
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_normalize_relu_nan_stays_nan_in_the_value(rng, dtype):
+    call = nan_call(rng, dtype)
+    h, a, _, sigma = epilogue_kernels.normalize_relu(*call)
+    h_ref, a_ref, _, sigma_ref = fused.reference_normalize_relu(*call)
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(a_ref))
+    assert np.isnan(a[2, 1]).all() and np.isnan(a[0, 0, 1]) and np.isnan(a).sum() == 6
+    for actual, expected in ((h, h_ref), (a, a_ref), (sigma, sigma_ref)):
+        assert_close(actual, expected, dtype)
+
+
+def test_normalize_relu_nan_rows_tangent_agrees_with_the_reference(rng):
+    call = nan_call(rng, np.float64)
+    assert_close(epilogue_kernels.normalize_relu(*call)[2], fused.reference_normalize_relu(*call)[2], np.float64)
+
+
 # ---------------------------------------------------------------------------------------
 # dispatch
 # ---------------------------------------------------------------------------------------
@@ -132,6 +206,8 @@ def test_auto_mode_dispatches_to_the_kernels(monkeypatch):
     assert fused.implementation("layer_norm_forward", x) is layer_norm_kernels.layer_norm_forward
     assert fused.implementation("layer_norm_jacobian", x) is layer_norm_kernels.layer_norm_jacobian
     assert fused.implementation("normalize_epilogue", x) is epilogue_kernels.normalize_epilogue
+    assert fused.implementation("normalize_relu", x) is epilogue_kernels.normalize_relu
+    assert fused.implementation("normalize_relu", x.astype(np.float16)) is fused.reference_normalize_relu
     assert fused.implementation("layer_norm_forward", x.astype(np.float16)) is fused.reference_layer_norm_forward
     monkeypatch.setattr(cpu, "available", lambda: False)
     assert fused.implementation("layer_norm_forward", x) is fused.reference_layer_norm_forward
@@ -147,7 +223,7 @@ def _forbid_kernels(monkeypatch):
             raise AssertionError(f"kernel {name} called")
         return kernel
     for module, name in [(layer_norm_kernels, "layer_norm_forward"), (layer_norm_kernels, "layer_norm_jacobian"),
-                         (epilogue_kernels, "normalize_epilogue")]:
+                         (epilogue_kernels, "normalize_epilogue"), (epilogue_kernels, "normalize_relu")]:
         monkeypatch.setattr(module, name, forbidden(name))
     return calls
 
@@ -161,6 +237,11 @@ def _exercise_every_fused_op(rng):
     dn.vjp(fused.grouped_linear_layer_norm, x, weight)[1](x)
     y, sigma = fused.layer_norm(x, return_sigma=True)
     fused.layer_norm_pullback(y, sigma, x)
+    fused.layer_norm_relu(dn.Dual(x, t), x, injected=t)
+    fused.layer_norm_relu(x, injected=t[:1])
+    dn.vjp(lambda a, r: fused.layer_norm_relu(a, r)[0], x, x)[1](x)
+    fused.grouped_linear_layer_norm_relu(dn.Dual(x, t), weight, None, x, injected=t)
+    dn.vjp(lambda a, w: fused.grouped_linear_layer_norm_relu(a, w)[0], x, weight)[1](x)
 
 
 def test_reference_mode_bypasses_the_kernels(monkeypatch, rng):
@@ -177,15 +258,40 @@ def test_kernels_and_reference_agree_through_the_public_ops(monkeypatch, rng):
     x, t = rng.standard_normal((8, 4, 6)).astype(np.float32), rng.standard_normal((3, 8, 4, 6)).astype(np.float32)
     weight = rng.standard_normal((4, 6, 6)).astype(np.float32)
     bias = rng.standard_normal((4, 6)).astype(np.float32)
+    residual, u, c = (rng.standard_normal(shape).astype(np.float32) for shape in ((8, 4, 6), (3, 8, 4, 6), (8, 4, 6)))
 
     def run():
         out = fused.grouped_linear_layer_norm(dn.Dual(x, t), weight, bias)
-        return out.value, out.tangent
+        a, h, sigma = fused.layer_norm_relu(dn.Dual(x, t), dn.Dual(residual, u), injected=u)
+        b, g, tau = fused.grouped_linear_layer_norm_relu(dn.Dual(x, t), weight, bias, residual, injected=u)
+        first, _, _ = fused.layer_norm_relu(x, residual, injected=u)
+        grads = dn.grad(lambda p, w, r: dn.sum(fused.grouped_linear_layer_norm_relu(p, w, bias, r)[0] * c),
+                        argnums=(0, 1, 2))(x, weight, residual)
+        return (out.value, out.tangent, a.value, a.tangent, h, sigma, b.value, b.tangent, g, tau, first.value,
+                first.tangent, *grads)
     monkeypatch.setenv("DUALNET_KERNELS", "reference")
     expected = run()
     monkeypatch.setenv("DUALNET_KERNELS", "auto")
-    for a, e in zip(run(), expected):
+    actual = run()
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
         assert_close(a, e, np.float32)
+
+
+def test_the_public_relu_ops_run_the_normalize_relu_kernel(monkeypatch, rng):
+    calls = []
+    kernel = epilogue_kernels.normalize_relu
+
+    def spy(*args):
+        calls.append(args[0].dtype)
+        return kernel(*args)
+    monkeypatch.setattr(epilogue_kernels, "normalize_relu", spy)
+    monkeypatch.setenv("DUALNET_KERNELS", "auto")
+    x, t = rng.standard_normal((4, 2, 3)).astype(np.float32), rng.standard_normal((2, 4, 2, 3)).astype(np.float32)
+    fused.layer_norm_relu(dn.Dual(x, t), x, injected=t)
+    weight, u = rng.standard_normal((2, 3, 5)).astype(np.float32), rng.standard_normal((2, 4, 2, 5)).astype(np.float32)
+    fused.grouped_linear_layer_norm_relu(x, weight, injected=u)
+    assert calls == [np.float32, np.float32]
 
 
 def test_small_calls_run_on_one_thread_and_restore_the_pool():

@@ -15,7 +15,7 @@ NVCC = shutil.which("nvcc")
 SOURCES = sorted(pathlib.Path(cuda.SOURCE_DIR).glob("*.cu"))
 LAUNCHED = {  # source -> kernels its launcher module fetches with cuda.function
     "layer_norm": ("layer_norm_forward", "layer_norm_jacobian"),
-    "normalize_epilogue": ("normalize_epilogue",),
+    "normalize_epilogue": ("normalize_epilogue", "normalize_relu"),
     "replicated_loss": ("replica_tangent", "replica_cotangent"),
     "sgd": ("sgd_update",),
 }

@@ -32,6 +32,7 @@ TESTED = {  # kernel (without _f32/_f64) -> the test below that runs it through 
     "layer_norm_forward": "test_layer_norm",
     "layer_norm_jacobian": "test_layer_norm",
     "normalize_epilogue": "test_normalize_epilogue",
+    "normalize_relu": "test_normalize_relu",
     "replica_tangent": "test_replica_tangent",
     "replica_cotangent": "test_replica_cotangent",
     "sgd_update": "test_sgd_update",
@@ -105,6 +106,27 @@ def check_normalize_epilogue(cp, rng, dtype, groups, rows, width, directions, co
             assert_close(a, e, dtype, width)
 
 
+def check_normalize_relu(cp, rng, dtype, groups, rows, width, directions, combinations):
+    """normalize_relu vs fused.reference_normalize_relu for each presence pattern of the six
+    optional operands in ``combinations`` (tuples of 6 booleans)."""
+    launcher = cuda.load("normalize_epilogue")
+
+    def make(*shape):
+        return (rng.standard_normal(shape) * 2).astype(dtype)
+    value = make(groups, rows, width)
+    per_direction = (directions, rows, groups, width)
+    candidates = (make(groups, directions, rows, width), make(groups, width), make(directions, groups, width),
+                  make(*per_direction), make(rows, groups, width), make(*per_direction))
+    for present in combinations:
+        optional = [c if p else None for c, p in zip(candidates, present)]
+        k = directions if any(optional[i] is not None for i in (0, 2, 3, 5)) else 0
+        expected = fused.reference_normalize_relu(value, *optional, EPS, k)
+        actual = launcher.normalize_relu(cp.asarray(value), *[None if a is None else cp.asarray(a) for a in optional],
+                                         EPS, k)
+        for a, e in zip(actual, expected):
+            assert_close(a, e, dtype, width)
+
+
 def check_replica_tangent(cp, rng, dtype, shape, head_directions):
     """replica_tangent (fresh and accumulating into ``out``) vs losses.replica_tangent_reference."""
     launcher = cuda.load("replicated_loss")
@@ -172,6 +194,19 @@ def test_normalize_epilogue(device, rng, dtype, groups, rows, width, directions)
     combinations = EVERY_COMBINATION if device.geometry is None else (EVERY_COMBINATION[0], EVERY_COMBINATION[-1])
     check_normalize_epilogue(cupy, rng, dtype, groups, rows, width, directions, combinations)
     assert launched(device, dtype) == {"normalize_epilogue"}
+
+
+EVERY_RELU_COMBINATION = tuple(itertools.product([False, True], repeat=6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("groups, rows, width, directions", [(3, 5, 7, 1), (2, 9, 45, 3), (1, 2, 33, 1)])
+def test_normalize_relu(device, rng, dtype, groups, rows, width, directions):
+    import cupy
+    combinations = (EVERY_RELU_COMBINATION if device.geometry is None
+                    else (EVERY_RELU_COMBINATION[0], EVERY_RELU_COMBINATION[21], EVERY_RELU_COMBINATION[-1]))
+    check_normalize_relu(cupy, rng, dtype, groups, rows, width, directions, combinations)
+    assert launched(device, dtype) == {"normalize_relu"}
 
 
 REPLICA_SHAPES = [(1, 1, 1, 1, 1), (4, 2, 5, 3, 37), (1, 3, 2, 16, 32), (4, 1, 3, 2, 70)]  # K, N, P, G, c
@@ -365,7 +400,8 @@ def test_arguments_are_checked_against_the_parsed_signature(probe, position, bad
 
 def test_signatures_are_parsed_after_macro_expansion(cuda_harness):
     signatures = cuda_harness.kernel_signatures(cuda.source("normalize_epilogue"))
-    assert set(signatures) == {"normalize_epilogue_f32", "normalize_epilogue_f64"}
+    assert set(signatures) == {f"{kernel}_{suffix}" for kernel in ("normalize_epilogue", "normalize_relu")
+                               for suffix in ("f32", "f64")}
     params = signatures["normalize_epilogue_f32"]
     assert [p.name for p in params][:5] == ["value", "tangent", "bias", "bias_tangent", "groups"]
     assert [(p.pointer, p.const, str(p.dtype)) for p in params[3:5]] == [(True, True, "float32"),
