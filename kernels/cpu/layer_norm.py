@@ -5,9 +5,10 @@ Normalisation is over the last axis, without affine parameters:
 symmetric, ``J v = (v - mean(v) - y mean(y v)) / sigma``, so the same product gives tangents
 (forward mode) and cotangents (the pull-back).
 
-``_normalize`` is the one row kernel behind both LN forward paths; besides plain LN it adds a
-per-group bias before the normalisation and reads the grouped GEMM layout ``[G, M, c]`` while
-writing ``[M, G, c]`` (see ``normalize_epilogue``).
+``_normalize`` is the one row kernel behind every LN forward path; besides plain LN it adds a
+per-group bias before the normalisation, reads the grouped GEMM layout ``[G, M, c]`` while
+writing ``[M, G, c]``, and can go on through a hidden layer's activation (an injected tangent,
+a residual, the ReLU: ``normalize_epilogue.normalize_relu``).
 Statistics are accumulated in float64 for both float32 and float64 inputs.
 
 Public functions follow the contracts of the NumPy references in ``dualnet.fused``.
