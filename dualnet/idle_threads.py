@@ -61,7 +61,7 @@ def let_openblas_workers_sleep():
     _openblas_asked = True
     from threadpoolctl import ThreadpoolController
     for controller in ThreadpoolController().lib_controllers:
-        library = controller.dynlib
+        library = getattr(controller, "dynlib", None)  # threadpoolctl's handle on the loaded library
         read_env = getattr(library, "openblas_read_env", None)
         stop_workers = getattr(library, "blas_thread_shutdown_", None)
         if (controller.internal_api != "openblas" or controller.threading_layer != "pthreads"
