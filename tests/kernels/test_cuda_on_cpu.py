@@ -267,6 +267,10 @@ def test_launchers_reject_shapes_that_would_index_out_of_bounds(fake_cupy):
         epilogue.normalize_epilogue(cupy.zeros((2, 3, 5)), None, cupy.zeros((2, 4)), None, EPS, 0)
     with pytest.raises(ValueError, match=r"bias_tangent must be \(1, 2, 5\)"):
         epilogue.normalize_epilogue(cupy.zeros((2, 3, 5)), None, None, cupy.zeros((2, 2, 5)), EPS, 1)
+    with pytest.raises(ValueError, match=r"normalize_relu.*residual must be \(3, 2, 5\)"):
+        epilogue.normalize_relu(cupy.zeros((2, 3, 5)), None, None, None, None, cupy.zeros((2, 3, 5)), None, EPS, 0)
+    with pytest.raises(ValueError, match=r"normalize_relu.*injected must be \(1, 3, 2, 5\)"):
+        epilogue.normalize_relu(cupy.zeros((2, 3, 5)), None, None, None, cupy.zeros((1, 2, 3, 5)), None, None, EPS, 1)
     with pytest.raises(ValueError, match="head must be"):
         replicated_loss.replica_tangent(cupy.zeros((3, 2, 1, 1, 4)), cupy.zeros((2, 1, 4)), 1.0, cupy.zeros((2, 2)))
     assert fake_cupy.launches == []
