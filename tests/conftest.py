@@ -22,6 +22,24 @@ def rng():
     return np.random.default_rng(0)
 
 
+@pytest.fixture
+def normalize_relu_arguments(rng):
+    """``arguments(dtype, groups, rows, width, directions, present)``: random host arguments of the
+    ``normalize_relu`` kernel contract (``dualnet.fused.reference_normalize_relu``); ``present``
+    flags its six optional arrays (tangent, bias, bias_tangent, injected, residual,
+    residual_tangent), and K becomes 0 when none of the four tangents is present."""
+    def arguments(dtype, groups, rows, width, directions, present):
+        def make(*shape):
+            return (rng.standard_normal(shape) * 2).astype(dtype)
+        per_direction = (directions, rows, groups, width)
+        candidates = (make(groups, directions, rows, width), make(groups, width), make(directions, groups, width),
+                      make(*per_direction), make(rows, groups, width), make(*per_direction))
+        moving = any(present[i] for i in (0, 2, 3, 5))
+        return (make(groups, rows, width), *(c if p else None for c, p in zip(candidates, present)), 1e-5,
+                directions if moving else 0)
+    return arguments
+
+
 # ---------------------------------------------------------------------------------------
 # CUDA on the CPU (tests/kernels/cuda_harness; docs/cuda_on_cpu.md)
 # ---------------------------------------------------------------------------------------

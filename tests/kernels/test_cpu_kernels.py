@@ -123,22 +123,6 @@ def test_normalize_epilogue_non_contiguous_gemm_layout(rng):
         assert_close(a, e, np.float64)
 
 
-def normalize_relu_inputs(rng, dtype, groups, rows, width, directions, present):
-    """Arguments of the normalize_relu contract; ``present`` flags its six optional arrays (tangent, bias,
-    bias_tangent, injected, residual, residual_tangent); ``directions`` becomes 0 when no tangent is present."""
-    value, tangent, bias, bias_tangent, _, _ = epilogue_inputs(rng, dtype, groups, rows, width, directions,
-                                                               present[:3])
-
-    def make(*shape):
-        return (rng.standard_normal(shape) * 2).astype(dtype)
-    candidates = (make(directions, rows, groups, width), make(rows, groups, width),
-                  make(directions, rows, groups, width))
-    injected, residual, residual_tangent = (c if p else None for c, p in zip(candidates, present[3:]))
-    moving = any(present[i] for i in (0, 2, 3, 5))
-    return (value, tangent, bias, bias_tangent, injected, residual, residual_tangent, 1e-5,
-            directions if moving else 0)
-
-
 def assert_normalize_relu_agrees(call, dtype):
     actual, expected = epilogue_kernels.normalize_relu(*call), fused.reference_normalize_relu(*call)
     assert len(actual) == len(expected) == 4
@@ -148,23 +132,23 @@ def assert_normalize_relu_agrees(call, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("directions", [1, 3])
-def test_normalize_relu_every_combination_of_inputs(rng, dtype, directions):
+def test_normalize_relu_every_combination_of_inputs(normalize_relu_arguments, dtype, directions):
     for present in itertools.product([False, True], repeat=6):
-        assert_normalize_relu_agrees(normalize_relu_inputs(rng, dtype, 3, 5, 7, directions, present), dtype)
+        assert_normalize_relu_agrees(normalize_relu_arguments(dtype, 3, 5, 7, directions, present), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("groups, rows, width, directions", [(1, 1, 1, 1), (1, 6, 33, 3), (4, 3, 1, 3),
                                                              (2, 0, 3, 1), (16, 130, 32, 3), (1, 300, 257, 1)])
-def test_normalize_relu_shapes(rng, dtype, groups, rows, width, directions):
+def test_normalize_relu_shapes(normalize_relu_arguments, dtype, groups, rows, width, directions):
     for present in [(True,) * 6, (False, True, False, True, True, False), (True, False, True, False, False, True)]:
-        assert_normalize_relu_agrees(normalize_relu_inputs(rng, dtype, groups, rows, width, directions, present),
+        assert_normalize_relu_agrees(normalize_relu_arguments(dtype, groups, rows, width, directions, present),
                                      dtype)
 
 
-def test_normalize_relu_on_all_threads_and_non_contiguous_inputs(rng, monkeypatch):
+def test_normalize_relu_on_all_threads_and_non_contiguous_inputs(rng, normalize_relu_arguments, monkeypatch):
     monkeypatch.setattr(cpu, "PARALLEL_MIN_ELEMENTS", 0)
-    assert_normalize_relu_agrees(normalize_relu_inputs(rng, np.float64, 4, 65, 9, 2, (True,) * 6), np.float64)
+    assert_normalize_relu_agrees(normalize_relu_arguments(np.float64, 4, 65, 9, 2, (True,) * 6), np.float64)
     value = rng.standard_normal((5, 3, 4)).transpose(1, 0, 2)          # [G=3, M=5, c=4], not contiguous
     tangent = rng.standard_normal((2, 5, 3, 4)).transpose(2, 0, 1, 3)   # [G, K, M, c]
     injected, residual, residual_tangent = (strided(rng, shape, np.float64)
@@ -173,17 +157,18 @@ def test_normalize_relu_on_all_threads_and_non_contiguous_inputs(rng, monkeypatc
                                  np.float64)
 
 
-def nan_call(rng, dtype):
-    """normalize_relu arguments with a NaN in one value row (its whole LN row is NaN) and one in the residual."""
-    call = list(normalize_relu_inputs(rng, dtype, 2, 4, 5, 2, (True, True, False, True, True, True)))
+def nan_call(arguments, dtype):
+    """normalize_relu arguments (from the ``normalize_relu_arguments`` fixture) with a NaN in one value row (its
+    whole LN row is NaN) and one in the residual."""
+    call = list(arguments(dtype, 2, 4, 5, 2, (True, True, False, True, True, True)))
     call[0][1, 2, 3] = np.nan   # value [G, M, c]: row (m=2, g=1)
     call[5][0, 0, 1] = np.nan   # residual [M, G, c]: one element of row (m=0, g=0)
     return call
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_normalize_relu_nan_stays_nan_in_the_value(rng, dtype):
-    call = nan_call(rng, dtype)
+def test_normalize_relu_nan_stays_nan_in_the_value(normalize_relu_arguments, dtype):
+    call = nan_call(normalize_relu_arguments, dtype)
     h, a, _, sigma = epilogue_kernels.normalize_relu(*call)
     h_ref, a_ref, _, sigma_ref = fused.reference_normalize_relu(*call)
     np.testing.assert_array_equal(np.isnan(a), np.isnan(a_ref))
@@ -192,8 +177,8 @@ def test_normalize_relu_nan_stays_nan_in_the_value(rng, dtype):
         assert_close(actual, expected, dtype)
 
 
-def test_normalize_relu_nan_rows_tangent_agrees_with_the_reference(rng):
-    call = nan_call(rng, np.float64)
+def test_normalize_relu_nan_rows_tangent_agrees_with_the_reference(normalize_relu_arguments):
+    call = nan_call(normalize_relu_arguments, np.float64)
     assert_close(epilogue_kernels.normalize_relu(*call)[2], fused.reference_normalize_relu(*call)[2], np.float64)
 
 

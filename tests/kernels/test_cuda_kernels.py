@@ -77,22 +77,13 @@ def test_normalize_epilogue_every_combination(cp, kernels, rng, dtype, groups, r
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("groups, rows, width, directions", [(3, 5, 7, 2), (16, 130, 32, 1), (1, 9, 300, 1)])
-def test_normalize_relu_every_combination(cp, kernels, rng, dtype, groups, rows, width, directions):
+def test_normalize_relu_every_combination(cp, kernels, normalize_relu_arguments, dtype, groups, rows, width,
+                                          directions):
     _, epilogue_kernels = kernels
-
-    def make(*shape):
-        return (rng.standard_normal(shape) * 2).astype(dtype)
-    value = make(groups, rows, width)
-    per_direction = (directions, rows, groups, width)
-    candidates = (make(groups, directions, rows, width), make(groups, width), make(directions, groups, width),
-                  make(*per_direction), make(rows, groups, width), make(*per_direction))
     for present in itertools.product([False, True], repeat=6):
-        optional = [c if p else None for c, p in zip(candidates, present)]
-        k = directions if any(optional[i] is not None for i in (0, 2, 3, 5)) else 0
-        expected = fused.reference_normalize_relu(value, *optional, 1e-5, k)
-        actual = epilogue_kernels.normalize_relu(
-            cp.asarray(value), *[None if a is None else cp.asarray(a) for a in optional], 1e-5, k)
-        for a, e in zip(actual, expected):
+        call = normalize_relu_arguments(dtype, groups, rows, width, directions, present)
+        actual = epilogue_kernels.normalize_relu(*[cp.asarray(a) if isinstance(a, np.ndarray) else a for a in call])
+        for a, e in zip(actual, fused.reference_normalize_relu(*call)):
             assert_close(a, e, dtype)
 
 

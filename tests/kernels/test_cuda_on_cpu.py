@@ -106,24 +106,15 @@ def check_normalize_epilogue(cp, rng, dtype, groups, rows, width, directions, co
             assert_close(a, e, dtype, width)
 
 
-def check_normalize_relu(cp, rng, dtype, groups, rows, width, directions, combinations):
+def check_normalize_relu(cp, arguments, dtype, groups, rows, width, directions, combinations):
     """normalize_relu vs fused.reference_normalize_relu for each presence pattern of the six
-    optional operands in ``combinations`` (tuples of 6 booleans)."""
+    optional operands in ``combinations`` (tuples of 6 booleans); ``arguments``: the
+    ``normalize_relu_arguments`` fixture."""
     launcher = cuda.load("normalize_epilogue")
-
-    def make(*shape):
-        return (rng.standard_normal(shape) * 2).astype(dtype)
-    value = make(groups, rows, width)
-    per_direction = (directions, rows, groups, width)
-    candidates = (make(groups, directions, rows, width), make(groups, width), make(directions, groups, width),
-                  make(*per_direction), make(rows, groups, width), make(*per_direction))
     for present in combinations:
-        optional = [c if p else None for c, p in zip(candidates, present)]
-        k = directions if any(optional[i] is not None for i in (0, 2, 3, 5)) else 0
-        expected = fused.reference_normalize_relu(value, *optional, EPS, k)
-        actual = launcher.normalize_relu(cp.asarray(value), *[None if a is None else cp.asarray(a) for a in optional],
-                                         EPS, k)
-        for a, e in zip(actual, expected):
+        call = arguments(dtype, groups, rows, width, directions, present)
+        actual = launcher.normalize_relu(*[cp.asarray(a) if isinstance(a, np.ndarray) else a for a in call])
+        for a, e in zip(actual, fused.reference_normalize_relu(*call)):
             assert_close(a, e, dtype, width)
 
 
@@ -201,11 +192,11 @@ EVERY_RELU_COMBINATION = tuple(itertools.product([False, True], repeat=6))
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("groups, rows, width, directions", [(3, 5, 7, 1), (2, 9, 45, 3), (1, 2, 33, 1)])
-def test_normalize_relu(device, rng, dtype, groups, rows, width, directions):
+def test_normalize_relu(device, normalize_relu_arguments, dtype, groups, rows, width, directions):
     import cupy
     combinations = (EVERY_RELU_COMBINATION if device.geometry is None
                     else (EVERY_RELU_COMBINATION[0], EVERY_RELU_COMBINATION[21], EVERY_RELU_COMBINATION[-1]))
-    check_normalize_relu(cupy, rng, dtype, groups, rows, width, directions, combinations)
+    check_normalize_relu(cupy, normalize_relu_arguments, dtype, groups, rows, width, directions, combinations)
     assert launched(device, dtype) == {"normalize_relu"}
 
 
