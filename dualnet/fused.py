@@ -181,7 +181,12 @@ def _check_grouped(name, x, weight, bias):
                          f"with matching G and c_in")
     if bias is not None and _shape(bias) != (w_shape[0], w_shape[2]):
         raise ValueError(f"{name}: b has shape {_shape(bias)}; expected [G, c_out] = {(w_shape[0], w_shape[2])}")
-    return x_shape[:-2] + (w_shape[0], w_shape[2])
+    return grouped_output_shape(x, weight)
+
+
+def grouped_output_shape(x, weight):
+    """The shape of ``grouped_linear(x, W)``: x [..., G, c_in], W [G, c_in, c_out] -> [..., G, c_out]."""
+    return _shape(x)[:-2] + (_shape(weight)[0], _shape(weight)[2])
 
 
 def _common(*arrays):
@@ -198,12 +203,17 @@ def _like(array, reference):
     return None if array is None else array.astype(reference.dtype, copy=False)
 
 
+def _jacobian_times(normalized, sigma, g):
+    """J g for one cotangent g at the LN output y = ``normalized`` with its residual σ (the vjp of every LN op)."""
+    return implementation("layer_norm_jacobian", normalized)(normalized, sigma, _like(g, normalized)[None])[0]
+
+
 def _layer_norm_value_and_jvp(tangents, x, eps=1e-5):
     return implementation("layer_norm_forward", x)(x, _like(tangents[0], x), eps)
 
 
 def _layer_norm_vjp(g, out, x, eps=1e-5, *, residuals):
-    return [implementation("layer_norm_jacobian", out)(out, residuals, _like(g, out)[None])[0]]
+    return [_jacobian_times(out, residuals, g)]
 
 
 _layer_norm = _fused("layer_norm", _layer_norm_value_and_jvp, vjp=_layer_norm_vjp)
@@ -342,8 +352,7 @@ def _grouped_linear_layer_norm_value_and_jvp(tangents, x, weight, bias=None, eps
 
 def _grouped_linear_layer_norm_vjp(g, out, x, weight, bias=None, eps=1e-5, *, residuals):
     """z̄ = J(y, σ) g with y = out and σ the forward pass's residual, then the grouped linear's vjp."""
-    z_bar = implementation("layer_norm_jacobian", out)(out, residuals, _like(g, out)[None])[0]
-    return _grouped_linear_vjp(z_bar, out, x, weight, bias)
+    return _grouped_linear_vjp(_jacobian_times(out, residuals, g), out, x, weight, bias)
 
 
 _grouped_linear_layer_norm = _fused("grouped_linear_layer_norm", _grouped_linear_layer_norm_value_and_jvp,
@@ -405,15 +414,14 @@ def _grouped_linear_layer_norm_relu_value_and_jvp(tangents, x, weight, bias=None
     directions = _num_directions(list(tangents) + [injected])
     return _normalize_relu(x_major @ weight, _grouped_tangent_raw(x_tangent, weight_tangent, x_major, weight), bias,
                            bias_tangent, residual, residual_tangent, injected, eps, directions,
-                           x.shape[:-2] + (weight.shape[0], weight.shape[2]))
+                           grouped_output_shape(x, weight))
 
 
 def _relu_pullback(g, out, residuals):
     """(z̄, p̄) for a = relu(p), p = LN(z) + r: p̄ = g·[a > 0] and z̄ = J(h, σ) p̄."""
     normalized, sigma = residuals
     pre_bar = g * (out > 0)
-    z_bar = implementation("layer_norm_jacobian", normalized)(normalized, sigma, _like(pre_bar, normalized)[None])[0]
-    return z_bar, pre_bar
+    return _jacobian_times(normalized, sigma, pre_bar), pre_bar
 
 
 def _layer_norm_relu_vjp(g, out, x, residual=None, eps=1e-5, injected=None, *, residuals):
@@ -501,11 +509,6 @@ def grouped_linear_layer_norm_relu(x, weight, bias=None, residual=None, *, injec
         return _unfused_activation(h, sigma, residual, injected)
     return _activate(_grouped_linear_layer_norm_relu, (x, weight, bias, residual), dict(eps=float(eps)),
                      injected, unfused)
-
-
-def grouped_output_shape(x, weight):
-    """The shape of ``grouped_linear(x, W)``: x [..., G, c_in], W [G, c_in, c_out] -> [..., G, c_out]."""
-    return _shape(x)[:-2] + (_shape(weight)[0], _shape(weight)[2])
 
 
 def _check_residual_and_injected(name, residual, injected, shape):
