@@ -1,7 +1,7 @@
 """dualnet vs JAX and PyTorch forward mode on the same machine, in the same run.
 
-    python benchmarks/peers.py            # 200 timed steps per measurement
-    python benchmarks/peers.py --quick    # 30 steps (under 5 minutes)
+    python benchmarks/peers.py            # 7 rounds of 40 timed steps per measurement (~1 minute)
+    python benchmarks/peers.py --quick    # 3 rounds of 20 steps
 
 One FG-A training step on the MLP 784-800-800-800-10 (ReLU, no norm), batch 128, float32:
 Gaussian noise u_l at every hidden pre-activation, one forward-mode pass giving the per-example
@@ -11,13 +11,18 @@ read-out gradient; and one BP step of the same net.  Implementations:
   jax            jax.jit of a jax.jvp step (and of jax.grad for BP)
   torch_fwad     torch.autograd.forward_ad dual tensors
   torch_func     torch.func.jvp
-plus the GEMM-bound limit: 3 × the forward FLOPs at the GEMM rate measured here (numpy float32).
+plus the floor under dualnet's MLP steps: their matrix products alone, back to back, in the
+same layouts (``gemm_sequences``).  A ``*_jax_over_dualnet_gemms`` ratio under 1 means JAX's
+whole step takes less time than the GEMMs that dualnet's step hands to NumPy's BLAS.
 The LocalMixer M/1/16 LG-FG-A step is timed against its own BP step (dualnet only).
-Each framework runs in its own process with 2 threads; the machine is shared and noisy, so only
-the ratios measured in one run mean anything.  The workers run with OPENBLAS_CORETYPE and
-OPENBLAS_L2_SIZE unset (they force older OpenBLAS kernels on some CPUs); where the calling
-environment sets them, the FG-A steps of dualnet and JAX are timed again under it
-(``default_environment``).  Each worker records its BLAS libraries (threadpoolctl: library,
+Each framework runs in its own process with 2 threads, started once and kept.  The machine is
+shared and drifts by tens of percent within minutes, so the workers take turns: in every round
+each (framework, step) is timed once (the median of ``--repeats`` steps), the order reversed from
+one round to the next and a short pause between measurements, and each ratio is the median over
+the rounds of the ratio within a round (``ratio_ranges``: its smallest and largest).  The workers
+run with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset (they force older OpenBLAS kernels on some
+CPUs); where the calling environment sets them, the FG-A steps of dualnet and JAX are timed
+again under it (``default_environment``).  Each worker records its BLAS libraries (threadpoolctl: library,
 kernel architecture, threads), and the load average is recorded before and after.  Prints one
 JSON object.
 """
@@ -53,32 +58,56 @@ def _data(np):
     return x, y
 
 
-def worker_dualnet(repeats):
+def steps_dualnet():
     import numpy as np
 
     from dualnet import models, optim, rules
     x, y = _data(np)
     x = x.reshape(BATCH, 1, 28, 28)
-    out = {}
+    steps = {}
     for label, model, names in [
             ("mlp", models.create("mlp", hidden=800, layers=4, batch_norm=False), ("fg-a", "bp")),
             ("mixer", models.create("localmixer", config="M/1/16"), ("lg-fg-a", "bp"))]:
         for name in names:
             params, rule, sgd = model.init(0), rules.create(name), optim.SGD(1e-3)
             rng = np.random.default_rng(0)
-            out[f"{label}_{name}"] = median_ms(lambda: sgd.step(params, rule(model, params, x, y, rng).grads), repeats)
-    # the GEMM rate of this machine, float32, on the MLP's own GEMM shapes
-    mats = [np.random.default_rng(1).standard_normal(s).astype(np.float32)
-            for s in [(BATCH, 784), (784, 800), (BATCH, 800), (800, 800)]]
-    flops = 2 * BATCH * (784 * 800 + 800 * 800)
-    gemm_ms = median_ms(lambda: (mats[0] @ mats[1], mats[2] @ mats[3]), repeats)
-    forward_flops = 2 * BATCH * sum(a * b for a, b in zip(SIZES, SIZES[1:]))
-    out["gemm_gflops"] = flops / gemm_ms / 1e6
-    out["gemm_bound_fga"] = 3 * forward_flops / (out["gemm_gflops"] * 1e6)
-    return out
+            steps[f"{label}_{name}"] = (lambda params=params, rule=rule, sgd=sgd, model=model, rng=rng:
+                                        sgd.step(params, rule(model, params, x, y, rng).grads))
+    steps["mlp_fg-a_gemms"], steps["mlp_bp_gemms"] = gemm_sequences(np)
+    return steps
 
 
-def worker_jax(repeats):
+def gemm_sequences(np):
+    """(FG-A, BP): the matrix products of dualnet's MLP steps alone, back to back, in its operand
+    layouts (weights [in, out], x rows) — the floor under its steps with NumPy's BLAS.
+
+    FG-A: x W1, then per later layer one GEMM of the value rows stacked on the tangent rows
+    [2N, in] W, then the weight gradients hᵀδ.  BP: the four forward products, then per layer
+    δ Wᵀ (not for the first) and hᵀδ."""
+    rng = np.random.default_rng(1)
+    weights = [rng.standard_normal((a, b), dtype=np.float32) for a, b in zip(SIZES, SIZES[1:])]
+    inputs = [rng.standard_normal((BATCH, a), dtype=np.float32) for a in SIZES[:-1]]
+    stacked = [rng.standard_normal((2 * BATCH, a), dtype=np.float32) for a in SIZES[1:-1]]
+    deltas = [rng.standard_normal((BATCH, b), dtype=np.float32) for b in SIZES[1:]]
+
+    def fga():
+        inputs[0] @ weights[0]
+        for rows, w in zip(stacked, weights[1:]):
+            rows @ w
+        for h, delta in zip(inputs, deltas):
+            h.T @ delta
+
+    def bp():
+        for h, w in zip(inputs, weights):
+            h @ w
+        for layer in reversed(range(len(weights))):
+            inputs[layer].T @ deltas[layer]
+            if layer:
+                deltas[layer] @ weights[layer].T
+    return fga, bp
+
+
+def steps_jax():
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -118,11 +147,11 @@ def worker_jax(repeats):
         return jax.tree_util.tree_map(lambda p, g: p - 1e-3 * g, params, grads)
 
     key = jax.random.PRNGKey(1)
-    return {"mlp_fg-a": median_ms(lambda: jax.block_until_ready(fga_step(params, x, key)), repeats),
-            "mlp_bp": median_ms(lambda: jax.block_until_ready(bp_step(params, x)), repeats)}
+    return {"mlp_fg-a": lambda: jax.block_until_ready(fga_step(params, x, key)),
+            "mlp_bp": lambda: jax.block_until_ready(bp_step(params, x))}
 
 
-def worker_torch(repeats):
+def steps_torch():
     import numpy as np
     import torch
     import torch.autograd.forward_ad as fwAD
@@ -182,11 +211,10 @@ def worker_torch(repeats):
             w.requires_grad_(False)
             b.requires_grad_(False)
 
-    return {"mlp_fg-a_fwad": median_ms(fwad_step, repeats), "mlp_fg-a_func": median_ms(func_step, repeats),
-            "mlp_bp": median_ms(bp_step, repeats)}
+    return {"mlp_fg-a_fwad": fwad_step, "mlp_fg-a_func": func_step, "mlp_bp": bp_step}
 
 
-WORKERS = {"dualnet": worker_dualnet, "jax": worker_jax, "torch": worker_torch}
+WORKERS = {"dualnet": steps_dualnet, "jax": steps_jax, "torch": steps_torch}
 
 
 def blas_libraries():
@@ -196,55 +224,140 @@ def blas_libraries():
             for pool in threadpool_info()]
 
 
-def run_worker(name, repeats, unset_blas_overrides=True):
-    env = dict(os.environ, OMP_NUM_THREADS=THREADS, OPENBLAS_NUM_THREADS=THREADS, MKL_NUM_THREADS=THREADS,
-               NUMBA_NUM_THREADS=THREADS,
-               XLA_FLAGS=f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={THREADS}")
-    if unset_blas_overrides:
-        env = {k: v for k, v in env.items() if k not in BLAS_OVERRIDES}
-    done = subprocess.run([sys.executable, __file__, "--worker", name, "--repeats", str(repeats)], env=env,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
-    return json.loads(done.stdout)
+def serve(name):
+    """A worker: build ``name``'s steps, report ready with the BLAS libraries, then answer each
+    request line ``<label> <repeats>`` with the median of that many steps (after 3 untimed)."""
+    steps = WORKERS[name]()
+    for step in steps.values():  # compiles, and loads every thread pool the steps use
+        step()
+    print(json.dumps({"ready": sorted(steps), "blas": blas_libraries()}), flush=True)
+    for line in sys.stdin:
+        label, repeats = line.split()
+        print(json.dumps({"ms": median_ms(steps[label], int(repeats), warmup=3)}), flush=True)
+
+
+class Worker:
+    """One framework's ``serve`` process, with 2 threads and, unless ``unset_blas_overrides`` is
+    false, OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset."""
+
+    def __init__(self, name, unset_blas_overrides=True):
+        env = dict(os.environ, OMP_NUM_THREADS=THREADS, OPENBLAS_NUM_THREADS=THREADS, MKL_NUM_THREADS=THREADS,
+                   NUMBA_NUM_THREADS=THREADS,
+                   XLA_FLAGS=f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={THREADS}")
+        if unset_blas_overrides:
+            env = {k: v for k, v in env.items() if k not in BLAS_OVERRIDES}
+        self.name = name
+        self.process = subprocess.Popen([sys.executable, __file__, "--serve", name], env=env, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.ready = self._answer()
+
+    def _answer(self):
+        line = self.process.stdout.readline()
+        if not line:
+            error = self.process.stderr.read().strip().splitlines()
+            raise RuntimeError(error[-1] if error else f"{self.name}: the worker stopped")
+        return json.loads(line)
+
+    def time(self, label, repeats):
+        self.process.stdin.write(f"{label} {repeats}\n")
+        self.process.stdin.flush()
+        return self._answer()["ms"]
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+
+
+RATIOS = {  # name -> (numerator, denominator) as (worker, label)
+    "fga_dualnet_over_jax": (("dualnet", "mlp_fg-a"), ("jax", "mlp_fg-a")),
+    "bp_dualnet_over_jax": (("dualnet", "mlp_bp"), ("jax", "mlp_bp")),
+    "fga_dualnet_over_torch_fwad": (("dualnet", "mlp_fg-a"), ("torch", "mlp_fg-a_fwad")),
+    "fga_dualnet_over_torch_func": (("dualnet", "mlp_fg-a"), ("torch", "mlp_fg-a_func")),
+    "bp_dualnet_over_torch": (("dualnet", "mlp_bp"), ("torch", "mlp_bp")),
+    "fga_dualnet_over_its_gemms": (("dualnet", "mlp_fg-a"), ("dualnet", "mlp_fg-a_gemms")),
+    "fga_jax_over_dualnet_gemms": (("jax", "mlp_fg-a"), ("dualnet", "mlp_fg-a_gemms")),
+    "bp_dualnet_over_its_gemms": (("dualnet", "mlp_bp"), ("dualnet", "mlp_bp_gemms")),
+    "bp_jax_over_dualnet_gemms": (("jax", "mlp_bp"), ("dualnet", "mlp_bp_gemms")),
+    "fga_dualnet_over_bp_dualnet": (("dualnet", "mlp_fg-a"), ("dualnet", "mlp_bp")),
+    "mixer_lgfga_over_bp_dualnet": (("dualnet", "mixer_lg-fg-a"), ("dualnet", "mixer_bp")),
+}
+
+
+def _median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def measure(workers, rounds, repeats, pause):
+    """Every (worker, label) timed once per round, the order reversed from one round to the next,
+    with ``pause`` seconds between measurements (an idle worker's BLAS threads stop spinning);
+    returns {(worker, label): [ms per round]}."""
+    order = [(name, label) for name, worker in workers.items() for label in worker.ready["ready"]]
+    times = {key: [] for key in order}
+    for round_index in range(rounds):
+        for name, label in order if round_index % 2 == 0 else reversed(order):
+            time.sleep(pause)
+            times[name, label].append(workers[name].time(label, repeats))
+    return times
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--worker", choices=WORKERS)
+    parser.add_argument("--serve", choices=WORKERS)
+    parser.add_argument("--rounds", type=int)
     parser.add_argument("--repeats", type=int)
+    parser.add_argument("--pause", type=float, default=0.2)
     args = parser.parse_args()
-    repeats = args.repeats or (30 if args.quick else 200)
-    if args.worker:
-        print(json.dumps({**WORKERS[args.worker](repeats), "blas": blas_libraries()}))
+    if args.serve:
+        serve(args.serve)
         return
+    rounds = args.rounds or (3 if args.quick else 7)
+    repeats = args.repeats or (20 if args.quick else 40)
     load_before = os.getloadavg()[0]
-    result = {name: run_worker(name, repeats) for name in WORKERS}
+    workers, errors = {}, {}
+    for name in WORKERS:
+        try:
+            workers[name] = Worker(name)
+        except RuntimeError as error:
+            errors[name] = str(error)
+    try:
+        times = measure(workers, rounds, repeats, args.pause)
+    finally:
+        for worker in workers.values():
+            worker.close()
+    ratios, ranges = {}, {}
+    for key, (numerator, denominator) in RATIOS.items():
+        if numerator in times and denominator in times:
+            per_round = [a / b for a, b in zip(times[numerator], times[denominator])]
+            ratios[key] = round(_median(per_round), 3)
+            ranges[key] = [round(min(per_round), 3), round(max(per_round), 3)]
     default = {}
     if any(name in os.environ for name in BLAS_OVERRIDES):  # the machine's own setting, for the record
-        for name in ("dualnet", "jax"):
-            part = run_worker(name, repeats, unset_blas_overrides=False)
-            default[name] = {"mlp_fg-a_ms": part.get("mlp_fg-a"), "blas": part.get("blas")}
+        machine = {name: Worker(name, unset_blas_overrides=False) for name in ("dualnet", "jax")}
+        try:
+            fga = measure({name: _only(worker, "mlp_fg-a") for name, worker in machine.items()}, rounds, repeats,
+                          args.pause)
+        finally:
+            for worker in machine.values():
+                worker.close()
+        default = {name: {"mlp_fg-a_ms": round(_median(fga[name, "mlp_fg-a"]), 3), "blas": worker.ready["blas"]}
+                   for name, worker in machine.items()}
+        default["fga_dualnet_over_jax"] = round(_median(
+            [a / b for a, b in zip(fga["dualnet", "mlp_fg-a"], fga["jax", "mlp_fg-a"])]), 3)
         default["overrides"] = {name: os.environ.get(name) for name in BLAS_OVERRIDES}
-    ms = {f"{k}_{name}": v for name, part in result.items() for k, v in part.items() if isinstance(v, float)}
-    ratios = {}
-    pairs = {"fga_dualnet_over_jax": ("mlp_fg-a_dualnet", "mlp_fg-a_jax"),
-             "fga_dualnet_over_torch_fwad": ("mlp_fg-a_dualnet", "mlp_fg-a_fwad_torch"),
-             "fga_dualnet_over_torch_func": ("mlp_fg-a_dualnet", "mlp_fg-a_func_torch"),
-             "fga_dualnet_over_gemm_bound": ("mlp_fg-a_dualnet", "gemm_bound_fga_dualnet"),
-             "bp_dualnet_over_jax": ("mlp_bp_dualnet", "mlp_bp_jax"),
-             "bp_dualnet_over_torch": ("mlp_bp_dualnet", "mlp_bp_torch"),
-             "fga_dualnet_over_bp_dualnet": ("mlp_fg-a_dualnet", "mlp_bp_dualnet"),
-             "mixer_lgfga_over_bp_dualnet": ("mixer_lg-fg-a_dualnet", "mixer_bp_dualnet")}
-    for key, (a, b) in pairs.items():
-        if a in ms and b in ms:
-            ratios[key] = round(ms[a] / ms[b], 3)
-    errors = {name: part["error"] for name, part in result.items() if "error" in part}
-    print(json.dumps({"ms": {k: round(v, 3) for k, v in ms.items()}, "ratios": ratios, "errors": errors,
-                      "repeats": repeats, "blas": {name: part.get("blas") for name, part in result.items()},
+    print(json.dumps({"ms": {f"{label}_{name}": round(_median(values), 3) for (name, label), values in times.items()},
+                      "ratios": ratios, "ratio_ranges": ranges, "errors": errors, "rounds": rounds,
+                      "repeats": repeats, "blas": {name: worker.ready["blas"] for name, worker in workers.items()},
                       "default_environment": default, "load_average": [load_before, os.getloadavg()[0]]},
                      indent=2))
+
+
+def _only(worker, label):
+    """``worker`` measured on ``label`` alone."""
+    worker.ready = {**worker.ready, "ready": [label]}
+    return worker
 
 
 if __name__ == "__main__":
