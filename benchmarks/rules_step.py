@@ -4,8 +4,10 @@
     python benchmarks/rules_step.py --quick    # fewer repeats
     python benchmarks/rules_step.py --configs M/1/16,M/8/16 --rules bp,fg-w,fg-a,lg-fg-a   # M/8/16 on 32×32×3
 
-A step = the rule's gradient estimate + an SGD update, float32, on random MNIST-shaped data.
-Prints one JSON object: median milliseconds per step and ``<rule>_over_bp`` ratios.
+A step = the rule's gradient estimate + an SGD update, float32, on random MNIST-shaped data.  On
+each model the rules take turns, one step each, so that the machine's drift (tens of percent
+within a minute on a shared VM) reaches every rule alike.  Prints one JSON object: median
+milliseconds per step and ``<rule>_over_bp`` ratios.
 """
 import argparse
 import json
@@ -21,21 +23,27 @@ RULES = ["bp", "l-bp", "lg-bp", "fa", "l-fa", "lg-fa", "dfa", "dkp", "fdfa", "fg
          "guess"]  # every rule, on both models (guess: its defaults, a local guess for the global target)
 
 
-def time_rule(model, name, x, y, repeats, warmup=2):
-    params = model.init(0)
-    rule = rules.create(name)
-    rule.setup(model, params, 0)
+def time_rules(model, names, x, y, repeats, warmup=2):
+    """Median ms per step of each rule in ``names``, the rules taking turns step by step (the
+    order reversed every round), so that the machine's drift reaches them alike."""
     optimizer = optim.SGD(0.0)
-    state = model.init_state()
-    times = []
+    runs = {}
+    for name in names:
+        params = model.init(0)
+        rule = rules.create(name)
+        rule.setup(model, params, 0)
+        runs[name] = (rule, params, model.init_state())
+    times = {name: [] for name in names}
     for i in range(warmup + repeats):
-        rng = np.random.default_rng(i)
-        start = time.perf_counter()
-        estimate = rule(model, params, x, y, rng, state)
-        optimizer.step(params, estimate.grads)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        for name in names if i % 2 == 0 else reversed(names):
+            rule, params, state = runs[name]
+            rng = np.random.default_rng(i)
+            start = time.perf_counter()
+            estimate = rule(model, params, x, y, rng, state)
+            optimizer.step(params, estimate.grads)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
 
 def suites(configs):
@@ -55,8 +63,8 @@ def run(quick=False, configs=("M/1/16",), rule_names=RULES, repeats=None):
     result = {}
     for label, model, shape in suites(configs):
         x = rng.standard_normal((128,) + shape).astype(np.float32)
-        for name in rule_names:
-            result[f"{label}_{name}_ms"] = round(time_rule(model, name, x, y, repeats), 2)
+        for name, ms in time_rules(model, rule_names, x, y, repeats).items():
+            result[f"{label}_{name}_ms"] = round(ms, 2)
         for name in rule_names:
             if name != "bp":
                 result[f"{label}_{name}_over_bp"] = round(result[f"{label}_{name}_ms"] / result[f"{label}_bp_ms"], 3)
