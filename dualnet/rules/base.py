@@ -8,6 +8,7 @@ matrices, auxiliary nets) keep them in ``rule.state`` and round-trip them throug
 """
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from math import prod
 
 import numpy
 
@@ -230,37 +231,57 @@ def alignment(estimate, exact):
     return report
 
 
-def expand_replicas(d, shape, replica):
-    """Map loss derivatives onto a layer's units, keeping the leading direction axis K.
+def replica_factors(d, shape, replica):
+    """The loss derivatives that reach a layer's units: ``(factors [K, N, A], B)``, where unit
+    block a of example n (B consecutive units of its flattened units, A·B of them) takes
+    factors[k, n, a] in direction k.
 
     ``d`` is [K, N] (one loss per example) or [K, N, P, G] (replicated losses); ``shape`` is the
-    layer's [N, ...] shape.  'example': Σ over P and G; 'token' (layer [N, P, C]): Σ over G,
-    shared by the patch's channels; 'own' (layer [N, P, C] or [N, P, G, c]): the units of group
-    g in patch p take d[n, p, g].  Returns an array that broadcasts against [K] + shape.
+    layer's [N, ...] shape.  'example': Σ over P and G (A = 1); 'token' (layer [N, P, C]): Σ over
+    G, shared by the patch's C channels (A = P); 'own' (layer [N, P, C] or [N, P, G, c]): the
+    units of group g in patch p take d[n, p, g] (A = P·G).
     """
     k, n = d.shape[:2]
+    units = prod(shape[1:])
     if d.ndim == 2:
-        return d.reshape((k, n) + (1,) * (len(shape) - 1))
+        return d[..., None], units
     patches, groups = d.shape[2:]
     if replica == "example" or (patches == 1 and groups == 1):
-        return d.sum(axis=(2, 3)).reshape((k, n) + (1,) * (len(shape) - 1))
+        return d.sum(axis=(2, 3))[..., None], units
     if replica == "token":
-        return d.sum(axis=3).reshape((k, n, patches) + (1,) * (len(shape) - 2))
+        return d.sum(axis=3), units // patches
     if replica == "own":
-        if len(shape) == 4:  # [N, P, G, c]
-            return d[..., None]
-        per_group = shape[-1] // groups
-        xp = backend.namespace(d)
-        return xp.broadcast_to(d[..., None], (k, n, patches, groups, per_group)).reshape((k, n, patches, shape[-1]))
-    raise ValueError(f"expand_replicas: unknown replica mapping {replica!r}")
+        return d.reshape(k, n, patches * groups), units // (patches * groups)
+    raise ValueError(f"replica_factors: unknown replica mapping {replica!r}")
 
 
-def times_replicas(d, values, replica):
-    """``expand_replicas(d, values.shape[1:], replica) * values`` for ``values`` [K, N, ...], without
-    the expanded array where it would be a copy: a flat layer [N, P, C] under 'own' is multiplied
-    as [K, N, P, G, c] (one pass instead of two)."""
-    if d.ndim == 4 and replica == "own" and values.ndim == 4 and d.shape[2:] != (1, 1):
-        groups = d.shape[3]
-        split = values.reshape(values.shape[:3] + (groups, values.shape[3] // groups))
-        return (d[..., None] * split).reshape(values.shape)
-    return expand_replicas(d, values.shape[1:], replica) * values
+def reference_site_gradient(factors, values, mask):
+    """Σ_k factors_k · values_k over the K directions (in the order k = 0, 1, ...), times ``mask``.
+
+    factors [K, N, A]; values [K, N, A, B] (each factor scales its block of B values); mask
+    [N, A, B] bool, or None for none.  Returns [N, A, B].  The contract of the ``site_gradient``
+    kernels (module ``site_gradient``), which do it in one pass.
+    """
+    total = factors[0, ..., None] * values[0]
+    for direction in range(1, values.shape[0]):
+        total += factors[direction, ..., None] * values[direction]
+    if mask is not None:
+        total *= mask
+    return total
+
+
+def site_gradient(d, values, replica, mask=None):
+    """FG-A's gradient at a layer's site from its noise ``values`` u [K, N, ...]: Σ_k e_k ⊙ u_k
+    ⊙ mask, where e_k is direction k's loss derivatives d mapped onto the layer's units
+    (``replica_factors``: d [K, N] or replicas [K, N, P, G]) and ``mask`` [N, ...] (bool, e.g. the
+    ReLU's) zeroes the units it marks False.  Returns [N, ...] in one kernel pass
+    (``reference_site_gradient``), without the [K, N, ...] products."""
+    factors, block = replica_factors(d, values.shape[1:], replica)
+    directions, rows, blocks = factors.shape
+    xp = backend.namespace(values)
+    dtype = xp.result_type(factors, values)
+    factors, grid = factors.astype(dtype, copy=False), values.astype(dtype, copy=False).reshape(
+        directions, rows, blocks, block)
+    mask = None if mask is None else mask.reshape(rows, blocks, block)
+    kernel = backend.kernel("site_gradient", "site_gradient", reference_site_gradient, factors, grid)
+    return kernel(factors, grid, mask).reshape(values.shape[1:])

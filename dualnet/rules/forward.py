@@ -40,7 +40,7 @@ import zlib
 from .. import backend, noise
 from ..dual import Dual, value_of
 from ..nn.plan import Plan, Site
-from .base import PLANS, Estimate, Rule, contrastive_plan, local_head_grads, mean_value, output_error, times_replicas
+from .base import PLANS, Estimate, Rule, contrastive_plan, local_head_grads, mean_value, output_error, site_gradient
 
 
 def _tangent(x, k):
@@ -252,11 +252,10 @@ class ActivityPerturbation(Rule):
                                                                   loss_tangent) / (len(u) * n)
                 if self.loss_reduction == "sum":  # Ren's global FG-A: d of the whole batch's sum, no 1/N
                     derivatives[point.block] = derivatives[point.block] * batch.total
-            products = times_replicas(derivatives[point.block], u, point.replica)  # [K, N, ...]
-            site_grad = products[0] if len(u) == 1 else products.sum(axis=0)
-            # 'pre': the ReLU-sparsity trick (zero where the unit is off, unbiased since the true
-            # gradient is zero there); 'post': the chain rule from the post-activation back to h.
-            site_grad *= point.mask
+            # Σ_k d_k u_k, masked: at 'pre' the ReLU-sparsity trick (zero where the unit is off,
+            # unbiased since the true gradient is zero there); at 'post' the chain rule from the
+            # post-activation back to h.
+            site_grad = site_gradient(derivatives[point.block], u, point.replica, point.mask)
             return point.weight_grads(site_grad, through_norm=self.norm_grad)
 
         grads = {}

@@ -19,6 +19,7 @@ MODULES = (
     "layer_norm",          # local layer norm: value + K tangents in one pass, Jacobian product (pull-back)
     "normalize_epilogue",  # epilogue after the grouped GEMMs: bias, layout, LN; value + K tangents
     "replicated_loss",     # replicated local losses: the replicas' directional derivatives, the vjp scatter
+    "site_gradient",       # FG-A's gradient at a layer's site: Σ_k d_k u_k, masked, in one pass
     "gaussian",            # counter-based N(0, 1) draws (dualnet.noise): hash, ziggurat, per-position rejection
     "sgd",                 # the SGD update: parameter, gradient and momentum buffer in one pass, in place
 )

@@ -23,6 +23,7 @@ MODULES = (
     "layer_norm",          # local layer norm: value + K tangents in one pass, Jacobian product (pull-back)
     "normalize_epilogue",  # epilogue after the grouped cuBLAS GEMMs: bias, layout, LN
     "replicated_loss",     # replicated local losses: the replicas' directional derivatives, the vjp scatter
+    "site_gradient",       # FG-A's gradient at a layer's site: Σ_k d_k u_k, masked, in one pass
     "sgd",                 # the SGD update: parameter, gradient and momentum buffer in one pass, in place
 )
 SOURCE_DIR = pathlib.Path(__file__).parent

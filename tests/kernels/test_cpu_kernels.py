@@ -12,6 +12,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import dualnet as dn
 from dualnet import backend, fused
@@ -343,3 +345,50 @@ def test_cached_looks_where_numba_keeps_its_cache(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": root})
     assert done.stdout.split() == ["False", "True"], done.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------
+# FG-A's site gradient: bit for bit the reference's products and sums
+# ---------------------------------------------------------------------------------------
+def site_gradient_inputs(rng, shape, dtype, masked, factor_dtype=None):
+    directions, rows, blocks, width = shape
+    factors = rng.standard_normal((directions, rows, blocks)).astype(factor_dtype or dtype)
+    values = rng.standard_normal(shape).astype(dtype)
+    mask = rng.random((rows, blocks, width)) < 0.6 if masked else None
+    return factors, values, mask
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(directions=st.integers(1, 4), rows=st.integers(0, 6), blocks=st.integers(1, 5), width=st.integers(1, 70),
+       dtype=st.sampled_from(DTYPES), masked=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_site_gradient_is_bit_identical_to_the_reference(directions, rows, blocks, width, dtype, masked, seed):
+    from dualnet.rules.base import reference_site_gradient
+    call = site_gradient_inputs(np.random.default_rng(seed), (directions, rows, blocks, width), dtype, masked)
+    actual, expected = cpu.load("site_gradient").site_gradient(*call), reference_site_gradient(*call)
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    np.testing.assert_array_equal(actual, expected)
+
+
+def test_site_gradient_on_all_threads_non_contiguous_and_mixed_dtypes(rng, monkeypatch):
+    from dualnet.rules.base import reference_site_gradient
+    kernel = cpu.load("site_gradient").site_gradient
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_ELEMENTS", 0)
+    for call in (site_gradient_inputs(rng, (3, 37, 4, 33), np.float32, True),
+                 site_gradient_inputs(rng, (2, 5, 3, 7), np.float32, True, factor_dtype=np.float64)):
+        np.testing.assert_array_equal(kernel(*call), reference_site_gradient(*call))
+    factors, _, mask = site_gradient_inputs(rng, (2, 6, 3, 5), np.float64, True)
+    values = strided(rng, (2, 6, 3, 5), np.float64)
+    np.testing.assert_array_equal(kernel(factors, values, mask[:, :, ::-1]),
+                                  reference_site_gradient(factors, values, mask[:, :, ::-1]))
+
+
+def test_site_gradient_masks_by_multiplying_as_numpy_does(rng):
+    """NaN and ±inf stay NaN under a False mask entry (inf · 0), as NumPy's float · bool gives."""
+    from dualnet.rules.base import reference_site_gradient
+    factors, values, _ = site_gradient_inputs(rng, (1, 1, 1, 4), np.float32, False)
+    values[0, 0, 0] = [np.nan, np.inf, -np.inf, 2.0]
+    mask = np.zeros((1, 1, 4), bool)
+    actual = cpu.load("site_gradient").site_gradient(factors, values, mask)
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(actual, reference_site_gradient(factors, values, mask))
+    assert np.isnan(actual[0, 0, :3]).all() and actual[0, 0, 3] == 0

@@ -109,3 +109,20 @@ def test_cupy_arrays_dispatch_to_cuda_unless_reference(cp, monkeypatch):
     assert fused.implementation("layer_norm_forward", x) is cuda.load("layer_norm").layer_norm_forward
     monkeypatch.setenv("DUALNET_KERNELS", "reference")
     assert fused.implementation("layer_norm_forward", x) is fused.reference_layer_norm_forward
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("directions, rows, blocks, width", [(1, 128, 16, 32), (3, 5, 3, 7), (2, 130, 1, 800)])
+def test_site_gradient(cp, rng, dtype, directions, rows, blocks, width):
+    """FG-A's site gradient on CuPy arrays: the CUDA kernel through ``rules.base.site_gradient``'s
+    dispatch, against the reference on the host (a GPU may fuse a multiply and an add)."""
+    from dualnet.rules.base import reference_site_gradient, site_gradient
+    d = rng.standard_normal((directions, rows, blocks)).astype(dtype)
+    u = rng.standard_normal((directions, rows, blocks * width)).astype(dtype)
+    mask = rng.random((rows, blocks * width)) < 0.6
+    expected = reference_site_gradient(d, u.reshape(directions, rows, blocks, width),
+                                       mask.reshape(rows, blocks, width)).reshape(rows, blocks * width)
+    d_replicas = d.reshape(directions, rows, 1, blocks)  # replicas [K, N, P = 1, G]: each group owns its units
+    actual = site_gradient(cp.asarray(d_replicas), cp.asarray(u.reshape(directions, rows, 1, blocks * width)),
+                           "own", cp.asarray(mask.reshape(rows, 1, blocks * width)))
+    assert_close(actual.reshape(rows, blocks * width), expected, dtype)

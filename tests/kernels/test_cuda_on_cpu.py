@@ -21,6 +21,7 @@ import pytest
 
 from dualnet import backend, fused, losses, optim
 from dualnet.kernels import cuda
+from dualnet.rules.base import reference_site_gradient
 
 DTYPES = [np.float32, np.float64]
 GEOMETRIES = {  # name -> None (the launcher's own) or (grid, block) -> (grid, block)
@@ -36,6 +37,7 @@ TESTED = {  # kernel (without _f32/_f64) -> the test below that runs it through 
     "replica_tangent": "test_replica_tangent",
     "replica_cotangent": "test_replica_cotangent",
     "sgd_update": "test_sgd_update",
+    "site_gradient": "test_site_gradient",
 }
 SUFFIX = {np.float32: "f32", np.float64: "f64"}
 EPS = 1e-5
@@ -156,6 +158,22 @@ def check_sgd_update(cp, rng, dtype, shape, momentum, nesterov, weight_decay):
         assert_close(device[1], expected[1], dtype, 1)
 
 
+def check_site_gradient(cp, rng, dtype, shape, masked):
+    """site_gradient vs rules.base.reference_site_gradient; shape (K, N, A, B); the mask, when
+    present, holds NaN and ±inf products to show it multiplies (as NumPy's float·bool does)."""
+    directions, rows, blocks, width = shape
+    factors = rng.standard_normal((directions, rows, blocks)).astype(dtype)
+    values = rng.standard_normal(shape).astype(dtype)
+    values[0, 0, 0, :3] = [np.nan, np.inf, -np.inf][:width]
+    mask = rng.random((rows, blocks, width)) < 0.6 if masked else None
+    with np.errstate(invalid="ignore"):  # inf · False is NaN, as the kernel must give too
+        expected = reference_site_gradient(factors, values, mask)
+    actual = cuda.load("site_gradient").site_gradient(cp.asarray(factors), cp.asarray(values),
+                                                      None if mask is None else cp.asarray(mask))
+    assert backend.namespace(actual) is not np and actual.shape == expected.shape and actual.dtype == dtype
+    np.testing.assert_array_equal(actual.get(), expected)  # the same products and sums in the same order
+
+
 # ---------------------------------------------------------------------------------------
 # every kernel entry point, both dtypes, ragged shapes, launcher and odd grids
 # ---------------------------------------------------------------------------------------
@@ -230,6 +248,15 @@ def test_sgd_update(device, rng, dtype, shape, momentum, nesterov, weight_decay)
     assert launched(device, dtype) == {"sgd_update"}
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 3), (1, 5, 3, 7), (3, 4, 2, 33), (2, 3, 1, 70)])
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "no-mask"])
+def test_site_gradient(device, rng, dtype, shape, masked):
+    import cupy
+    check_site_gradient(cupy, rng, dtype, shape, masked)
+    assert launched(device, dtype) == {"site_gradient"}
+
+
 def test_every_kernel_entry_point_is_tested(cuda_harness):
     """TESTED names every kernel the sources of cuda.MODULES define, in float and double."""
     defined = {kernel for name in cuda.MODULES for kernel in cuda_harness.kernel_signatures(cuda.source(name))}
@@ -264,6 +291,11 @@ def test_launchers_reject_shapes_that_would_index_out_of_bounds(fake_cupy):
         epilogue.normalize_relu(cupy.zeros((2, 3, 5)), None, None, None, cupy.zeros((1, 2, 3, 5)), None, None, EPS, 1)
     with pytest.raises(ValueError, match="head must be"):
         replicated_loss.replica_tangent(cupy.zeros((3, 2, 1, 1, 4)), cupy.zeros((2, 1, 4)), 1.0, cupy.zeros((2, 2)))
+    site_gradient = cuda.load("site_gradient").site_gradient
+    with pytest.raises(ValueError, match=r"factors must be \(2, 3, 4\)"):
+        site_gradient(cupy.zeros((2, 3, 5)), cupy.zeros((2, 3, 4, 5)), None)
+    with pytest.raises(ValueError, match="mask must be a bool array"):
+        site_gradient(cupy.zeros((2, 3, 4)), cupy.zeros((2, 3, 4, 5)), cupy.zeros((3, 4, 5)))
     assert fake_cupy.launches == []
 
 
@@ -310,6 +342,12 @@ MUTATIONS = {  # id -> (module, original text, mutated text, a check that must t
     "sgd-buffer-unwritten": (
         "sgd", "buffer[i] = b;", ";",
         lambda cp, rng: check_sgd_update(cp, rng, np.float64, (5, 7), 0.9, False, 0.0)),
+    "site_gradient-direction-stride": (
+        "site_gradient", "factors[k * rows * blocks + block]", "factors[k * blocks + block]",
+        lambda cp, rng: check_site_gradient(cp, rng, np.float64, (3, 4, 2, 33), True)),
+    "site_gradient-mask-ignored": (
+        "site_gradient", "has_mask ? total * T(mask[i] ? 1 : 0) : total", "total",
+        lambda cp, rng: check_site_gradient(cp, rng, np.float64, (1, 5, 3, 7), True)),
     "replicated_loss-u-index": (
         "replicated_loss", "u + (n * groups + g) * channels", "u + (g * examples + n) * channels",
         lambda cp, rng: check_replica_tangent(cp, rng, np.float64, (4, 2, 5, 3, 37), 1)),

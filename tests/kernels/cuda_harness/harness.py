@@ -32,7 +32,7 @@ CACHE = pathlib.Path(os.environ.get("DUALNET_CUDA_HARNESS_CACHE",
 SCALARS = {  # C parameter type -> the NumPy scalar type CuPy must be given for it
     "int": numpy.int32, "long long": numpy.int64, "float": numpy.float32, "double": numpy.float64,
 }
-POINTEES = {"float": numpy.float32, "double": numpy.float64}
+POINTEES = {"float": numpy.float32, "double": numpy.float64, "bool": numpy.bool_}
 _CTYPES = {numpy.int32: ctypes.c_int32, numpy.int64: ctypes.c_int64, numpy.float32: ctypes.c_float,
            numpy.float64: ctypes.c_double}
 _KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)')
