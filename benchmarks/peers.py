@@ -22,9 +22,9 @@ one round to the next and a short pause between measurements, and each ratio is 
 the rounds of the ratio within a round (``ratio_ranges``: its smallest and largest).  The workers
 run with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset (they force older OpenBLAS kernels on some
 CPUs); where the calling environment sets them, the FG-A steps of dualnet and JAX are timed
-again under it (``default_environment``).  Each worker records its BLAS libraries (threadpoolctl: library,
-kernel architecture, threads), and the load average is recorded before and after.  Prints one
-JSON object.
+again under it (``default_environment``).  Each worker records its BLAS libraries (threadpoolctl:
+library, kernel architecture, threads), and the load average is recorded before and after.
+Prints one JSON object.
 """
 import argparse
 import json
@@ -289,11 +289,13 @@ def _median(values):
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
-def measure(workers, rounds, repeats, pause):
+def measure(workers, rounds, repeats, pause, labels=None):
     """Every (worker, label) timed once per round, the order reversed from one round to the next,
     with ``pause`` seconds between measurements (an idle worker's BLAS threads stop spinning);
-    returns {(worker, label): [ms per round]}."""
-    order = [(name, label) for name, worker in workers.items() for label in worker.ready["ready"]]
+    ``labels``: the steps to time (default: every step of every worker).  Returns {(worker,
+    label): [ms per round]}."""
+    order = [(name, label) for name, worker in workers.items() for label in worker.ready["ready"]
+             if labels is None or label in labels]
     times = {key: [] for key in order}
     for round_index in range(rounds):
         for name, label in order if round_index % 2 == 0 else reversed(order):
@@ -337,8 +339,7 @@ def main():
     if any(name in os.environ for name in BLAS_OVERRIDES):  # the machine's own setting, for the record
         machine = {name: Worker(name, unset_blas_overrides=False) for name in ("dualnet", "jax")}
         try:
-            fga = measure({name: _only(worker, "mlp_fg-a") for name, worker in machine.items()}, rounds, repeats,
-                          args.pause)
+            fga = measure(machine, rounds, repeats, args.pause, labels=("mlp_fg-a",))
         finally:
             for worker in machine.values():
                 worker.close()
@@ -352,12 +353,6 @@ def main():
                       "repeats": repeats, "blas": {name: worker.ready["blas"] for name, worker in workers.items()},
                       "default_environment": default, "load_average": [load_before, os.getloadavg()[0]]},
                      indent=2))
-
-
-def _only(worker, label):
-    """``worker`` measured on ``label`` alone."""
-    worker.ready = {**worker.ready, "ready": [label]}
-    return worker
 
 
 if __name__ == "__main__":

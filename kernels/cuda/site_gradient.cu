@@ -13,7 +13,9 @@ __device__ void site_gradient_items(const T* factors, const T* values, const boo
     for (long long i = first; i < items; i += stride) {
         const long long block = i / width;  // n * blocks + a
         T total = factors[block] * values[i];
-        for (long long k = 1; k < directions; ++k) total = total + factors[k * rows * blocks + block] * values[k * items + i];
+        for (long long k = 1; k < directions; ++k) {
+            total = total + factors[k * rows * blocks + block] * values[k * items + i];
+        }
         out[i] = has_mask ? total * T(mask[i] ? 1 : 0) : total;
     }
 }
