@@ -278,10 +278,7 @@ def site_gradient(d, values, replica, mask=None):
     (``reference_site_gradient``), without the [K, N, ...] products."""
     factors, block = replica_factors(d, values.shape[1:], replica)
     directions, rows, blocks = factors.shape
-    xp = backend.namespace(values)
-    dtype = xp.result_type(factors, values)
-    factors, grid = factors.astype(dtype, copy=False), values.astype(dtype, copy=False).reshape(
-        directions, rows, blocks, block)
+    grid = values.reshape(directions, rows, blocks, block)  # the reference and the kernels promote mixed dtypes
     mask = None if mask is None else mask.reshape(rows, blocks, block)
     kernel = backend.kernel("site_gradient", "site_gradient", reference_site_gradient, factors, grid)
     return kernel(factors, grid, mask).reshape(values.shape[1:])
