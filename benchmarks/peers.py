@@ -82,8 +82,10 @@ def gemm_sequences(np):
     layouts (weights [in, out], x rows) — the floor under its steps with NumPy's BLAS.
 
     FG-A: x W1, then per later layer one GEMM of the value rows stacked on the tangent rows
-    [2N, in] W, then the weight gradients hᵀδ.  BP: the four forward products, then per layer
-    δ Wᵀ (not for the first) and hᵀδ."""
+    [2N, in] W, then the weight gradients hᵀδ, each added into its W by the GEMM (β = 1), as the
+    step's SGD update does (``dualnet.gradients``).  BP: the four forward products, then per
+    layer δ Wᵀ (not for the first) and hᵀδ."""
+    from dualnet.gradients import Outer, outer_update
     rng = np.random.default_rng(1)
     weights = [rng.standard_normal((a, b), dtype=np.float32) for a, b in zip(SIZES, SIZES[1:])]
     inputs = [rng.standard_normal((BATCH, a), dtype=np.float32) for a in SIZES[:-1]]
@@ -94,8 +96,8 @@ def gemm_sequences(np):
         inputs[0] @ weights[0]
         for rows, w in zip(stacked, weights[1:]):
             rows @ w
-        for h, delta in zip(inputs, deltas):
-            h.T @ delta
+        for h, delta, w in zip(inputs, deltas, weights):
+            outer_update(Outer(h, delta), w, -1e-6)
 
     def bp():
         for h, w in zip(inputs, weights):

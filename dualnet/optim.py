@@ -35,6 +35,7 @@ import math
 import numpy as np
 
 from . import backend
+from .gradients import Gradients, outer_update
 
 # ---------------------------------------------------------------------------------------- schedules
 
@@ -193,18 +194,24 @@ class Optimizer:
             raise KeyError(f"{self.name}.step: gradients for unknown parameters {unknown}; "
                            f"parameters are {sorted(params)}")
         base = self.lr * self.schedule(self.step_count)
-        for name, grad in grads.items():
-            if grad is None:
+        for name in grads:
+            factors = grads.factors(name) if isinstance(grads, Gradients) else None
+            grad = grads[name] if factors is None else None
+            if factors is None and grad is None:
                 continue
             param = params[name]
-            if tuple(grad.shape) != tuple(param.shape):
-                raise ValueError(f"{self.name}.step: gradient of {name!r} has shape {tuple(grad.shape)}, "
+            shape = tuple((factors or grad).shape)
+            if shape != tuple(param.shape):
+                raise ValueError(f"{self.name}.step: gradient of {name!r} has shape {shape}, "
                                  f"parameter has {tuple(param.shape)}")
             group = self._group(name)
             xp = backend.namespace(param)
             state = self._device_state(name, xp)
-            self._update(param, xp.asarray(grad, dtype=param.dtype), state, base * group.get("lr", 1.0),
-                         group.get("weight_decay", self.weight_decay))
+            lr, weight_decay = base * group.get("lr", 1.0), group.get("weight_decay", self.weight_decay)
+            if factors is not None and self._update_from_factors(param, factors, state, lr, weight_decay):
+                continue
+            grad = grads[name] if grad is None else grad
+            self._update(param, xp.asarray(grad, dtype=param.dtype), state, lr, weight_decay)
         self.step_count += 1
         return params
 
@@ -218,6 +225,11 @@ class Optimizer:
 
     def _update(self, param, grad, state, lr, weight_decay):
         raise NotImplementedError
+
+    def _update_from_factors(self, param, factors, state, lr, weight_decay):
+        """Apply the gradient ``factors`` (a ``gradients.Outer``) without forming it, if this
+        optimiser can with these options; returns whether it did (else ``_update`` gets it dense)."""
+        return False
 
     # -- serialisation
     def hyperparameters(self):
@@ -286,15 +298,30 @@ class SGD(Optimizer):
     def hyperparameters(self):
         return {**super().hyperparameters(), "momentum": self.momentum, "nesterov": self.nesterov}
 
+    def _momentum_buffer(self, param, state):
+        if "momentum" not in state:
+            state["momentum"] = backend.namespace(param).zeros_like(param)
+        return state["momentum"]
+
     def _update(self, param, grad, state, lr, weight_decay):
-        buffer = None
-        if self.momentum:
-            if "momentum" not in state:
-                state["momentum"] = backend.namespace(param).zeros_like(param)
-            buffer = state["momentum"]
+        buffer = self._momentum_buffer(param, state) if self.momentum else None
         update = backend.kernel("sgd", "sgd_update", reference_sgd_update, param, grad,
                                 *([] if buffer is None else [buffer]))
         update(param, grad, buffer, lr, self.momentum, weight_decay, self.nesterov)
+
+    def _update_from_factors(self, param, factors, state, lr, weight_decay):
+        """Without weight decay or Nesterov: param ← param − lr·xᵀδ as one GEMM into param; with
+        momentum, buffer ← μ·buffer + xᵀδ as one GEMM into the buffer, then param ← param − lr·buffer."""
+        if weight_decay or self.nesterov:
+            return False
+        if not self.momentum:
+            outer_update(factors, param, -lr)
+            return True
+        buffer = self._momentum_buffer(param, state)
+        outer_update(factors, buffer, 1.0, self.momentum)
+        descend = backend.kernel("sgd", "sgd_update", reference_sgd_update, param, buffer)
+        descend(param, buffer, None, lr, 0.0, 0.0, False)  # param ← param − lr·buffer
+        return True
 
 
 class Adam(Optimizer):

@@ -26,7 +26,9 @@ starts a segment at that rate.
 
 Ctrl-C (SIGINT) is deferred to the end of the current step (or of the epoch's evaluation): a
 checkpoint is written there and ``Interrupted`` is raised.  A NaN or infinite loss or gradient
-stops the run (``TrainingDiverged``) and leaves the last good checkpoint untouched.
+stops the run (``TrainingDiverged``) and leaves the last good checkpoint untouched.  A gradient
+the optimiser added into its weight as factors, never formed (``dualnet.gradients``), is checked
+through that weight after the update: a NaN or inf in xᵀδ is one in the updated weight.
 """
 import contextlib
 import dataclasses
@@ -45,6 +47,7 @@ import numpy
 
 from . import backend, data, distributed, models, optim, rules
 from .dual import value_of
+from .gradients import Gradients
 from .nn.plan import Plan
 
 SCHEDULES = ("constant", "linear", "warmup_cosine", "epoch_decay", "step", "exponential")
@@ -598,10 +601,7 @@ class Run:
         return TrainingDiverged(f"{what} became {value} at {where}; stopped: {last}. Try a lower --lr")
 
     def _finite_gradients(self, grads):
-        arrays = [g for g in grads.values() if g is not None]
-        if not arrays:
-            return True
-        return bool(numpy.isfinite(sum(float(backend.namespace(g).sum(g, dtype=g.dtype)) for g in arrays)))
+        return _finite(grads.values())
 
     def loop(self, progress, on_epoch, max_steps):
         config, position = self.config, self.position
@@ -659,9 +659,12 @@ class Run:
             views, float(interrupted))
         if not math.isfinite(loss):
             raise self._diverged("the loss", loss)
-        if not self._finite_gradients(grads):
+        held = [name for name in grads if isinstance(grads, Gradients) and grads.factors(name) is not None]
+        if not _finite(grads[name] for name in grads if name not in held):
             raise self._diverged("a gradient", "non-finite")
         self.params = self.optimizer.step(self.params, grads)
+        if not _finite(self.params[name] for name in held):  # gradients added into their weights unformed
+            raise self._diverged("a gradient", "non-finite")
         self.state = state or self.state
         position["loss_sum"] += float(loss)
         for name, report in estimate.diagnostics.items():  # this rank's shard
@@ -719,6 +722,12 @@ class _Silent:
 
     def close(self):
         pass
+
+
+def _finite(arrays):
+    """Whether every array of ``arrays`` (None skipped) holds only finite numbers (one sum each)."""
+    return bool(numpy.isfinite(sum(float(backend.namespace(a).sum(a, dtype=a.dtype)) for a in arrays
+                                   if a is not None)))
 
 
 def _progress(enabled, total, initial, description):

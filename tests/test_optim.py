@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dualnet import optim
+from dualnet.gradients import Gradients, Outer
 
 
 def _params(rng, dtype=np.float64):
@@ -244,3 +245,68 @@ def test_sgd_with_its_kernel_equals_the_reference_bit_for_bit(monkeypatch, optio
         runs[mode] = params
     for name in shapes:
         np.testing.assert_array_equal(runs["auto"][name], runs["reference"][name])
+
+
+# --------------------------------------------------------------------- gradients held as factors
+def _factored(rng, params, rows=16):
+    """Gradients with every matrix held as Outer factors [rows, p], [rows, q] (vectors dense),
+    and the same gradients formed."""
+    entries = {name: Outer(rng.standard_normal((rows, value.shape[0])).astype(value.dtype),
+                           rng.standard_normal((rows, value.shape[1])).astype(value.dtype))
+               if value.ndim == 2 else rng.standard_normal(value.shape).astype(value.dtype)
+               for name, value in params.items()}
+    return Gradients(entries), {name: e.dense() if isinstance(e, Outer) else e for name, e in entries.items()}
+
+
+def _step_both(rng, params, make_optimizer, steps, formed_after):
+    """The same steps from factored and from formed gradients; returns both parameter sets and
+    optimisers, after checking each step left the factors of "layer.w" unformed (or formed)."""
+    factored, dense = _copy(params), _copy(params)
+    factored_opt, dense_opt = make_optimizer(), make_optimizer()
+    for _ in range(steps):
+        grads, dense_grads = _factored(rng, params)
+        factored_opt.step(factored, grads)
+        dense_opt.step(dense, dense_grads)
+        assert (grads.factors("layer.w") is None) is formed_after
+    return factored, dense, factored_opt, dense_opt
+
+
+@pytest.mark.parametrize("options", [{}, {"momentum": 0.9}])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_adds_factored_gradients_into_the_weights_without_forming_them(rng, options, dtype):
+    params = _params(rng, dtype)
+    factored, dense, factored_opt, dense_opt = _step_both(rng, params, lambda: optim.SGD(0.05, **options), 3, False)
+    # each update within (M + 2)·ε·lr·Σ|l||r| of the dense one (M = 16, Σ over 16 products of
+    # |N(0,1)|·|N(0,1)| ≲ 16·3), the momentum buffer carrying it into the next two
+    bound = 3 * 3 * 18 * np.finfo(dtype).eps * 0.05 * 16 * 3 / (1 - 0.9 if options else 1)
+    for name in params:
+        np.testing.assert_allclose(factored[name], dense[name], rtol=0, atol=bound, err_msg=name)
+    if options:
+        np.testing.assert_allclose(factored_opt.state["layer.w"]["momentum"], dense_opt.state["layer.w"]["momentum"],
+                                   rtol=0, atol=bound / 0.05)
+
+
+@pytest.mark.parametrize("options", [{}, {"momentum": 0.9}])
+def test_a_factored_sgd_step_is_the_dense_step_bit_for_bit_on_the_reference_kernels(rng, monkeypatch, options):
+    monkeypatch.setenv("DUALNET_KERNELS", "reference")
+    params = _params(rng, np.float32)
+    factored, dense, _, _ = _step_both(rng, params, lambda: optim.SGD(0.05, **options), 3, False)
+    for name in params:
+        np.testing.assert_array_equal(factored[name], dense[name], err_msg=name)
+
+
+@pytest.mark.parametrize("name, options", [("sgd", {"momentum": 0.9, "nesterov": True}),
+                                           ("sgd", {"weight_decay": 1e-2}), ("adam", {}), ("lars", {})])
+def test_optimisers_that_need_the_formed_gradient_form_it(rng, name, options):
+    """Nesterov, weight decay, Adam and LARS take the gradient formed: the dense step, bit for bit."""
+    params = _params(rng, np.float32)
+    factored, dense, _, _ = _step_both(rng, params, lambda: optim.create(name, lr=0.05, **options), 2, True)
+    for key in params:
+        np.testing.assert_array_equal(factored[key], dense[key], err_msg=key)
+
+
+def test_factored_gradients_of_the_wrong_shape_are_reported(rng):
+    params = {"w": np.zeros((3, 4))}
+    grads = Gradients({"w": Outer(np.ones((5, 4)), np.ones((5, 3)))})
+    with pytest.raises(ValueError, match=r"gradient of 'w' has shape \(4, 3\), parameter has \(3, 4\)"):
+        optim.SGD(0.1).step(params, grads)

@@ -314,20 +314,53 @@ def test_divergence_before_any_checkpoint_says_none_was_written(tmp_path, tiny_c
     assert not (tmp_path / "run" / "checkpoint.npz").exists()
 
 
-def test_a_non_finite_gradient_stops_the_run(tmp_path, tiny_config, monkeypatch):
+def test_the_runner_adds_factored_weight_gradients_into_the_weights(tmp_path, tiny_config, monkeypatch):
+    """FG-A's linear weight gradients reach SGD as factors and go into the weights unformed."""
     pytest.importorskip("sklearn")
-    from dualnet.rules.backprop import Backprop
-    real_estimate = Backprop.estimate
+    from dualnet import optim
+    calls = []
+    real_update = optim.outer_update
+    monkeypatch.setattr(optim, "outer_update", lambda *args: calls.append(args[0].shape) or real_update(*args))
+    options = {**tiny_config, "epochs": 1, "batch_size": 16, "model_options": {"hidden": 64, "layers": 3}}
+    train(Config(rule="fg-a", out=str(tmp_path / "run"), **options))
+    steps = 256 // 16
+    # the two hidden layers (16·(64 + 64) ≤ 64·64); the read-out's factors are larger than its gradient
+    assert calls == [(64, 64), (64, 64)] * steps
+
+
+def _poison_formed(grads):
+    name = sorted(grads)[0]
+    grads[name] = grads[name] * np.inf
+
+
+def _poison_factors(grads):
+    """An inf in the factors of a gradient the optimiser adds into its weight unformed: it is
+    checked through the weight after the update."""
+    from dualnet.gradients import Outer
+    name = sorted(name for name in grads if grads.factors(name) is not None)[0]
+    factors = grads.factors(name)
+    grads[name] = Outer(factors.left * np.inf, factors.right)
+
+
+@pytest.mark.parametrize("rule, model_options, batch_size, poison", [
+    ("bp", None, 64, _poison_formed), ("fg-a", {"hidden": 64, "layers": 3}, 16, _poison_factors)])
+def test_a_non_finite_gradient_stops_the_run(tmp_path, tiny_config, monkeypatch, rule, model_options, batch_size,
+                                             poison):
+    pytest.importorskip("sklearn")
+    from dualnet import rules
+    rule_class = type(rules.create(rule))
+    real_estimate = rule_class.estimate
 
     def poisoned(self, *args):
         estimate = real_estimate(self, *args)
-        name = sorted(estimate.grads)[0]
-        estimate.grads[name] = estimate.grads[name] * np.inf
+        poison(estimate.grads)
         return estimate
-    config = Config(rule="bp", out=str(tmp_path / "run"), **{**tiny_config, "epochs": 1})
+    options = {**tiny_config, "epochs": 1, "batch_size": batch_size,
+               "model_options": model_options or tiny_config["model_options"]}
+    config = Config(rule=rule, out=str(tmp_path / "run"), **options)
     train(config)
     before = open(tmp_path / "run" / "checkpoint.npz", "rb").read()
-    monkeypatch.setattr(Backprop, "estimate", poisoned)
+    monkeypatch.setattr(rule_class, "estimate", poisoned)
     with pytest.raises(TrainingDiverged, match=r"a gradient became non-finite at epoch 2, step 1.*epoch 1 done"):
         train(dataclasses.replace(config, epochs=2), resume=True)
     assert open(tmp_path / "run" / "checkpoint.npz", "rb").read() == before

@@ -11,6 +11,7 @@ from typing import NamedTuple
 from .. import autodiff, backend, fused
 from .. import primitives as P
 from ..dual import Dual, value_of
+from ..gradients import outer
 from ..primitives import Primitive
 
 
@@ -32,9 +33,11 @@ def token_mixing(x, weight, bias=None):
 
 
 # Parameter pullbacks of the layers linear in their parameters: (x, delta) -> [W̄, b̄], the
-# ``xᵀδ`` of FG-A/DFA without re-running the layer's forward pass (arrays only).
+# ``xᵀδ`` of FG-A/DFA without re-running the layer's forward pass (arrays only).  ``linear``'s W̄
+# may come as its factors (``gradients.outer``: formed when first read, or added into W by the update).
 linear.param_pullback = lambda x, delta: [
-    x.reshape(-1, x.shape[-1]).T @ delta.reshape(-1, delta.shape[-1]), delta.reshape(-1, delta.shape[-1]).sum(axis=0)]
+    outer(x.reshape(-1, x.shape[-1]), delta.reshape(-1, delta.shape[-1])),
+    delta.reshape(-1, delta.shape[-1]).sum(axis=0)]
 grouped.param_pullback = lambda x, delta: [  # W̄[g] = Σ_rows x_gᵀ δ_g as one batched GEMM over G
     x.reshape((-1,) + x.shape[-2:]).transpose(1, 2, 0) @ delta.reshape((-1,) + delta.shape[-2:]).transpose(1, 0, 2),
     delta.reshape((-1,) + delta.shape[-2:]).sum(axis=0)]

@@ -15,14 +15,17 @@ import numpy
 from .. import autodiff, backend
 from .. import primitives as P
 from ..dual import value_of
+from ..gradients import Gradients
 from ..nn.layers import linear
 from ..nn.plan import Plan
 
 
 @dataclass
 class Estimate:
-    """``grads``: {param name: array}; ``loss``: mean final loss (float; None on a pipeline stage
-    before the last, which has no read-out); ``state``: model running statistics after the step;
+    """``grads``: {param name: array}, a ``Gradients`` mapping (a linear layer's weight gradient is
+    formed from its factors when first read; an optimiser may apply it without forming it);
+    ``loss``: mean final loss (float; None on a pipeline stage before the last, which has no
+    read-out); ``state``: model running statistics after the step;
     ``diagnostics``: per-layer cosine/norm when requested; ``batch_wide``: names whose gradient is
     already the whole batch's (``Batch.mean`` was applied: the data-parallel runner must not reduce
     them again)."""
@@ -31,6 +34,10 @@ class Estimate:
     state: dict
     diagnostics: dict = field(default_factory=dict)
     batch_wide: frozenset = frozenset()
+
+    def __post_init__(self):
+        if not isinstance(self.grads, Gradients):  # a linear weight's entry may be its factors (an Outer)
+            self.grads = Gradients(self.grads)
 
 
 def _same(x):

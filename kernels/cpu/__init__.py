@@ -1,4 +1,5 @@
-"""Numba kernels for the CPU, one module per fused op, loaded on demand.
+"""Numba kernels for the CPU, one module per fused op, loaded on demand (``outer_update`` binds
+NumPy's own BLAS instead).
 
 Importing this package imports neither Numba nor any kernel: ``load(name)`` imports the module
 ``dualnet.kernels.cpu.<name>`` the first time it is asked for, and Numba compiles a kernel on its
@@ -22,6 +23,7 @@ MODULES = (
     "site_gradient",       # FG-A's gradient at a layer's site: Σ_k d_k u_k, masked, in one pass
     "gaussian",            # counter-based N(0, 1) draws (dualnet.noise): hash, ziggurat, per-position rejection
     "sgd",                 # the SGD update: parameter, gradient and momentum buffer in one pass, in place
+    "outer_update",        # a weight updated from its gradient factors: one GEMM with β, NumPy's BLAS
 )
 
 PARALLEL_MIN_ELEMENTS = 1 << 20

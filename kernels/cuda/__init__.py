@@ -8,7 +8,7 @@ CuPy also caches the binary on disk).  Sources are self-contained (no headers) a
 Launchers have exactly the signature and results of the CPU kernels and of the references in
 ``dualnet`` they replace, and take their launch geometry from ``warp_grid`` / ``thread_grid``
 (pure functions: the kernels are grid-stride loops, correct for any grid).  Adding a kernel module
-is one line in ``MODULES``.
+is one line in ``MODULES`` (``LIBRARY_MODULES`` for a launcher that calls cuBLAS instead).
 
 Without a GPU, the sources and launchers run on the CPU under a C++ emulation of warps
 (docs/cuda_on_cpu.md): ``PYTHONPATH=$PWD python -m pytest tests/kernels/test_cuda_on_cpu.py``.
@@ -26,6 +26,10 @@ MODULES = (
     "site_gradient",       # FG-A's gradient at a layer's site: Σ_k d_k u_k, masked, in one pass
     "sgd",                 # the SGD update: parameter, gradient and momentum buffer in one pass, in place
 )
+LIBRARY_MODULES = (
+    "outer_update",        # a weight updated from its gradient factors: one cuBLAS GEMM with β
+)
+"""Launchers with no source of their own: they call a CUDA library through CuPy."""
 SOURCE_DIR = pathlib.Path(__file__).parent
 OPTIONS = ("--std=c++14",)
 """NVRTC options used for every source (the architecture is chosen by CuPy for the device)."""
@@ -81,6 +85,6 @@ def warp_grid(items):
 
 def load(name):
     """The launcher module ``dualnet.kernels.cuda.<name>`` (imports CuPy lazily on first launch)."""
-    if name not in MODULES:
-        raise ValueError(f"kernels.cuda: unknown kernel module {name!r}; known: {MODULES}")
+    if name not in MODULES + LIBRARY_MODULES:
+        raise ValueError(f"kernels.cuda: unknown kernel module {name!r}; known: {MODULES + LIBRARY_MODULES}")
     return importlib.import_module(f"{__name__}.{name}")

@@ -126,3 +126,34 @@ def test_site_gradient(cp, rng, dtype, directions, rows, blocks, width):
     actual = site_gradient(cp.asarray(d_replicas), cp.asarray(u.reshape(directions, rows, 1, blocks * width)),
                            "own", cp.asarray(mask.reshape(rows, 1, blocks * width)))
     assert_close(actual.reshape(rows, blocks * width), expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_adds_factored_gradients_on_cupy_arrays(cp, rng, dtype, momentum):
+    """SGD from gradient factors on CuPy arrays: the cuBLAS launcher of ``outer_update`` through
+    the optimiser, against the dense step on the host; the gradient is never formed."""
+    from dualnet import optim
+    from dualnet.gradients import Gradients, Outer
+    weight = rng.standard_normal((6, 5)).astype(dtype)
+    host, device = {"w": weight.copy()}, {"w": cp.asarray(weight)}
+    host_opt, device_opt = optim.SGD(0.1, momentum=momentum), optim.SGD(0.1, momentum=momentum)
+    for _ in range(2):
+        left, right = rng.standard_normal((33, 6)).astype(dtype), rng.standard_normal((33, 5)).astype(dtype)
+        host_opt.step(host, {"w": left.T @ right})
+        grads = Gradients({"w": Outer(cp.asarray(left), cp.asarray(right))})
+        device_opt.step(device, grads)
+        assert grads.factors("w") is not None
+    assert_close(device["w"], host["w"], dtype)
+
+
+def test_the_cublas_launcher_checks_shapes_and_dispatches(cp, monkeypatch):
+    from dualnet.gradients import reference_outer_update
+    from dualnet.kernels import cuda
+    launcher = cuda.load("outer_update")
+    left, right = cp.ones((4, 3), cp.float32), cp.ones((4, 2), cp.float32)
+    with pytest.raises(ValueError, match="kernels.cuda.outer_update.outer_update: out must be"):
+        launcher.outer_update(left, right, cp.zeros((2, 3), cp.float32), 1.0, 1.0)
+    monkeypatch.setenv("DUALNET_KERNELS", "auto")
+    chosen = backend.kernel("outer_update", "outer_update", reference_outer_update, left, right)
+    assert chosen is launcher.outer_update

@@ -6,6 +6,7 @@ import pytest
 
 import dualnet as dn
 from dualnet import cli, models, rules
+from dualnet.gradients import Gradients
 from dualnet.nn.conv import conv2d
 from dualnet.nn.plan import Plan
 from dualnet.rules.base import PLANS, exact_gradients, local_head_grads, objective
@@ -196,7 +197,7 @@ def test_points_turn_the_site_gradient_into_the_exact_parameter_gradient(name, o
         d = model.forward(params, x, y, Plan(perturb=site), state).loss.tangent  # [size, N]
         site_grad = d.mean(axis=1).reshape(point.h.shape)
         np.testing.assert_array_equal(site_grad[~point.mask], 0)
-        for param, g in point.weight_grads(site_grad).items():
+        for param, g in Gradients(point.weight_grads(site_grad)).items():
             np.testing.assert_allclose(g, exact[param], rtol=1e-9, atol=1e-12)
             covered.add(param)
     assert covered == {n for n in params if model.block_of(n) != "head" and not model.is_local_head(n)}

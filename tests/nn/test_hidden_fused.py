@@ -16,6 +16,7 @@ import dualnet as dn
 from dualnet import models, rules
 from dualnet import primitives as P
 from dualnet.dual import value_of
+from dualnet.gradients import Gradients
 from dualnet.nn import model as model_module
 from dualnet.nn.model import Model
 from dualnet.nn.plan import Plan
@@ -114,7 +115,7 @@ def test_hidden_fused_path_equals_unfused_path(monkeypatch, unfused, mode, direc
     def run():
         trace = model.forward(params, x, labels, Plan(**plan))
         deltas = [np.random.default_rng(100 + i).standard_normal(point.h.shape) for i, point in enumerate(trace.points)]
-        return trace, [point.weight_grads(delta) for point, delta in zip(trace.points, deltas)]
+        return trace, [Gradients(point.weight_grads(delta)) for point, delta in zip(trace.points, deltas)]
 
     (fused_trace, fused_grads), (unfused_trace, unfused_grads) = run_both(unfused, run)
     assert_same(fused_trace.loss, unfused_trace.loss, "loss")

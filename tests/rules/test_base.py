@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from dualnet import models
+from dualnet.gradients import Gradients
 from dualnet.nn.plan import Plan
 from dualnet.rules.base import PLANS, local_head_grads
 
@@ -25,7 +26,7 @@ def test_linear_heads_closed_form_equals_the_reverse_pass(tiny, label):
     x, labels = tiny.batch(model, 6)
     trace = model.forward(params, x, labels, Plan(**PLANS["local-greedy"]), model.init_state(np.float64))
     assert model.linear_local_heads
-    closed = local_head_grads(model, params, trace, labels)
+    closed = Gradients(local_head_grads(model, params, trace, labels))
     model.linear_local_heads = False  # this instance takes the generic reverse pass
     reverse = local_head_grads(model, params, trace, labels)
     assert sorted(closed) == sorted(reverse) and len(closed) == 2 * model.num_blocks, label

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dualnet import autodiff, losses, models, rules
+from dualnet.gradients import Gradients
 from dualnet.nn.layers import value_of
 from dualnet.nn.plan import Plan
 from dualnet.rules import exact_gradients, forward
@@ -228,7 +229,7 @@ def test_random_local_classifier_averages_the_patches_of_a_mixer(tiny):
     p /= p.sum(axis=1, keepdims=True)
     p[np.arange(3), labels] -= 1
     delta = np.broadcast_to(((p / 3) @ classifier.T)[:, None, :] / point.post.shape[1], point.post.shape)
-    expected = point.weight_grads(delta * point.mask)
+    expected = Gradients(point.weight_grads(delta * point.mask))
     np.testing.assert_allclose(grads["blocks.0.dense.weight"], expected["blocks.0.dense.weight"], rtol=1e-12)
     assert set(rule.state) == {f"C.{pt.block}.{pt.name}" for pt in trace.points}
 
@@ -253,7 +254,7 @@ def test_fdfa_after_uses_the_previous_feedback_and_then_learns_the_same(tiny):
         error = rules.base.output_error(trace.logits, labels)
         for point in trace.points:
             feedback = old.get(f"B.{point.block}.{point.name}", np.zeros((3, point.h.shape[1])))
-            expected = point.weight_grads((error @ feedback).reshape(point.h.shape) * point.mask)
+            expected = Gradients(point.weight_grads((error @ feedback).reshape(point.h.shape) * point.mask))
             for name, value in expected.items():
                 np.testing.assert_allclose(got[name], value, rtol=1e-10, atol=1e-15)
         if step == 0:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from dualnet import rules
+from dualnet.gradients import Gradients
 from dualnet.nn.plan import Plan
 from dualnet.rules import exact_gradients
 
@@ -92,7 +93,7 @@ def pre_site_gradients(model, params, x, labels):
 def chain_rule(site_gradients, through_norm):
     grads = {}
     for point, delta in site_gradients:
-        grads.update(point.weight_grads(delta, through_norm=through_norm))
+        grads.update(Gradients(point.weight_grads(delta, through_norm=through_norm)))
     return grads
 
 

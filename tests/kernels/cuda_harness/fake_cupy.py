@@ -222,7 +222,30 @@ class Device:
                 device.check_padding(args)
 
         cupy.RawModule = RawModule
+        cupy.cublas = self.cublas_module()
         return cupy
+
+    def cublas_module(self):
+        """The stand-in ``cupy.cublas`` (``gemm``), computed by NumPy on the host views."""
+        cublas = types.ModuleType("cupy.cublas")
+
+        def gemm(transa, transb, a, b, out=None, alpha=1.0, beta=0.0):
+            """out ← α·op(a)·op(b) + β·out, op 'N' or 'T', with the checks of CuPy's: device arrays,
+            2-D operands of one dtype, ``out`` of the product's shape and dtype (not read when β = 0)."""
+            for name, array in (("a", a), ("b", b), ("out", out)):
+                if array is not None and not isinstance(array, ndarray):
+                    raise TypeError(f"cublas.gemm {name}: not a device array")
+            assert a.ndim == b.ndim == 2 and a.dtype == b.dtype
+            operation = {"N": lambda m: m, "T": lambda m: m.T}
+            product = operation[transa](a.view(numpy.ndarray)) @ operation[transb](b.view(numpy.ndarray))
+            if out is None:
+                out, beta = self.empty(product.shape, a.dtype), 0.0
+            assert out.shape == product.shape and out.dtype == a.dtype
+            host = out.view(numpy.ndarray)
+            host[...] = alpha * product if beta == 0 else alpha * product + beta * host
+            return out
+        cublas.gemm = gemm
+        return cublas
 
     def cupyx_module(self):
         """The stand-in ``cupyx`` module (``scatter_add``)."""
