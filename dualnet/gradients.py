@@ -5,8 +5,8 @@ A linear layer's weight gradient is a product W̄ = xᵀ δ of the layer's input
 the cotangent rows δ [M, q] at its output (FG-A, DFA, the exact read-out).  Formed on its own,
 it is written to memory, then read again by the update W ← W − lr·W̄.  A GEMM can instead add
 the product into W as it forms it (C ← α AᵀB + β C, β = 1), which saves one pass over the
-weights and the [p, q] temporary: on the MLP 784-800-800-800-10 (batch 128, two threads), a
-quarter of the cost of the products and update of the three large layers (benchmarks/README.md).
+weights and the [p, q] temporary: an FG-A step of the MLP 784-800-800-800-10 (batch 128, two
+threads) takes 0.92× the time (benchmarks/README.md).
 
 * ``Outer(left, right)`` holds such a gradient as its factors; ``outer(left, right)`` makes one
   where the factors are no larger than the product, and forms the product otherwise.
@@ -92,7 +92,8 @@ class Gradients(MutableMapping):
 
 
 def reference_outer_update(left, right, out, alpha, beta):
-    """out ← α·leftᵀright + β·out in place; left [M, p], right [M, q], out [p, q] of one dtype.
+    """out ← α·leftᵀright + β·out in place; left [M, p], right [M, q], out [p, q] (mixed dtypes
+    promote as NumPy's do, and the result is cast into ``out``).
 
     The product is formed first, then ``out *= β`` (skipped for β = 1) and ``out += α·product``:
     the operations, and so the rounding, of an update from a dense gradient (``param -= lr·g`` is

@@ -200,7 +200,7 @@ class Optimizer:
             if factors is None and grad is None:
                 continue
             param = params[name]
-            shape = tuple((factors or grad).shape)
+            shape = tuple((grad if factors is None else factors).shape)
             if shape != tuple(param.shape):
                 raise ValueError(f"{self.name}.step: gradient of {name!r} has shape {shape}, "
                                  f"parameter has {tuple(param.shape)}")

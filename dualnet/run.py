@@ -659,7 +659,7 @@ class Run:
             views, float(interrupted))
         if not math.isfinite(loss):
             raise self._diverged("the loss", loss)
-        held = [name for name in grads if isinstance(grads, Gradients) and grads.factors(name) is not None]
+        held = [name for name in grads if grads.factors(name) is not None] if isinstance(grads, Gradients) else []
         if not _finite(grads[name] for name in grads if name not in held):
             raise self._diverged("a gradient", "non-finite")
         self.params = self.optimizer.step(self.params, grads)

@@ -69,7 +69,8 @@ def outer_update(left, right, out, alpha, beta):
     """``dualnet.gradients.reference_outer_update`` as one ``cblas_?gemm`` (same arguments, in place)."""
     functions, dtype = gemm_functions(), out.dtype
     usable = (dtype in functions and left.dtype == dtype and right.dtype == dtype and left.shape[0] > 0
-              and out.ndim == 2 and out.strides[1] == out.itemsize and out.strides[0] >= out.shape[1] * out.itemsize
+              and out.ndim == 2 and out.flags.aligned and out.strides[1] == out.itemsize
+              and out.strides[0] % out.itemsize == 0 and out.strides[0] >= out.shape[1] * out.itemsize
               and not np.may_share_memory(out, left) and not np.may_share_memory(out, right))
     if not usable:
         return reference_outer_update(left, right, out, alpha, beta)
