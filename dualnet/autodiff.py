@@ -22,6 +22,7 @@ import numpy
 from . import backend
 from . import primitives as P
 from .dual import Dual, Node, _as_float_array, value_of
+from .gradients import Outer, formed
 from .primitives import Primitive
 
 _TAGS = itertools.count(1)  # tag 0: Duals built by hand
@@ -174,7 +175,10 @@ def _topological(roots):
 
 
 def backward(outputs, cotangents):
-    """Propagate ``cotangents`` from taped ``outputs`` (Duals); returns ``{id(leaf): cotangent}``."""
+    """Propagate ``cotangents`` from taped ``outputs`` (Duals); returns ``{id(leaf): cotangent}``.
+
+    A rule may return a weight's cotangent as ``gradients.Outer`` factors (matmul does); it stays
+    so only where it reaches a leaf alone, and is formed before any rule or sum reads it."""
     grads = {}
     roots = []
     for o, g in zip(outputs, cotangents):
@@ -191,18 +195,23 @@ def backward(outputs, cotangents):
             if parent is None or arg_grad is None:
                 continue
             key = id(parent)
-            grads[key] = arg_grad if key not in grads else grads[key] + arg_grad
+            if parent.primitive is not None or key in grads:
+                arg_grad = formed(arg_grad)
+            grads[key] = arg_grad if key not in grads else formed(grads[key]) + arg_grad
         if node.parents:
             del grads[id(node)]
     return grads
 
 
-def vjp(f, *primals):
+def vjp(f, *primals, factored=False):
     """Reverse mode: ``(out, pullback)`` with ``pullback(cotangent) -> tuple of input cotangents``.
 
     ``cotangent`` has the structure and shapes of ``out`` (host arrays are moved to the output's
     device); the result has one entry per primal (pytrees allowed).  Inputs the output does not
-    depend on get zeros.
+    depend on get zeros.  ``factored=True``: an input that is a matrix multiplied once by rows x
+    may get its cotangent xᵀg as ``gradients.Outer(x, g)``, not formed (for gradients handed to
+    an optimiser, which can add it into the weight by one GEMM); otherwise every cotangent is an
+    array (or a Dual, nested).
     """
     p_leaves, rebuild = tree_flatten(primals)
     tag = next(_TAGS)
@@ -236,7 +245,10 @@ def vjp(f, *primals):
                 result.append(backend.namespace(value_of(leaf)).zeros(leaf.shape, leaf.dtype))
             elif isinstance(g, Dual):
                 result.append((g if g.dtype == leaf.dtype else g.astype(leaf.dtype)).reshape(leaf.shape))
+            elif factored and isinstance(g, Outer) and g.shape == leaf.shape and g.dtype == leaf.dtype:
+                result.append(g)
             else:
+                g = formed(g)
                 result.append(_writeable(backend.namespace(g).asarray(g, dtype=leaf.dtype).reshape(leaf.shape)))
         return rebuild(result)
     return values, pullback

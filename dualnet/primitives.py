@@ -38,6 +38,7 @@ import numpy
 
 from . import backend, dual
 from .dual import Dual, bind, value_of
+from .gradients import outer
 
 
 def ns(*arrays):
@@ -596,9 +597,12 @@ def _matmul_value(x, w):
 
 
 def _matmul_vjp_right(g, out, x, w):
-    """w̄ = Σ_batch xᵀ g; for a matrix w, one GEMM over the stacked rows (no [batch, p, q] temporary)."""
+    """w̄ = Σ_batch xᵀ g; for a matrix w, one GEMM over the stacked rows (no [batch, p, q] temporary),
+    or, on arrays, its factors where they are no larger (``gradients.outer``; formed when read)."""
     if w.ndim == 2:
-        return _mT(_rows(x)) @ _rows(g)
+        if isinstance(x, Dual) or isinstance(g, Dual):
+            return _mT(_rows(x)) @ _rows(g)
+        return outer(_rows(x), _rows(g))
     return unbroadcast(_mT(x) @ g, w.shape)
 
 

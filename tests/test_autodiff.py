@@ -114,6 +114,36 @@ def test_gradients_are_writeable_arrays_of_the_input_dtype(rng):
 # ---------------------------------------------------------------------------------------
 # user-defined rules
 # ---------------------------------------------------------------------------------------
+def _factored_pullback(f, *primals):
+    """The cotangents of ``f``'s inputs with ``factored=True`` and without."""
+    def cotangents(factored):
+        out, pullback = dn.autodiff.vjp(f, *primals, factored=factored)
+        return pullback(np.ones_like(dn.value_of(out)))
+    return cotangents(True), cotangents(False)
+
+
+def test_a_weight_multiplied_once_can_get_its_cotangent_as_factors(rng):
+    """factored=True: W of x @ W comes back as Outer(x rows, g rows), equal bit for bit to the
+    formed cotangent once formed; a weight used twice, or reshaped first, comes back formed."""
+    from dualnet.gradients import Outer
+    x, other = rng.standard_normal((2, 3, 8)), rng.standard_normal((6, 8))
+    weight, bias = rng.standard_normal((8, 30)), rng.standard_normal(30)
+    once = lambda w, b: dn.sum(dn.tanh(x @ w + b))
+    (w_bar, b_bar), (w_dense, b_dense) = _factored_pullback(once, weight, bias)
+    assert isinstance(w_bar, Outer) and w_bar.left.shape == (6, 8) and w_bar.right.shape == (6, 30)
+    np.testing.assert_array_equal(w_bar.dense(), w_dense)
+    np.testing.assert_array_equal(b_bar, b_dense)
+    for f in (lambda w: dn.sum(dn.tanh(x @ w)) + dn.sum(other @ w),  # used twice: the sum is formed
+              lambda w: dn.sum(dn.tanh(x @ dn.reshape(dn.reshape(w, (-1,)), (8, 30))))):  # a rule reads it
+        (factored,), (dense,) = _factored_pullback(f, weight)
+        assert isinstance(factored, np.ndarray)
+        np.testing.assert_array_equal(factored, dense)
+    rows = rng.standard_normal((40, 8))
+    wide = lambda w: dn.sum(dn.tanh(rows @ w))  # 40·(8 + 30) > 8·30: formed at once
+    assert isinstance(_factored_pullback(wide, weight)[0][0], np.ndarray)
+    assert not isinstance(dn.grad(once)(weight, bias), Outer)  # the default: arrays
+
+
 def test_custom_vjp_replaces_reverse_mode_only(rng):
     """Feedback-alignment style: the backward pass uses fixed B instead of Wᵀ."""
     x, w, feedback = rng.standard_normal((4, 3)), rng.standard_normal((3, 2)), rng.standard_normal((2, 3))

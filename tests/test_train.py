@@ -314,15 +314,16 @@ def test_divergence_before_any_checkpoint_says_none_was_written(tmp_path, tiny_c
     assert not (tmp_path / "run" / "checkpoint.npz").exists()
 
 
-def test_the_runner_adds_factored_weight_gradients_into_the_weights(tmp_path, tiny_config, monkeypatch):
-    """FG-A's linear weight gradients reach SGD as factors and go into the weights unformed."""
+@pytest.mark.parametrize("rule", ["fg-a", "bp"])
+def test_the_runner_adds_factored_weight_gradients_into_the_weights(tmp_path, tiny_config, monkeypatch, rule):
+    """FG-A's and BP's linear weight gradients reach SGD as factors and go into the weights unformed."""
     pytest.importorskip("sklearn")
     from dualnet import optim
     calls = []
     real_update = optim.outer_update
     monkeypatch.setattr(optim, "outer_update", lambda *args: calls.append(args[0].shape) or real_update(*args))
     options = {**tiny_config, "epochs": 1, "batch_size": 16, "model_options": {"hidden": 64, "layers": 3}}
-    train(Config(rule="fg-a", out=str(tmp_path / "run"), **options))
+    train(Config(rule=rule, out=str(tmp_path / "run"), **options))
     steps = 256 // 16
     # the two hidden layers (16·(64 + 64) ≤ 64·64); the read-out's factors are larger than its gradient
     assert calls == [(64, 64), (64, 64)] * steps

@@ -162,7 +162,8 @@ def objective(trace):
 
 def exact_gradients(model, params, x, labels, target="global", state=None, feedback=None, contrastive=False,
                     temperature=0.5):
-    """Reverse-mode gradient of the ``target`` objective (``PLANS``); returns (grads, trace).
+    """Reverse-mode gradient of the ``target`` objective (``PLANS``); returns (grads, trace), grads
+    a ``Gradients`` mapping (a weight multiplied once, as in a linear layer, may be held as factors).
 
     ``feedback`` ({weight name: B}) turns the reverse pass into feedback alignment;
     ``contrastive``: x holds two views stacked and the losses are InfoNCE (see ``Plan``).
@@ -175,9 +176,9 @@ def exact_gradients(model, params, x, labels, target="global", state=None, feedb
         traces.append(trace)
         return objective(trace)
 
-    total, pullback = autodiff.vjp(loss_of, params)
+    total, pullback = autodiff.vjp(loss_of, params, factored=True)
     grads = pullback(numpy.ones((), dtype=value_of(total).dtype))[0]
-    return grads, traces[0]
+    return Gradients(grads), traces[0]
 
 
 def mean_value(x):
