@@ -82,28 +82,34 @@ def gemm_sequences(np):
     layouts (weights [in, out], x rows) — the floor under its steps with NumPy's BLAS.
 
     FG-A: x W1, then per later layer one GEMM of the value rows stacked on the tangent rows
-    [2N, in] W, then the weight gradients hᵀδ, each added into its W by the GEMM (β = 1), as the
-    step's SGD update does (``dualnet.gradients``).  BP: the four forward products, then per
-    layer δ Wᵀ (not for the first) and hᵀδ."""
-    from dualnet.gradients import Outer, outer_update
+    [2N, in] W, then the weight gradients hᵀδ.  BP: the four forward products, then per layer
+    δ Wᵀ (not for the first) and hᵀδ.  A weight gradient is added into its W by the GEMM (β = 1)
+    where the step holds it as factors, as the step's SGD update does, and formed otherwise (the
+    read-out's; ``dualnet.gradients.outer``)."""
+    from dualnet.gradients import Outer, outer, outer_update
     rng = np.random.default_rng(1)
     weights = [rng.standard_normal((a, b), dtype=np.float32) for a, b in zip(SIZES, SIZES[1:])]
     inputs = [rng.standard_normal((BATCH, a), dtype=np.float32) for a in SIZES[:-1]]
     stacked = [rng.standard_normal((2 * BATCH, a), dtype=np.float32) for a in SIZES[1:-1]]
     deltas = [rng.standard_normal((BATCH, b), dtype=np.float32) for b in SIZES[1:]]
 
+    def weight_gradient(layer):
+        gradient = outer(inputs[layer], deltas[layer])
+        if isinstance(gradient, Outer):
+            outer_update(gradient, weights[layer], -1e-6)
+
     def fga():
         inputs[0] @ weights[0]
         for rows, w in zip(stacked, weights[1:]):
             rows @ w
-        for h, delta, w in zip(inputs, deltas, weights):
-            outer_update(Outer(h, delta), w, -1e-6)
+        for layer in range(len(weights)):
+            weight_gradient(layer)
 
     def bp():
         for h, w in zip(inputs, weights):
             h @ w
         for layer in reversed(range(len(weights))):
-            inputs[layer].T @ deltas[layer]
+            weight_gradient(layer)
             if layer:
                 deltas[layer] @ weights[layer].T
     return fga, bp
