@@ -3,11 +3,11 @@ of a linear layer may stay as its two factors until something reads it.
 
 A linear layer's weight gradient is a product W̄ = xᵀ δ of the layer's input rows x [M, p] and
 the cotangent rows δ [M, q] at its output (FG-A, DFA, the exact read-out, and the reverse pass of
-backprop: ``autodiff.vjp(..., factored=True)``).  Formed on its own,
-it is written to memory, then read again by the update W ← W − lr·W̄.  A GEMM can instead add
-the product into W as it forms it (C ← α AᵀB + β C, β = 1), which saves one pass over the
-weights and the [p, q] temporary: FG-A and BP steps of the MLP 784-800-800-800-10 (batch 128,
-two threads) take about 0.9× the time (benchmarks/README.md).
+backprop: ``autodiff.vjp(..., factored=True)``).  Formed on its own, it is written to memory,
+then read again by the update W ← W − lr·W̄.  A GEMM can instead add the product into W as it
+forms it (C ← α AᵀB + β C, β = 1), which saves one pass over the weights and the [p, q]
+temporary: FG-A and BP steps of the MLP 784-800-800-800-10 (batch 128, two threads) take about
+0.9× the time (benchmarks/README.md).
 
 * ``Outer(left, right)`` holds such a gradient as its factors; ``outer(left, right)`` makes one
   where the factors are no larger than the product, and forms the product otherwise.
