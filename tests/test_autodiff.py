@@ -111,9 +111,6 @@ def test_gradients_are_writeable_arrays_of_the_input_dtype(rng):
     g *= 2
 
 
-# ---------------------------------------------------------------------------------------
-# user-defined rules
-# ---------------------------------------------------------------------------------------
 def _factored_pullback(f, *primals):
     """The cotangents of ``f``'s inputs with ``factored=True`` and without."""
     def cotangents(factored):
@@ -144,6 +141,9 @@ def test_a_weight_multiplied_once_can_get_its_cotangent_as_factors(rng):
     assert not isinstance(dn.grad(once)(weight, bias), Outer)  # the default: arrays
 
 
+# ---------------------------------------------------------------------------------------
+# user-defined rules
+# ---------------------------------------------------------------------------------------
 def test_custom_vjp_replaces_reverse_mode_only(rng):
     """Feedback-alignment style: the backward pass uses fixed B instead of Wᵀ."""
     x, w, feedback = rng.standard_normal((4, 3)), rng.standard_normal((3, 2)), rng.standard_normal((2, 3))
