@@ -192,7 +192,7 @@ def _expand_reduced(g, shape, axes, keepdims):
     return g if keepdims else ns(g).expand_dims(g, axes)
 
 
-def _dtype_of(*xs):
+def result_dtype(*xs):
     """The result dtype of operands that may be Duals, arrays or Python scalars."""
     values = [value_of(x) for x in xs]
     return ns(*values).result_type(*values)
@@ -336,7 +336,7 @@ abs = Op("abs", lambda x: ns(x).abs(x),
 def _pick(x, y, first):
     """Weight of ``x`` in max/min: 1 where it wins, 1/2 on ties, 0 where it loses."""
     wins = (x > y) if first else (x < y)
-    return (wins + 0.5 * (x == y)).astype(_dtype_of(x, y))
+    return (wins + 0.5 * (x == y)).astype(result_dtype(x, y))
 
 
 maximum = Op("maximum", lambda x, y: ns(x, y).maximum(x, y),
@@ -1060,7 +1060,7 @@ class _NestedNamespace:
         if name in ("zeros", "ones"):
             return getattr(backend.xp, name)
         if name == "result_type":
-            return lambda *xs: _dtype_of(*xs)
+            return lambda *xs: result_dtype(*xs)
         raise NotImplementedError(f"{name}: a rule used it on a Dual (a nested derivative) and dualnet has no "
                                   f"differentiable {name}")
 

@@ -142,18 +142,12 @@ def normalized_relu(fn, x, weights, feedback=None, residual=None, perturb=None):
     """
     fused_form = getattr(fn, "layer_norm_relu", None)
     if fused_form is not None and feedback is None:
-        dtype = _result_type(x, weights[0])
+        dtype = P.result_dtype(x, weights[0])
         u = None if perturb is None else perturb(fn.output_shape(x, weights[0]), dtype)
         return fused_form(x, *weights, residual=residual, injected=u), u
     z = linear_map(fn, x, weights, feedback)
     u = None if perturb is None else perturb(value_of(z).shape, value_of(z).dtype)
     return fused.layer_norm_relu(z, residual, injected=u), u
-
-
-def _result_type(*arrays):
-    """The dtype NumPy (or CuPy) gives an operation on ``arrays`` (Duals' values)."""
-    values = [value_of(a) for a in arrays]
-    return backend.namespace(*values).result_type(*values)
 
 
 class RankStatistics(NamedTuple):
